@@ -1,0 +1,28 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both build .venv first,
+# installing the CPU build of torch before the project so pip never pulls the CUDA build.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: venv demo test clean
+
+$(BIN)/ciss: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/ciss
+
+venv: $(BIN)/ciss
+
+demo: venv
+	$(BIN)/ciss learn --run runs/demo --classes sky,grass,water,sand,disk,box --epochs 8
+	$(BIN)/ciss learn --run runs/demo --new-classes triangle,ring --epochs 8
+	$(BIN)/ciss runs runs/demo
+
+test: venv
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) runs

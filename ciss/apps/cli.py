@@ -1,0 +1,141 @@
+"""The `ciss` command. Thin: parse flags, call one library function, print."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ciss.errors import CissError
+
+
+def _split(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",")]
+
+
+class CissGroup(click.Group):
+    """Turns every `CissError` into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CissError as e:
+            click.echo(f"error: {one_line(str(e))}", err=True)
+            sys.exit(2)
+
+
+def one_line(message: str) -> str:
+    """Errors raised in DataLoader workers come back wrapped in a traceback; keep the message."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else message
+    return last.split("CissError: ", 1)[-1]
+
+
+@click.group(cls=CissGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ciss")
+def main() -> None:
+    """ciss: class-incremental semantic segmentation, from training to a live, hot-swapping runtime."""
+
+
+@main.command()
+@click.option("--run", "run", type=click.Path(path_type=Path), required=True, help="Run folder (created if new).")
+@click.option("--data", type=click.Path(path_type=Path), help="Dataset in the folder format (classes.json, images/, labels/).")
+@click.option("--dataset", type=str, help="Standard dataset: voc, ade20k, cityscapes or synthetic.")
+@click.option("--root", type=click.Path(path_type=Path), help="Where --dataset lives on disk.")
+@click.option("--classes", help="Step 0 of a new run: comma-separated class names.")
+@click.option("--new-classes", help="Append a step to an existing run: comma-separated class names.")
+@click.option("--task", help="Run every remaining step of a protocol, e.g. camvid:6-1 or voc:15-1.")
+@click.option("--method", type=str, help="ft, mib, plop or joint (default: the run's, else mib).")
+@click.option("--model", type=str, help="Model preset (configs/models.toml): tiny, mobilenet_v3_large, resnet50, resnet101.")
+@click.option("--pretrained", type=click.Path(path_type=Path), help="Local ImageNet weights for the backbone (torchvision key names).")
+@click.option("--epochs", type=int, help="Epochs of every step trained by this call.")
+@click.option("--lr", type=float, help="Learning rate of every step trained by this call.")
+@click.option("--batch-size", type=int, help="Global batch size (split over torchrun processes).")
+@click.option("--crop", type=int, help="Training crop size in pixels.")
+@click.option("--setting", type=click.Choice(["overlap", "disjoint"]), help="Training-image filter.")
+@click.option("--workers", type=int, help="Data-loading worker processes.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", type=int, help="Random seed (default 0).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML file overriding configs/defaults.toml.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted step from its last checkpoint.")
+def learn(run: Path, data: Path | None, dataset: str | None, root: Path | None, classes: str | None,
+          new_classes: str | None, task: str | None, method: str | None, model: str | None,
+          pretrained: Path | None, epochs: int | None, lr: float | None, batch_size: int | None,
+          crop: int | None, setting: str | None, workers: int | None, device: str, seed: int | None,
+          config_file: Path | None, resume: bool) -> None:
+    """Learn classes: a base step, new classes on top of a run, or a whole protocol."""
+    from ciss.trainer.learn import learn as run_learn
+
+    overrides: dict[str, Any] = {}
+    train = {k: v for k, v in {"epochs": epochs, "epochs_next": epochs, "lr": lr, "lr_next": lr,
+                               "batch_size": batch_size, "crop": crop, "workers": workers}.items() if v is not None}
+    if train:
+        overrides["train"] = train
+    model_cfg = {k: v for k, v in {"preset": model, "pretrained": str(pretrained) if pretrained else None}.items() if v}
+    if model_cfg:
+        overrides["model"] = model_cfg
+    if setting:
+        overrides["data"] = {"setting": setting}
+    if seed is not None:
+        overrides["seed"] = seed
+    run_learn(run, data=data, dataset=dataset, root=root, classes=_split(classes), new_classes=_split(new_classes),
+              task=task, method=method, config_file=config_file, overrides=overrides, device=device,
+              resume=resume, log=lambda s: click.echo(s, err=True))
+    from ciss.trainer.report import describe_run
+    if _is_main_process():
+        click.echo(describe_run(run))
+
+
+def _is_main_process() -> bool:
+    import os
+    return os.environ.get("RANK", "0") == "0"
+
+
+@main.command("eval")
+@click.option("--run", "run", type=click.Path(path_type=Path), required=True)
+@click.option("--step", type=int, help="Step to evaluate (default: the last).")
+@click.option("--data", type=click.Path(path_type=Path), help="Evaluate on another folder-format dataset.")
+@click.option("--split", help="Split to evaluate (default: the run's eval split).")
+@click.option("--protocol", type=click.Choice(["mib", "all"]), help="mib: images with a seen class; all: every image.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def eval_cmd(run: Path, step: int | None, data: Path | None, split: str | None, protocol: str | None,
+             device: str, as_json: bool) -> None:
+    """Evaluate a stored step: mIoU over old, new and all seen classes, and per class."""
+    import json
+
+    from ciss.classmap import ClassMap
+    from ciss.trainer.report import evaluate_step, metrics_table
+    from ciss.trainer.store import RunStore
+
+    metrics = evaluate_step(run, step, data, split, protocol, device)
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    cmap = ClassMap.from_json(RunStore(run).manifest(metrics["step"])["classes"])
+    click.echo(f"step {metrics['step']} on split '{metrics['split']}' ({metrics['protocol']} protocol)")
+    click.echo(metrics_table(metrics, cmap))
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def runs(path: Path) -> None:
+    """Steps, classes and metrics of a run (or of every run in a folder) at a glance."""
+    from ciss.trainer.report import describe_run
+    from ciss.trainer.store import RunStore
+
+    if not path.is_dir():
+        raise CissError(f"{path} is not a folder; give a run folder or a folder of runs")
+    if RunStore(path).steps():
+        click.echo(describe_run(path))
+        return
+    found = [p for p in sorted(path.iterdir()) if p.is_dir() and RunStore(p).steps()]
+    if not found:
+        raise CissError(f"no ciss runs in {path}; create one with `ciss learn --run {path}/NAME`")
+    click.echo("\n".join(describe_run(p) for p in found))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The step loop: one incremental step from data to a committed step folder.
+
+It knows no method by name: a `Method` prepares once, then turns each batch's outputs into named
+loss terms. Everything that makes the loop reproducible lives here: per-sample augmentation
+seeds, equal batch slices per process, resumable checkpoints written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ciss.classmap import ClassMap
+from ciss.errors import CissError
+from ciss.manifest import library_versions, write_bytes_atomic
+from ciss.trainer.data import open_dataset
+from ciss.trainer.data.base import SegDataset
+from ciss.trainer.data.tasks import StepData, pad_collate, presence, test_indices, test_lut, train_indices, train_lut
+from ciss.trainer.data.transforms import EvalTransform, TrainTransform
+from ciss.trainer.distributed import Dist, ShardedBatches, shard
+from ciss.trainer.evaluate import evaluate
+from ciss.trainer.log import Progress, TrainLog, format_seconds
+from ciss.trainer.methods import build_method
+from ciss.trainer.methods.base import Method, Outputs, StepContext, TrainBatch
+from ciss.trainer.models import DeepLabV3, build_model
+from ciss.trainer.models.norm import convert_sync_batchnorm, freeze_batchnorm
+from ciss.trainer.store import RunStore, load_weights
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class StepPlan:
+    """What one step learns: the class map after it and the native ids it adds."""
+
+    step: int
+    classmap: ClassMap
+    new_native: list[int]
+    future_native: list[int]  # known future classes (protocols); dropped by the disjoint filter
+
+
+def open_splits(cfg: dict[str, Any]) -> tuple[SegDataset, SegDataset]:
+    d = cfg["data"]
+    kind = d["kind"] or None
+    root = Path(d["root"]) if d["root"] else None
+    return open_dataset(kind, root, d["train_split"], **d["options"]), open_dataset(kind, root, d["eval_split"], **d["options"])
+
+
+def native_ids(ds: SegDataset, names: Iterable[str]) -> list[int]:
+    index = {n: i for i, n in enumerate(ds.info.class_names)}
+    return [index[n] for n in names]
+
+
+def eval_loader(ds: SegDataset, classmap: ClassMap, protocol: str, batch: int, dist: Dist,
+                workers: int) -> DataLoader:
+    seen = native_ids(ds, [c.name for c in classmap if c.id > 0])
+    idx = test_indices(presence(ds), seen, protocol)
+    data = StepData(ds, idx, test_lut(ds.info, classmap), EvalTransform(), seed=0)
+    keys = [(p, 0) for p in shard(len(data), dist.rank, dist.world)]
+    batches = [keys[i:i + batch] for i in range(0, len(keys), batch)]
+    return DataLoader(data, batch_sampler=batches, collate_fn=pad_collate, num_workers=workers)
+
+
+def poly_lr(base: float, it: int, total: int, power: float) -> float:
+    return base * (1 - it / total) ** power
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def _average_grads(params: list[nn.Parameter], dist: Dist) -> None:
+    """Method-owned modules sit outside DDP; average their gradients by hand."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.world
+
+
+def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
+               resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train, evaluate and commit one step; returns its manifest."""
+    step, classmap, device = plan.step, plan.classmap, dist.device
+    tcfg = cfg["train"]
+    seed = int(cfg["seed"])
+    torch.manual_seed(seed + step)
+    method: Method = build_method(cfg["method"]["name"], cfg["method"].get("options", {}))
+
+    # --- models -------------------------------------------------------------------------------
+    old_model: DeepLabV3 | None = None
+    parent: dict[str, Any] | None = None
+    if step == 0:
+        model = build_model(cfg["model"]["preset"], classmap.step_sizes(),
+                            output_stride=cfg["model"]["output_stride"],
+                            pretrained=cfg["model"]["pretrained"] or None)
+        n_old = 0
+    else:
+        old_model, parent_manifest = store.load(step - 1)
+        if old_model.config["preset"] != cfg["model"]["preset"]:
+            raise CissError(f"run {store.root} was made with model '{old_model.config['preset']}', "
+                            f"not '{cfg['model']['preset']}'; add classes with the same --model or start a new run")
+        parent = {"step": step - 1, "sha256": parent_manifest["weights"]["sha256"]}
+        n_old = old_model.num_classes
+        model = copy.deepcopy(old_model)
+        model.add_step(len(plan.new_native), init_from_background=method.init_new_heads)
+        old_model.to(device).eval()
+        for p in old_model.parameters():
+            p.requires_grad_(False)
+    model.to(device)
+    if dist.active and tcfg["sync_bn"]:
+        model = convert_sync_batchnorm(model, device)
+
+    # --- data ---------------------------------------------------------------------------------
+    train_ds, eval_ds = open_splits(cfg)
+    pres = presence(train_ds)
+    idx = train_indices(pres, plan.new_native, plan.future_native, cfg["data"]["setting"])
+    if len(idx) == 0:
+        raise CissError(f"no training image in split '{cfg['data']['train_split']}' contains any of "
+                        f"{', '.join(classmap[i].name for i in classmap.ids_of_step(step))}")
+    transform = TrainTransform(tcfg["crop"], scale=tuple(tcfg["scale"]), flip=tcfg["flip"])
+    train_data = StepData(train_ds, idx, train_lut(train_ds.info, classmap, step), transform, seed=seed + step)
+    workers = int(tcfg["workers"])
+    per_process = tcfg["batch_size"] // dist.world
+
+    def prepare_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        plain = StepData(train_ds, idx, train_data.lut, EvalTransform(), seed=0)
+        keys = [(p, 0) for p in shard(len(plain), dist.rank, dist.world)]
+        loader = DataLoader(plain, batch_sampler=[keys[i:i + per_process] for i in range(0, len(keys), per_process)],
+                            collate_fn=pad_collate, num_workers=workers)
+        for images, labels in loader:
+            yield images.to(device), labels.to(device)
+
+    iters_per_epoch = len(idx) // tcfg["batch_size"]
+    if iters_per_epoch == 0:
+        raise CissError(f"only {len(idx)} training images for step {step} but the batch size is "
+                        f"{tcfg['batch_size']}; use a smaller --batch-size")
+    epochs = int(tcfg["epochs"] if step == 0 else tcfg["epochs_next"])
+    base_lr = float(tcfg["lr"] if step == 0 else tcfg["lr_next"])
+    total = epochs * iters_per_epoch
+
+    # --- optimisation state --------------------------------------------------------------------
+    unwrapped = model
+    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if dist.active else model
+    ctx = StepContext(step=step, classmap=classmap, n_old=n_old, model=unwrapped, old_model=old_model,
+                      device=device, batches=prepare_batches, all_reduce=dist.all_reduce)
+    method_params = list(method.parameters())
+    params = [p for p in unwrapped.parameters() if p.requires_grad]
+    if step > 0 and tcfg["freeze_bn_next"]:
+        freeze_batchnorm(unwrapped)
+        params = [p for p in unwrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD([{"params": params}, {"params": method_params}] if method_params else params,
+                                lr=base_lr, momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"])
+    use_amp = bool(tcfg["amp"]) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    partial = store.partial_dir(step)
+    start_it = 0
+    ckpt_path = partial / CHECKPOINT
+    if resume and ckpt_path.exists():
+        state = load_weights(ckpt_path)
+        if state["config"] != json.dumps(cfg, sort_keys=True):
+            raise CissError(f"the interrupted step {step} of {store.root} used another config; "
+                            "resume with the same flags, or drop --resume to start the step over")
+        unwrapped.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_it = int(state["iteration"])
+        torch.set_rng_state(state["rng"])
+        method.prepare(ctx)
+        method.load_state_dict(state["method"])
+        log(f"step {step}: resuming at iteration {start_it}/{total}")
+    else:
+        if dist.main and partial.exists():
+            shutil.rmtree(partial)
+        dist.barrier()
+        method.prepare(ctx)
+
+    # --- the loop ------------------------------------------------------------------------------
+    train_log = TrainLog(partial, enabled=dist.main)
+    progress = Progress(total, f"step {step}", every=int(tcfg["log_every"]), start=start_it)
+    names = ", ".join(classmap[i].name for i in classmap.ids_of_step(step))
+    if dist.main:
+        log(f"step {step}: learning {names} with {method.name} on {len(idx)} images, "
+            f"{epochs} epochs x {iters_per_epoch} iterations, batch {tcfg['batch_size']} "
+            f"({dist.world} process{'es' if dist.world > 1 else ''}, {device})")
+    t0 = time.perf_counter()
+    it = start_it
+    amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
+
+    def set_train_mode() -> None:
+        ddp.train()
+        if step > 0 and tcfg["freeze_bn_next"]:
+            freeze_batchnorm(unwrapped)
+        if old_model is not None:
+            old_model.eval()  # the frozen teacher never leaves eval mode
+
+    set_train_mode()
+    method.modules().to(device).train()
+    while it < total:
+        epoch, offset = divmod(it, iters_per_epoch)
+        sampler = ShardedBatches(len(idx), tcfg["batch_size"], dist.rank, dist.world, seed + step, epoch, offset)
+        loader = DataLoader(train_data, batch_sampler=sampler, num_workers=workers, collate_fn=pad_collate,
+                            pin_memory=device.type == "cuda")
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            lr = poly_lr(base_lr, it, total, tcfg["poly_power"])
+            _set_lr(optimizer, lr)
+            want = method.feature_names
+            with amp_ctx():
+                out = ddp(images, features=True) if want else Outputs(ddp(images))
+                old = None
+                if method.needs_old_model and old_model is not None:
+                    with torch.no_grad():
+                        old = old_model(images, features=True) if want else Outputs(old_model(images))
+                terms = method.losses(TrainBatch(images, labels, out, old))
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss at iteration {it}: { {k: float(v) for k, v in terms.items()} }")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if dist.active and method_params:
+                _average_grads(method_params, dist)
+            scaler.step(optimizer)
+            scaler.update()
+            it += 1
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            if dist.main:
+                progress.update(it, values, lr)
+                if it % tcfg["log_every"] == 0 or it == total:
+                    train_log.write({"iteration": it, "epoch": epoch, "lr": lr, "loss": sum(values.values()),
+                                     **values, "elapsed_s": round(time.perf_counter() - t0, 3)})
+            if it % tcfg["checkpoint_every"] == 0 and it < total:
+                if dist.main:
+                    _save_checkpoint(ckpt_path, {
+                        "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(), "method": method.state_dict(), "iteration": it,
+                        "rng": torch.get_rng_state(), "config": json.dumps(cfg, sort_keys=True)})
+                dist.barrier()
+    train_log.close()
+    wall = time.perf_counter() - t0
+
+    # --- evaluate and commit -------------------------------------------------------------------
+    unwrapped.eval()
+    loader = eval_loader(eval_ds, classmap, cfg["data"]["eval_protocol"], int(cfg["eval"]["batch_size"]),
+                         dist, workers)
+    metrics = evaluate(unwrapped, loader, classmap, device, all_reduce=dist.all_reduce)
+    metrics.update(split=cfg["data"]["eval_split"], protocol=cfg["data"]["eval_protocol"])
+    manifest = {
+        "run": store.name,
+        "classes": classmap.to_json(),
+        "model": unwrapped.config,
+        "parent": parent,
+        "method": method.name,
+        "data": {"dataset": train_ds.info.name, "kind": cfg["data"]["kind"], "root": cfg["data"]["root"],
+                 "added": [classmap[i].name for i in classmap.ids_of_step(step)],
+                 "train_images": int(len(idx)), "eval_images": len(loader.dataset)},
+        "config": cfg,
+        "seed": seed,
+        "versions": library_versions(),
+        "train": {"iterations": total, "epochs": epochs, "wall_s": round(wall, 2), "processes": dist.world,
+                  "device": str(device)},
+        "metrics": metrics,
+    }
+    if dist.main:
+        extra = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()}
+        for name in ("train_log.jsonl", "train_log.csv"):
+            if (partial / name).exists():
+                extra[name] = (partial / name).read_bytes()
+        state = {k: v.detach().cpu() for k, v in unwrapped.state_dict().items()}
+        store.commit(step, state, manifest, extra)
+        shutil.rmtree(partial, ignore_errors=True)
+        log(f"step {step}: done in {format_seconds(wall)}; mIoU all {_pct(metrics.get('miou_all'))}, "
+            f"old {_pct(metrics.get('miou_old'))}, new {_pct(metrics.get('miou_new'))}")
+    dist.barrier()
+    return manifest
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"

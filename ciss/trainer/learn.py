@@ -1,0 +1,156 @@
+"""`ciss learn` as a library call: turn class lists or a protocol into step plans and run them.
+
+The run remembers its data, model and schedule in each step's manifest, so adding classes later
+needs only the new class names; flags and config files override what was saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ciss.classmap import ClassMap
+from ciss.errors import CissError
+from ciss.trainer import config as configlib
+from ciss.trainer.data import open_dataset
+from ciss.trainer.data.base import DatasetInfo
+from ciss.trainer.data.tasks import load_protocol
+from ciss.trainer.distributed import Dist, setup, teardown
+from ciss.trainer.engine import StepPlan, train_step
+from ciss.trainer.evaluate import write_reports
+from ciss.trainer.store import RunStore
+
+DEFAULT_METHOD = "mib"
+
+
+def dataset_overrides(data: Path | None, dataset: str | None, root: Path | None) -> dict[str, Any]:
+    if data is not None and (dataset or root):
+        raise CissError("give either --data PATH (folder format) or --dataset NAME --root PATH, not both")
+    if data is not None:
+        return {"kind": "folder", "root": str(Path(data).resolve())}
+    if dataset:
+        if dataset != "synthetic" and root is None:
+            raise CissError(f"--dataset {dataset} needs --root PATH (the folder holding it)")
+        return {"kind": dataset, "root": str(Path(root).resolve()) if root else ""}
+    return {}
+
+
+def _check_names(names: Sequence[str], info: DatasetInfo, flag: str) -> list[str]:
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise CissError(f"{flag} is empty; give class names separated by commas")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise CissError(f"{flag} names {', '.join(dup)} more than once")
+    unknown = [n for n in names if n not in info.learnable]
+    if unknown:
+        raise CissError(f"unknown class {', '.join(repr(u) for u in unknown)} in {flag}; "
+                        f"{info.name} has: {', '.join(info.learnable)}")
+    return names
+
+
+def _colors(info: DatasetInfo, names: Sequence[str]) -> list[tuple[int, int, int]]:
+    return [info.colors[info.class_names.index(n)] for n in names]
+
+
+def plan_steps(store: RunStore, info: DatasetInfo, classes: Sequence[str] | None,
+               new_classes: Sequence[str] | None, task: str | None, joint: bool) -> list[StepPlan]:
+    """The steps still to train, in order (steps a protocol run already has are skipped)."""
+    given = [f for f, v in (("--classes", classes), ("--new-classes", new_classes), ("--task", task)) if v]
+    if len(given) > 1:
+        raise CissError(f"{' and '.join(given)} cannot be combined; give one of them")
+    existing = store.steps()
+    native = {n: i for i, n in enumerate(info.class_names)}
+    if task:
+        steps = load_protocol(task, info).steps
+        if joint:
+            steps = [[n for s in steps for n in s]]
+    elif new_classes:
+        if not existing:
+            raise CissError(f"run {store.root} has no steps yet; start it with --classes or --task")
+        names = _check_names(new_classes, info, "--new-classes")
+        cmap = store.classmap(existing[-1])
+        have = [n for n in names if n in cmap.names]
+        if have:
+            raise CissError(f"run {store.root} already has class {', '.join(have)}; "
+                            "--new-classes takes classes the run has not learned")
+        cmap.extend(names)  # validates before anything runs
+        return [StepPlan(existing[-1] + 1, cmap.extend(names, _colors(info, names)), [native[n] for n in names], [])]
+    else:
+        if existing:
+            raise CissError(f"run {store.root} already has steps {existing}; add classes with --new-classes")
+        steps = [_check_names(classes, info, "--classes") if classes else info.learnable]
+
+    plans: list[StepPlan] = []
+    cmap: ClassMap | None = None
+    for k, names in enumerate(steps):
+        cmap = ClassMap.initial(names, _colors(info, names)) if cmap is None else cmap.extend(names, _colors(info, names), k)
+        if k in existing:
+            if store.classmap(k) != cmap:
+                raise CissError(f"step {k} of run {store.root} learned other classes than {task} step {k}; "
+                                "use a new --run for this protocol")
+            continue
+        future = [native[n] for s in steps[k + 1:] for n in s]
+        plans.append(StepPlan(k, cmap, [native[n] for n in names], future))
+    if task and not plans:
+        raise CissError(f"run {store.root} already has every step of {task}")
+    return plans
+
+
+def history(store: RunStore) -> list[dict[str, Any]]:
+    out = []
+    for k in store.steps():
+        m = store.manifest(k)
+        out.append({"step": k, "classes_added": m["data"]["added"], "method": m["method"],
+                    "classes": m["classes"], "metrics": m["metrics"]})
+    return out
+
+
+def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, root: Path | None = None,
+          classes: Sequence[str] | None = None, new_classes: Sequence[str] | None = None,
+          task: str | None = None, method: str | None = None, config_file: Path | None = None,
+          overrides: dict[str, Any] | None = None, device: str = "auto", resume: bool = False,
+          log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train the requested steps into `run`; returns the manifests of the steps trained."""
+    store = RunStore(run)
+    last = store.last_step()
+    base = copy.deepcopy(store.manifest(last)["config"]) if last is not None else configlib.defaults()
+    base.setdefault("method", {"name": DEFAULT_METHOD})
+    file_cfg = configlib.load_toml(Path(config_file)) if config_file else {}
+    cli: dict[str, Any] = copy.deepcopy(overrides or {})
+    data_cli = dataset_overrides(data, dataset, root)
+    if data_cli:
+        cli.setdefault("data", {}).update(data_cli)
+    if method:
+        cli["method"] = {"name": method, "options": {}}
+    cfg = configlib.merge(configlib.merge(base, file_cfg), cli)
+    if method is None and "method" not in file_cfg and last is None:
+        cfg["method"] = {"name": DEFAULT_METHOD, "options": {}}
+
+    d = cfg["data"]
+    info = open_dataset(d["kind"] or None, Path(d["root"]) if d["root"] else None, d["train_split"], **d["options"]).info
+    plans = plan_steps(store, info, classes, new_classes, task, joint=cfg["method"]["name"] == "joint")
+
+    dist: Dist = setup(device)
+    done = []
+    root_existed = store.root.exists()
+    try:
+        for plan in plans:
+            partial = store.partial_dir(plan.step)
+            had_partial = partial.exists()
+            try:
+                done.append(train_step(store, plan, cfg, dist, resume=resume,
+                                       log=log if dist.main else lambda _: None))
+            except CissError:
+                if dist.main and not had_partial:  # a user error leaves the run folder as it was
+                    shutil.rmtree(partial, ignore_errors=True)
+                    if not root_existed and store.root.exists() and not any(store.root.iterdir()):
+                        store.root.rmdir()
+                raise
+            if dist.main:
+                write_reports(store.root, history(store))
+    finally:
+        teardown()
+    return done

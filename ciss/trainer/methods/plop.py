@@ -1,0 +1,201 @@
+"""PLOP: pseudo-labels and Local POD (Douillard et al., CVPR 2021).
+
+Step 0: plain cross-entropy. Steps t > 0:
+- once per step (`prepare`), a pass of the frozen old model over the step's training images gives,
+  for every background pixel, the old argmax ĉ and its entropy-based uncertainty u; per-class
+  histograms of u (summed over processes with `ctx.all_reduce`, so every rank gets the same
+  numbers) give one threshold τ_c per old class;
+- every batch, background pixels become ĉ where u < τ_ĉ and 255 elsewhere, new-class labels stay;
+  plain CE on these labels, each image's loss scaled by ν = accepted / background pixels;
+- Local POD between old and new features: backbone stages 1-4 and ASPP (weight `pod_weight`) and
+  the low-resolution logits (`pod_logits_weight`, new-class logits summed into background),
+  × √(n_total / n_new) when `pod_schedule`, divided by the number of layers.
+
+threshold_mode "plop" reproduces the released code: u = H / (n_old · ln n_old · ln n_total), a
+100-bin histogram and its approximate median with the bin-index running sum, floor 0.001 (needed to
+compare with published PLOP numbers). "median" is the clean version: u = H / ln n_old, the per-class
+quantile `threshold_quantile` (0.5 = median) from counts, floor `threshold_floor`; there an image
+without background pixels keeps its full loss (ν = 1) instead of PLOP's ν = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ciss.errors import CissError
+from ciss.trainer.methods.base import Method, StepContext, TrainBatch
+from ciss.trainer.methods.losses import (IGNORE, REDUCTIONS, UNCERTAINTY_MODES, cross_entropy, local_pod,
+                                         logits_of, merge_extra_channels, pixel_cross_entropy,
+                                         plop_median_thresholds, plop_uncertainty, pseudo_label,
+                                         quantile_thresholds, reduce_pixels, uncertainty_histogram)
+from ciss.trainer.methods.options import resolve_options
+
+POD_FEATURES = ("stage1", "stage2", "stage3", "stage4", "aspp")
+POD_LOGITS = "logits_lowres"
+
+
+class PLOP(Method):
+    name = "plop"
+    needs_old_model = True  # until `prepare` says otherwise (step 0 has no old model)
+    init_new_heads = True
+    feature_names: tuple[str, ...] = POD_FEATURES + (POD_LOGITS,)
+    defaults: dict[str, Any] = {
+        "threshold_mode": "plop",
+        "threshold_floor": 0.001,
+        "threshold_bins": 100,
+        "threshold_quantile": 0.5,
+        "adaptive_factor": True,
+        "reduction": "all",
+        "pod_weight": 0.01,
+        "pod_logits_weight": 0.0005,
+        "pod_scales": [1, 2, 4],
+        "pod_schedule": True,
+        "pod_extra_channels": "sum",
+        "pod_regions": "clean",
+        "pod_normalize": False,
+    }
+    choices: dict[str, tuple[str, ...]] = {
+        "threshold_mode": UNCERTAINTY_MODES,
+        "reduction": REDUCTIONS,
+        "pod_extra_channels": ("sum", "trim"),
+        "pod_regions": ("clean", "plop"),
+    }
+
+    def __init__(self, **options: Any):
+        super().__init__(**resolve_options(self.name, self.defaults, options, self.choices))
+        o = self.options
+        if o["threshold_bins"] < 1:
+            raise CissError(f"option 'threshold_bins' of method 'plop' must be at least 1; got {o['threshold_bins']}")
+        if not 0.0 < o["threshold_quantile"] <= 1.0:
+            raise CissError(f"option 'threshold_quantile' of method 'plop' must be in (0, 1]; "
+                            f"got {o['threshold_quantile']}")
+        if o["pod_weight"] < 0 or o["pod_logits_weight"] < 0:
+            raise CissError("POD weights of method 'plop' must not be negative")
+        self.thresholds: torch.Tensor | None = None  # (n_old,) float32 on the CPU
+        self.histogram: torch.Tensor | None = None  # (n_old, bins) counts of the last estimation
+        self._step = -1
+        self._n_old = 0
+        self._restored: tuple[int, int, torch.Tensor] | None = None
+        self._tau_cache: torch.Tensor | None = None
+
+    # --- once per step -------------------------------------------------------------------------
+    def prepare(self, ctx: StepContext) -> None:
+        super().prepare(ctx)
+        self._tau_cache = None
+        incremental = ctx.step > 0
+        self.needs_old_model = incremental
+        use_pod = self.options["pod_weight"] > 0 or self.options["pod_logits_weight"] > 0
+        self.feature_names = POD_FEATURES + (POD_LOGITS,) if incremental and use_pod else ()
+        self._step, self._n_old = ctx.step, ctx.n_old
+        if not incremental:
+            self.thresholds = None
+            return
+        if ctx.old_model is None:
+            raise CissError(f"method 'plop' needs the model of step {ctx.step - 1} to train step {ctx.step}")
+        restored, self._restored = self._restored, None
+        if restored is not None and restored[0] == ctx.step and restored[1] == ctx.n_old:
+            self.thresholds = restored[2]
+            return
+        self.thresholds = self.estimate_thresholds(ctx)
+
+    @torch.no_grad()
+    def estimate_thresholds(self, ctx: StepContext) -> torch.Tensor:
+        """One pass of the old model over `ctx.batches()`: per-class thresholds (n_old,) on the CPU."""
+        old = ctx.old_model
+        assert old is not None
+        n_old, n_total = ctx.n_old, len(ctx.classmap)
+        mode, bins = self.options["threshold_mode"], self.options["threshold_bins"]
+        hist = torch.zeros(n_old, bins, dtype=torch.long, device=ctx.device)
+        was_training = old.training
+        old.eval()
+        try:
+            for images, labels in ctx.batches():
+                logits = logits_of(old(images)).float()
+                if logits.shape[1] != n_old:
+                    raise RuntimeError(f"old model has {logits.shape[1]} outputs, the step context says {n_old}")
+                if logits.shape[-2:] != labels.shape[-2:]:
+                    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+                u = plop_uncertainty(logits, n_total, mode)
+                mask = (labels < n_old) & (labels != IGNORE)
+                hist += uncertainty_histogram(u, logits.argmax(dim=1), mask, n_old, bins).to(hist.device)
+        finally:
+            old.train(was_training)
+        reduced = ctx.all_reduce(hist)
+        hist = hist if reduced is None else reduced
+        self.histogram = hist.cpu()
+        return self.thresholds_from_histogram(self.histogram)
+
+    def thresholds_from_histogram(self, hist: torch.Tensor) -> torch.Tensor:
+        floor = self.options["threshold_floor"]
+        if self.options["threshold_mode"] == "plop":
+            return plop_median_thresholds(hist, floor)
+        return quantile_thresholds(hist, self.options["threshold_quantile"], floor)
+
+    # --- every batch ---------------------------------------------------------------------------
+    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        o = self.options
+        logits, labels = batch.out.logits, batch.labels
+        if batch.old is None:  # step 0
+            return {"ce": cross_entropy(logits, labels, o["reduction"])}
+        old = batch.old.logits
+        n_old, n_total = old.shape[1], logits.shape[1]
+        if n_total <= n_old:
+            raise RuntimeError(f"the current model has {n_total} outputs, not more than the old model's {n_old}")
+        tau = self._tau(n_old, logits.device)
+        mode = o["threshold_mode"]
+        pseudo, nu = pseudo_label(labels, old, tau, n_total, mode, empty_factor=1.0 if mode == "median" else 0.0)
+        per_pixel = pixel_cross_entropy(logits, pseudo)
+        if o["adaptive_factor"]:
+            per_pixel = per_pixel * nu[:, None, None]
+        terms = {"ce": reduce_pixels(per_pixel, pseudo != IGNORE, o["reduction"])}
+        if self.feature_names:
+            terms["pod"] = self._pod(batch, n_old, n_total)
+        return terms
+
+    def _tau(self, n_old: int, device: torch.device) -> torch.Tensor:
+        if self.thresholds is None:
+            raise RuntimeError("PLOP has no thresholds: call prepare() (or load_state_dict) before losses()")
+        if self.thresholds.numel() != n_old:
+            raise RuntimeError(f"PLOP thresholds are for {self.thresholds.numel()} old classes, the old model has {n_old}")
+        if self._tau_cache is None or self._tau_cache.device != device:
+            self._tau_cache = self.thresholds.to(device)
+        return self._tau_cache
+
+    def _pod(self, batch: TrainBatch, n_old: int, n_total: int) -> torch.Tensor:
+        o = self.options
+        assert batch.old is not None
+        names = self.feature_names
+        missing = [k for k in names if k not in batch.out.features or k not in batch.old.features]
+        if missing:
+            raise RuntimeError(f"PLOP needs features {', '.join(missing)} from both models")
+        new = [batch.out.features[k] for k in names]
+        old = [batch.old.features[k] for k in names]
+        new[-1] = merge_extra_channels(new[-1], n_old, o["pod_extra_channels"])
+        weights = [o["pod_weight"]] * (len(names) - 1) + [o["pod_logits_weight"]]
+        schedule = math.sqrt(n_total / (n_total - n_old)) if o["pod_schedule"] else 1.0
+        return local_pod(new, old, weights, o["pod_scales"], schedule, o["pod_regions"], o["pod_normalize"])
+
+    # --- resume --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["thresholds"] = (self.thresholds if self.thresholds is not None else torch.zeros(0)).clone()
+        state["step"] = torch.tensor(self._step)
+        state["n_old"] = torch.tensor(self._n_old)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        t = state.get("thresholds")
+        if t is None or t.numel() == 0:
+            return
+        t = t.detach().float().cpu().clone()
+        step, n_old = int(state["step"]), int(state["n_old"])
+        # Works before or after `prepare`: prepare uses restored thresholds of its own step
+        # instead of a new pass; after prepare they simply replace the estimated ones.
+        self._restored = (step, n_old, t)
+        if self._step == step and self._n_old == n_old:
+            self.thresholds, self._tau_cache = t, None

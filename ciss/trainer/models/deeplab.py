@@ -1,0 +1,91 @@
+"""DeepLabV3: backbone -> ASPP -> 3x3 refinement -> per-step classifier, logits at input resolution.
+
+No dropout anywhere, so a resumed run replays bit for bit. The image-pooling branch has no
+BatchNorm (its map is 1x1 per image, which BN cannot normalise at batch size 1), and only
+shape-agnostic ops are used (mean over H,W, expand, interpolate to the input's size) so the model
+exports to ONNX with dynamic height and width.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ciss.trainer.methods.base import Outputs
+from ciss.trainer.models.heads import IncrementalHead
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=(kernel // 2) * dilation, dilation=dilation,
+                                   bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling plus the 3x3 refinement; its output is what the heads classify."""
+
+    def __init__(self, in_channels: int, channels: int, rates: Sequence[int]):
+        super().__init__()
+        self.branches = nn.ModuleList([conv_bn_relu(in_channels, channels, 1)]
+                                      + [conv_bn_relu(in_channels, channels, 3, r) for r in rates])
+        self.pool = nn.Sequential(nn.Conv2d(in_channels, channels, 1), nn.ReLU(inplace=True))
+        self.project = conv_bn_relu(channels * (len(rates) + 2), channels, 1)
+        self.refine = conv_bn_relu(channels, channels, 3)
+        self.rates = list(rates)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(x.mean(dim=(2, 3), keepdim=True)).expand(-1, -1, x.shape[2], x.shape[3])
+        y = torch.cat([b(x) for b in self.branches] + [pooled], dim=1)
+        return self.refine(self.project(y))
+
+
+class DeepLabV3(nn.Module):
+    """The segmentation model of every preset. Build it with `ciss.trainer.models.build_model`."""
+
+    def __init__(self, backbone: nn.Module, step_sizes: list[int], aspp_channels: int,
+                 aspp_rates: Sequence[int], preset: str):
+        super().__init__()
+        self.backbone = backbone
+        self.aspp = ASPP(backbone.out_channels, aspp_channels, aspp_rates)
+        self.head: nn.Module = IncrementalHead(aspp_channels, list(step_sizes))
+        self.preset = preset
+        self.output_stride: int = backbone.output_stride
+        self.step_sizes: list[int] = list(step_sizes)
+
+    @property
+    def num_classes(self) -> int:
+        return sum(self.step_sizes)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Plain, JSON-able arguments of `build_model` that rebuild this architecture."""
+        return {"preset": self.preset, "output_stride": self.output_stride, "step_sizes": list(self.step_sizes)}
+
+    def forward(self, x: torch.Tensor, features: bool = False) -> torch.Tensor | Outputs:
+        feats = self.backbone(x)
+        aspp = self.aspp(feats["stage4"])
+        low = self.head(aspp)
+        logits = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if not features:
+            return logits
+        return Outputs(logits, {**feats, "aspp": aspp, "logits_lowres": low})
+
+    def add_step(self, n_new: int, init_from_background: bool) -> None:
+        """Grow the classifier by `n_new` classes (see `IncrementalHead.add_step`)."""
+        self.head.add_step(n_new, init_from_background)
+        self.step_sizes.append(n_new)
+
+    def fused(self) -> "DeepLabV3":
+        """A deep copy whose per-step heads are folded into one conv: same outputs, for export."""
+        model = copy.deepcopy(self)
+        model.head = self.head.fused()
+        return model

@@ -1,0 +1,124 @@
+"""The run store: `runs/<run>/step-<k>/` folders, each whole and self-describing.
+
+A step is written into a hidden staging folder and renamed into place when complete, so an
+interrupted or failed run never leaves something that looks like a finished step. In-progress
+checkpoints for `--resume` live in `.partial-step-<k>/`; readers ignore every dot folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ciss.classmap import ClassMap
+from ciss.errors import CissError
+from ciss.manifest import STEP_FORMAT, fsync_dir, read_json, sha256_file, write_json_atomic
+from ciss.trainer.models import DeepLabV3, load_step_model
+
+WEIGHTS = "model.pt"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load a tensors-only file; anything else (pickled code, truncation) is a clear error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CissError(f"weights file {path} is missing") from None
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise CissError(f"cannot read weights {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        "the file is corrupt or not a ciss checkpoint") from None
+
+
+def load_step(step_dir: Path, verify: bool = True) -> tuple[DeepLabV3, dict[str, Any]]:
+    """Rebuild a step's model from its folder alone (manifest + weights)."""
+    step_dir = Path(step_dir)
+    manifest = read_json(step_dir / MANIFEST, "step manifest")
+    if manifest.get("format") != STEP_FORMAT:
+        raise CissError(f"{step_dir} is not a ciss step (format {manifest.get('format')!r})")
+    weights = step_dir / manifest["weights"]["file"]
+    if verify and weights.exists() and sha256_file(weights) != manifest["weights"]["sha256"]:
+        raise CissError(f"weights {weights} do not match their sha256 in the manifest; the file is corrupt")
+    state = load_weights(weights)
+    try:
+        model = load_step_model(manifest["model"], state)
+    except RuntimeError as e:
+        raise CissError(f"weights in {step_dir} do not fit the model in its manifest: {str(e).splitlines()[0]}") from None
+    return model, manifest
+
+
+class RunStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise CissError(f"run path {self.root} exists and is not a folder")
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step-{step}"
+
+    def partial_dir(self, step: int) -> Path:
+        return self.root / f".partial-step-{step}"
+
+    def steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        found = (_STEP_DIR.match(p.name) for p in self.root.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m and (self.root / m.group(0) / MANIFEST).exists())
+
+    def last_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def manifest(self, step: int) -> dict[str, Any]:
+        if step not in self.steps():
+            have = ", ".join(map(str, self.steps())) or "none"
+            raise CissError(f"run {self.root} has no step {step} (steps: {have})")
+        return read_json(self.step_dir(step) / MANIFEST, "step manifest")
+
+    def classmap(self, step: int) -> ClassMap:
+        return ClassMap.from_json(self.manifest(step)["classes"])
+
+    def load(self, step: int) -> tuple[DeepLabV3, dict[str, Any]]:
+        self.manifest(step)  # clear error for a missing step
+        return load_step(self.step_dir(step))
+
+    def commit(self, step: int, state: dict[str, torch.Tensor], manifest: dict[str, Any],
+               extra_files: dict[str, bytes] | None = None) -> Path:
+        """Write weights and manifest to a staging folder, then rename it to `step-<k>`."""
+        final = self.step_dir(step)
+        if final.exists():
+            raise CissError(f"{final} already exists; a step is never overwritten (start a new run)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".staging-step-{step}-{os.getpid()}-{int(time.time() * 1000)}"
+        staging.mkdir()
+        try:
+            torch.save(state, staging / WEIGHTS)
+            for name, data in (extra_files or {}).items():
+                (staging / name).write_bytes(data)
+            manifest = dict(manifest, format=STEP_FORMAT, step=step,
+                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            weights={"file": WEIGHTS, "sha256": sha256_file(staging / WEIGHTS),
+                                     "size": (staging / WEIGHTS).stat().st_size})
+            write_json_atomic(staging / MANIFEST, manifest)
+            for p in staging.iterdir():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(staging)
+            os.rename(staging, final)
+            fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return final

@@ -1,0 +1,135 @@
+"""Every user error: one line on stderr, exit code 2, and the run folder exactly as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ciss.apps.cli import main
+from conftest import CISS, REPO, make_folder_dataset, write_config
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    err = lines[-1]  # progress may come before it; the error is one line, last, and no traceback
+    assert err.startswith("error: ") and sum(ln.startswith("error:") for ln in lines) == 1, lines
+    assert "Traceback" not in result.stderr
+    for f in fragments:
+        assert f in err, err
+
+
+@pytest.fixture
+def base_run(tmp_path: Path, folder_dataset: Path):
+    cfg = write_config(tmp_path / "c.toml", synthetic=False)
+    run = tmp_path / "run"
+    r = invoke("learn", "--run", str(run), "--data", str(folder_dataset), "--classes", "a,b",
+               "--config", str(cfg), "--method", "ft")
+    assert r.exit_code == 0, r.output
+    return run, cfg, folder_dataset
+
+
+def test_missing_data_path(tmp_path: Path):
+    run = tmp_path / "r"
+    cfg = write_config(tmp_path / "c.toml", synthetic=False)
+    assert_user_error(invoke("learn", "--run", str(run), "--data", str(tmp_path / "nope"), "--classes", "a",
+                             "--config", str(cfg)), "nope")
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("flag,value,fragment", [
+    ("--new-classes", "zebra", "zebra"),
+    ("--new-classes", "c,c", "more than once"),
+    ("--new-classes", "b", "already has class b"),
+])
+def test_bad_new_classes(base_run, flag, value, fragment):
+    run, cfg, data = base_run
+    before = snapshot(run)
+    assert_user_error(invoke("learn", "--run", str(run), flag, value, "--config", str(cfg)), fragment)
+    assert snapshot(run) == before
+
+
+def test_other_model(base_run):
+    run, cfg, _ = base_run
+    before = snapshot(run)
+    assert_user_error(invoke("learn", "--run", str(run), "--new-classes", "c", "--config", str(cfg),
+                             "--model", "mobilenet_v3_large"), "tiny")
+    assert snapshot(run) == before
+
+
+def test_classes_on_existing_run(base_run):
+    run, cfg, _ = base_run
+    before = snapshot(run)
+    assert_user_error(invoke("learn", "--run", str(run), "--classes", "c", "--config", str(cfg)), "--new-classes")
+    assert snapshot(run) == before
+
+
+def _break(data: Path, how: str) -> None:
+    img, lbl = data / "images" / "train" / "im1.png", data / "labels" / "train" / "im1.png"
+    if how == "label_value":
+        label = cv2.imread(str(lbl), cv2.IMREAD_UNCHANGED)
+        label[0, 0] = 7
+        cv2.imwrite(str(lbl), label)
+    elif how == "size":
+        cv2.imwrite(str(img), np.zeros((10, 10, 3), np.uint8))
+    elif how == "corrupt":
+        img.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+
+
+@pytest.mark.parametrize("how,fragment", [("label_value", "7"), ("size", "size"), ("corrupt", "im1")])
+def test_bad_data_leaves_run_untouched(base_run, how, fragment):
+    run, cfg, data = base_run
+    _break(data, how)
+    before = snapshot(run)
+    assert_user_error(invoke("learn", "--run", str(run), "--new-classes", "c", "--config", str(cfg)), fragment)
+    assert snapshot(run) == before
+
+
+def test_error_from_loader_worker_is_one_line(tmp_path: Path):
+    """With worker processes the error crosses a process boundary; still one line, exit 2."""
+    data = make_folder_dataset(tmp_path / "d")
+    _break(data, "corrupt")
+    cfg = write_config(tmp_path / "c.toml", synthetic=False)
+    cfg.write_text(cfg.read_text().replace("workers = 0", "workers = 2").replace("batch_size = 4", "batch_size = 6"))
+    r = subprocess.run([*CISS, "learn", "--run", str(tmp_path / "r"), "--data", str(data), "--classes", "a,b,c",
+                        "--config", str(cfg)], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "im1" in lines[0], r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_and_runs(base_run):
+    run, _, _ = base_run
+    r = invoke("eval", "--run", str(run))
+    assert r.exit_code == 0, r.output
+    assert "mIoU old" in r.output and "a" in r.output
+    r = invoke("runs", str(run.parent))
+    assert r.exit_code == 0 and "step 0" in r.output
+    assert_user_error(invoke("eval", "--run", str(run), "--step", "5"), "no step 5")
+    assert_user_error(invoke("runs", str(run / "nope")), "not a folder")
+
+
+def test_corrupt_weights(base_run):
+    run, cfg, _ = base_run
+    (run / "step-0" / "model.pt").write_bytes(b"truncated")
+    assert_user_error(invoke("eval", "--run", str(run)), "corrupt")

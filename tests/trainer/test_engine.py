@@ -1,0 +1,118 @@
+"""The step loop end to end on the synthetic scenes: steps, manifests, reports, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ciss.classmap import ClassMap
+from ciss.trainer.learn import learn
+from ciss.trainer.store import RunStore, load_step
+from conftest import CISS, REPO, write_config
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return env
+
+
+def test_two_steps_manifest_and_reports(tmp_path: Path, fast_config: Path):
+    run = tmp_path / "run"
+    learn(run, classes=["sky", "grass", "disk"], config_file=fast_config, method="ft", log=lambda s: None)
+    learn(run, new_classes=["box"], config_file=fast_config, method="mib", log=lambda s: None)
+    store = RunStore(run)
+    assert store.steps() == [0, 1]
+    m1 = store.manifest(1)
+    cmap = ClassMap.from_json(m1["classes"])
+    assert cmap.names == ["background", "sky", "grass", "disk", "box"]
+    assert [c.step for c in cmap] == [0, 0, 0, 0, 1]
+    assert m1["parent"]["sha256"] == store.manifest(0)["weights"]["sha256"]
+    assert m1["model"]["step_sizes"] == [4, 1]
+    assert m1["method"] == "mib" and m1["seed"] == 0 and "torch" in m1["versions"]
+    assert set(m1["metrics"]) >= {"miou_all", "miou_old", "miou_new", "per_class"}
+    # Loading needs nothing but the folder, and weights load with weights_only.
+    model, _ = load_step(run / "step-1")
+    assert model.num_classes == 5
+    torch.load(run / "step-1" / "model.pt", weights_only=True)
+    for name in ("results.csv", "results.md", "forgetting.png"):
+        assert (run / name).exists()
+    assert (run / "step-1" / "metrics.json").exists() and (run / "step-1" / "train_log.jsonl").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_old_model_stays_frozen_in_eval(tmp_path: Path, fast_config: Path, monkeypatch):
+    """The teacher is in eval mode with no gradients at every batch of a step > 0."""
+    from ciss.trainer.methods import mib
+
+    seen = []
+    cls = next(v for v in vars(mib).values() if isinstance(v, type) and getattr(v, "name", "") == "mib")
+    original = cls.losses
+
+    def spy(self, batch):
+        old = self.ctx.old_model
+        seen.append((old.training, any(p.requires_grad for p in old.parameters()), batch.old is not None
+                     and not batch.old.logits.requires_grad))
+        return original(self, batch)
+
+    monkeypatch.setattr(cls, "losses", spy)
+    run = tmp_path / "run"
+    learn(run, classes=["sky", "grass"], config_file=fast_config, method="ft", log=lambda s: None)
+    learn(run, new_classes=["disk"], config_file=fast_config, method="mib", log=lambda s: None)
+    assert seen and all(s == (False, False, True) for s in seen)
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path: Path):
+    cfg = write_config(tmp_path / "c.toml", size=40, epochs=6, checkpoint_every=3)
+    base = [*CISS, "learn", "--classes", "sky,grass,disk", "--config", str(cfg), "--method", "ft"]
+    subprocess.run([*base, "--run", str(tmp_path / "full")], check=True, env=_env(), capture_output=True)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*base, "--run", str(run)], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = run / ".partial-step-0" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (run / "step-0").exists(), "the run should have been killed mid-step"
+    it = torch.load(ckpt, weights_only=True)["iteration"]
+    assert 0 < it < 60
+
+    subprocess.run([*base, "--run", str(run), "--resume"], check=True, env=_env(), capture_output=True)
+    a = torch.load(tmp_path / "full" / "step-0" / "model.pt", weights_only=True)
+    b = torch.load(run / "step-0" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_torchrun_two_processes_match_one(tmp_path: Path):
+    """Two gloo processes with half the batch each train the weights one process trains."""
+    cfg = write_config(tmp_path / "c.toml", size=16, epochs=2)
+    text = cfg.read_text().replace("crop = 48", "crop = 40\nscale = [1.0, 1.0]")
+    cfg.write_text(text)
+    args = ["learn", "--classes", "sky,grass,disk", "--config", str(cfg), "--method", "ft", "--device", "cpu"]
+    one = subprocess.run([*CISS, *args, "--run", str(tmp_path / "one")], env=_env(), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "ciss.apps.cli", "--", *args, "--run", str(tmp_path / "two")],
+                         env=_env(), capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "step-0" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "step-0" / "model.pt", weights_only=True)
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+    m1 = json.loads((tmp_path / "one" / "step-0" / "manifest.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "step-0" / "manifest.json").read_text())
+    assert m2["train"]["processes"] == 2
+    assert m1["metrics"]["miou_all"] == pytest.approx(m2["metrics"]["miou_all"], abs=1e-3)

@@ -1,0 +1,239 @@
+"""Methods on tiny fake batches: named finite terms, gradients, PLOP's thresholds, the registry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ciss.classmap import ClassMap
+from ciss.errors import CissError
+from ciss.trainer.methods import METHODS, build_method, load_presets, method_options
+from ciss.trainer.methods.base import Outputs, StepContext, TrainBatch
+from ciss.trainer.methods.losses import plop_uncertainty, quantile_thresholds
+
+N_OLD, N_TOTAL = 3, 5  # background + 2 old classes, 2 new classes
+FEATS = {"stage1": 4, "stage2": 4, "stage3": 6, "stage4": 6, "aspp": 5}
+
+
+def classmap(step: int) -> ClassMap:
+    cm = ClassMap.initial(["a", "b"])
+    return cm.extend(["c", "d"]) if step else cm
+
+
+def outputs(n_classes: int, grad: bool, seed: int) -> Outputs:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, n_classes, 8, 8, generator=g).requires_grad_(grad)
+    feats = {k: torch.randn(2, c, 4, 4, generator=g).requires_grad_(grad) for k, c in FEATS.items()}
+    feats["logits_lowres"] = torch.randn(2, n_classes, 4, 4, generator=g).requires_grad_(grad)
+    return Outputs(logits, feats)
+
+
+def labels(all_ignored: bool = False) -> torch.Tensor:
+    y = torch.zeros(2, 8, 8, dtype=torch.long)
+    y[:, 2:5, 2:5] = 3
+    y[1, 5:, 5:] = 4
+    y[:, 0] = 255
+    return torch.full_like(y, 255) if all_ignored else y
+
+
+def step0_labels() -> torch.Tensor:
+    y = labels()
+    return torch.where(y == 255, y, y.clamp(max=N_OLD - 1))
+
+
+class FakeOld(nn.Module):
+    """A fixed 1x1 conv old model with n_old outputs."""
+
+    def __init__(self, n_old: int = N_OLD):
+        super().__init__()
+        self.conv = nn.Conv2d(3, n_old, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(n_old, 3, 1, 1, generator=torch.Generator().manual_seed(0)) * 2)
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        return self.conv(x)
+
+
+def images(seed: int) -> torch.Tensor:
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def context(step: int = 1, old: nn.Module | None = None, batches=None, all_reduce=lambda t: t) -> StepContext:
+    data = [(images(i), labels()) for i in range(3)]
+    return StepContext(step=step, classmap=classmap(step), n_old=N_OLD if step else 0, model=nn.Identity(),
+                       old_model=old if step else None, device=torch.device("cpu"),
+                       batches=batches or (lambda: iter(data)), all_reduce=all_reduce)
+
+
+def check_terms(terms: dict[str, torch.Tensor], names: set[str], out: Outputs) -> None:
+    assert set(terms) == names
+    for v in terms.values():
+        assert v.dim() == 0 and torch.isfinite(v)
+    sum(terms.values()).backward()
+    assert out.logits.grad is not None and torch.isfinite(out.logits.grad).all()
+    assert out.logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["ft", "joint"])
+def test_ft_and_joint(name):
+    m = build_method(name, {})
+    assert m.name == name and not m.needs_old_model and not m.init_new_heads and m.feature_names == ()
+    m.prepare(context(step=0))
+    out = outputs(N_OLD, True, 0)
+    check_terms(m.losses(TrainBatch(images(0), step0_labels(), out, None)), {"ce"}, out)
+
+
+def test_mib_step0_and_step1():
+    m = build_method("mib", {})
+    assert m.init_new_heads
+    m.prepare(context(step=0))
+    assert not m.needs_old_model
+    out = outputs(N_OLD, True, 0)
+    check_terms(m.losses(TrainBatch(images(0), step0_labels(), out, None)), {"ce"}, out)
+
+    m = build_method("mib", {"kd_weight": 100})
+    m.prepare(context(step=1, old=FakeOld()))
+    assert m.needs_old_model
+    out, old = outputs(N_TOTAL, True, 1), outputs(N_OLD, False, 2)
+    terms = m.losses(TrainBatch(images(0), labels(), out, old))
+    unweighted = build_method("mib", {"kd_weight": 1.0}).losses(TrainBatch(images(0), labels(), out, old))
+    assert terms["kd"].item() == pytest.approx(100 * unweighted["kd"].item(), rel=1e-5)
+    check_terms(terms, {"ce", "kd"}, out)
+
+
+def test_mib_needs_the_old_model_at_step1():
+    with pytest.raises(CissError, match="needs the model of step 0"):
+        build_method("mib", {}).prepare(context(step=1, old=None))
+
+
+@pytest.mark.parametrize("name", ["ft", "mib", "plop"])
+def test_terms_finite_without_valid_pixels(name):
+    m = build_method(name, {})
+    ctx = context(step=1, old=FakeOld())
+    m.prepare(ctx)
+    out, old = outputs(N_TOTAL, True, 3), outputs(N_OLD, False, 4)
+    terms = m.losses(TrainBatch(images(0), labels(all_ignored=True), out, old if name != "ft" else None))
+    assert all(torch.isfinite(v) for v in terms.values())
+    sum(terms.values()).backward()
+    assert torch.isfinite(out.logits.grad).all()
+
+
+def test_plop_prepare_losses_and_resume():
+    calls = []
+
+    def all_reduce(t):
+        calls.append(t.clone())
+        return t
+
+    m = build_method("plop", {})
+    ctx = context(step=1, old=FakeOld(), all_reduce=all_reduce)
+    m.prepare(ctx)
+    assert m.needs_old_model and m.init_new_heads
+    assert m.feature_names == ("stage1", "stage2", "stage3", "stage4", "aspp", "logits_lowres")
+    assert len(calls) == 1 and calls[0].shape == (N_OLD, 100) and calls[0].dtype == torch.long
+    # 3 batches x 2 images x (64 - 8 ignored - new-class pixels) background pixels were counted
+    n_bg = sum(int(((y < N_OLD) & (y != 255)).sum()) for _, y in ctx.batches())
+    assert int(m.histogram.sum()) == n_bg
+    assert m.thresholds.shape == (N_OLD,) and (m.thresholds >= 0.001).all()
+
+    # on so few pixels the released median walk never stops: every threshold is the 0.001 floor,
+    # all background is rejected, nu = 0 and only POD trains (faithful, see plop_median_thresholds)
+    assert torch.allclose(m.thresholds, torch.full((N_OLD,), 0.001))
+    out, old = outputs(N_TOTAL, True, 5), outputs(N_OLD, False, 6)
+    terms = m.losses(TrainBatch(images(0), labels(), out, old))
+    assert set(terms) == {"ce", "pod"} and terms["ce"].item() == 0.0 and terms["pod"].item() > 0
+    sum(terms.values()).backward()
+    assert all(out.features[k].grad is not None for k in m.feature_names)
+    # median mode accepts part of the background: the CE trains the logits
+    med = build_method("plop", {"threshold_mode": "median"})
+    med.prepare(context(step=1, old=FakeOld()))
+    out = outputs(N_TOTAL, True, 5)
+    check_terms(med.losses(TrainBatch(images(0), labels(), out, old)), {"ce", "pod"}, out)
+
+    # resume: thresholds travel in state_dict as tensors; prepare then makes no pass over the data
+    state = m.state_dict()
+    assert all(isinstance(v, torch.Tensor) for k, v in state.items() if k != "modules")
+    m2 = build_method("plop", {})
+    m2.load_state_dict(state)
+
+    def no_pass():
+        raise AssertionError("prepare should reuse the restored thresholds")
+
+    m2.prepare(context(step=1, old=FakeOld(), batches=no_pass))
+    assert torch.equal(m2.thresholds, m.thresholds)
+    # the engine's order (prepare, then load) ends with the saved thresholds too
+    m3 = build_method("plop", {"threshold_mode": "plop"})
+    m3.prepare(context(step=1, old=FakeOld()))
+    m3.thresholds = torch.ones(N_OLD)
+    m3.load_state_dict(state)
+    assert torch.equal(m3.thresholds, m.thresholds)
+
+
+def test_plop_median_mode_thresholds_match_exact_medians():
+    m = build_method("plop", {"threshold_mode": "median", "threshold_bins": 1000, "threshold_floor": 0.0})
+    ctx = context(step=1, old=FakeOld())
+    m.prepare(ctx)
+    values = {c: [] for c in range(N_OLD)}
+    for x, y in ctx.batches():
+        z = FakeOld()(x)
+        u, pred = plop_uncertainty(z, N_TOTAL, "median"), z.argmax(1)
+        bg = (y < N_OLD) & (y != 255)
+        for c in range(N_OLD):
+            values[c] += u[bg & (pred == c)].tolist()
+    for c, vs in values.items():
+        if vs:
+            exact = float(torch.tensor(vs).median())
+            assert m.thresholds[c].item() == pytest.approx(exact, abs=2e-3)
+    assert torch.equal(m.thresholds, quantile_thresholds(m.histogram, 0.5, 0.0))
+
+
+def test_plop_step0_is_plain_ce():
+    m = build_method("plop", {})
+    m.prepare(context(step=0))
+    assert not m.needs_old_model and m.feature_names == ()
+    out = outputs(N_OLD, True, 0)
+    check_terms(m.losses(TrainBatch(images(0), step0_labels(), out, None)), {"ce"}, out)
+    assert m.state_dict()["thresholds"].numel() == 0
+
+
+def test_plop_pod_schedule_and_weights():
+    base = {"pod_logits_weight": 0.0}
+    out, old = outputs(N_TOTAL, False, 7), outputs(N_OLD, False, 8)
+    vals = {}
+    for sched in (True, False):
+        m = build_method("plop", {**base, "pod_schedule": sched})
+        m.prepare(context(step=1, old=FakeOld()))
+        vals[sched] = m.losses(TrainBatch(images(0), labels(), out, old))["pod"].item()
+    assert vals[True] == pytest.approx(vals[False] * math.sqrt(N_TOTAL / (N_TOTAL - N_OLD)), rel=1e-5)
+    m = build_method("plop", {"pod_weight": 0.0, "pod_logits_weight": 0.0})
+    m.prepare(context(step=1, old=FakeOld()))
+    assert m.feature_names == ()
+    assert set(m.losses(TrainBatch(images(0), labels(), out, Outputs(old.logits)))) == {"ce"}
+
+
+def test_registry_and_presets():
+    assert set(METHODS) == {"ft", "joint", "mib", "plop"}
+    presets = load_presets()
+    for name, cls in METHODS.items():
+        assert presets[name] == cls.defaults, f"configs/methods.toml [{name}] must list every option"
+    assert method_options("mib", {"kd_weight": 100})["kd_weight"] == 100.0
+    assert build_method("MiB", {"alpha": 2}).options["alpha"] == 2.0
+
+
+def test_build_method_errors():
+    with pytest.raises(CissError, match="unknown method 'gsc'.*ft, joint, mib, plop"):
+        build_method("gsc", {})
+    with pytest.raises(CissError, match="'kd_wieght'.*valid options: alpha, kd_weight, reduction"):
+        build_method("mib", {"kd_wieght": 10})
+    with pytest.raises(CissError, match="'reduction'.*'valid', 'all'"):
+        build_method("ft", {"reduction": "sum"})
+    with pytest.raises(CissError, match="must be a number"):
+        build_method("mib", {"kd_weight": "ten"})
+    with pytest.raises(CissError, match="true or false"):
+        build_method("plop", {"pod_schedule": 1})
+    with pytest.raises(CissError, match="positive integers"):
+        build_method("plop", {"pod_scales": [1, 0]})
