@@ -7,25 +7,14 @@ typo in a config file cannot silently train something else.
 from __future__ import annotations
 
 import copy
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from ciss.config_paths import config_dir
+from ciss.config_paths import config_dir, load_toml
 from ciss.errors import CissError
 
 
 FREE_FORM = ("method", "data.options")
-
-
-def load_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise CissError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise CissError(f"config file {path} is not valid TOML: {e}") from None
 
 
 def defaults() -> dict[str, Any]:

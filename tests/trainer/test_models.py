@@ -123,7 +123,7 @@ def test_mobilenet_state_dict_matches_torchvision():
               "features.16.1.num_batches_tracked": ()}
     assert {k: tuple(sd[k].shape) for k in shapes} == shapes
     bn = net.features[16][1]
-    assert (bn.eps, bn.momentum) == (0.001, 0.01)
+    assert (bn.eps, bn.momentum) == (0.001, 0.1)
     dw = net.features[13].block[1][0]  # the last stage's stride-2 depthwise conv, dilated instead
     assert (dw.stride, dw.dilation, dw.padding) == ((1, 1), (2, 2), (4, 4))
     assert net.features[14].block[1][0].dilation == (2, 2)

@@ -45,15 +45,13 @@ def single_channel(raw: np.ndarray, path: Path) -> np.ndarray:
 
 def _value_ranges(values: np.ndarray) -> str:
     """'0..10, 255' rather than eleven numbers, for error messages."""
-    parts, start = [], None
-    for v in list(values) + [None]:
-        if start is not None and (v is None or v != prev + 1):
-            parts.append(str(start) if start == prev else f"{start}..{prev}")
-            start = None
-        if v is not None and start is None:
-            start = v
-        prev = v
-    return ", ".join(parts)
+    runs: list[list[int]] = []
+    for v in (int(x) for x in values):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
 
 
 class FileDataset:

@@ -11,7 +11,6 @@ import hashlib
 import os
 import re
 import tempfile
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ciss.classmap import BACKGROUND, ClassMap
-from ciss.config_paths import cache_dir, config_dir
+from ciss.config_paths import cache_dir, config_dir, load_toml
 from ciss.errors import CissError
 from ciss.trainer.data.base import IGNORE, DatasetInfo, SegDataset
 
@@ -37,16 +36,6 @@ class Protocol:
 
 
 # --- protocols -------------------------------------------------------------------------------
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except OSError as e:
-        raise CissError(f"cannot read protocol file {path}: {e.strerror}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise CissError(f"malformed protocol file {path}: {e}") from e
-
 
 def _split_by_counts(counts: list[Any], order: list[str], where: str) -> list[list[str]]:
     if not all(isinstance(n, int) and n > 0 for n in counts) or sum(counts) != len(order):
@@ -92,10 +81,10 @@ def _check(protocol: Protocol, info: DatasetInfo | None, where: str) -> Protocol
 
 
 def _from_file(path: Path, info: DatasetInfo | None) -> Protocol:
-    data = _read_toml(path)
+    data = load_toml(path, "protocol file")
     where = f"protocol file {path}"
     dataset = str(data.get("dataset") or (info.name if info else "custom"))
-    known = _read_toml(config_dir() / "tasks.toml").get(dataset, {})
+    known = load_toml(config_dir() / "tasks.toml", "protocol file").get(dataset, {})
     classes = data.get("classes") or known.get("classes") or (info.learnable if info else [])
     protocol = Protocol(dataset, str(data.get("name") or path.stem), _steps(data, list(classes), where))
     return _check(protocol, info, where)
@@ -110,7 +99,7 @@ def load_protocol(spec: str, info: DatasetInfo | None = None) -> Protocol:
         if info is None:
             raise CissError(f"protocol '{spec}' names no dataset: write it as <dataset>:<protocol>, e.g. voc:15-1")
         dataset = info.name
-    table = _read_toml(config_dir() / "tasks.toml")
+    table = load_toml(config_dir() / "tasks.toml", "protocol file")
     entry = table.get(dataset)
     generic = _GENERIC.match(name)
     if entry is None and (info is None or not generic):

@@ -7,11 +7,10 @@ naming it and the method's valid keys.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-import ciss
+from ciss.config_paths import config_dir, load_toml
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method
 from ciss.trainer.methods.ft import FineTuning, Joint
@@ -19,13 +18,8 @@ from ciss.trainer.methods.mib import MiB
 from ciss.trainer.methods.options import resolve_options
 from ciss.trainer.methods.plop import PLOP
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 METHODS: dict[str, type[Method]] = {"ft": FineTuning, "joint": Joint, "mib": MiB, "plop": PLOP}
-PRESETS = Path(ciss.__file__).resolve().parents[1] / "configs" / "methods.toml"
+PRESETS = config_dir() / "methods.toml"
 
 __all__ = ["METHODS", "PRESETS", "Method", "build_method", "load_presets", "method_options"]
 
@@ -42,11 +36,7 @@ def load_presets(path: Path | None = None) -> dict[str, dict[str, Any]]:
     path = PRESETS if path is None else Path(path)
     if not path.exists():
         return {}
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise CissError(f"{path} is not valid TOML: {e}") from e
+    data = load_toml(path, "method presets file")
     return {k: dict(v) for k, v in data.items() if isinstance(v, dict)}
 
 

@@ -8,14 +8,13 @@ Presets live in `configs/models.toml`. A model's `.config` holds exactly the arg
 from __future__ import annotations
 
 import logging
-import tomllib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-import ciss
+from ciss.config_paths import config_dir, load_toml
 from ciss.errors import CissError
 from ciss.trainer.models.deeplab import DeepLabV3
 from ciss.trainer.models.heads import IncrementalHead
@@ -27,7 +26,7 @@ __all__ = ["DeepLabV3", "IncrementalHead", "build_model", "load_pretrained", "lo
 
 log = logging.getLogger(__name__)
 
-PRESETS_FILE = Path(ciss.__file__).resolve().parents[1] / "configs" / "models.toml"
+PRESETS_FILE = config_dir() / "models.toml"
 DEFAULT_ASPP_RATES = (6, 12, 18)  # at output stride 16; doubled at 8
 
 BACKBONES: dict[str, Callable[[int], nn.Module]] = {
@@ -40,13 +39,7 @@ BACKBONES: dict[str, Callable[[int], nn.Module]] = {
 
 def model_presets() -> dict[str, dict[str, Any]]:
     """Every preset of `configs/models.toml`, by name."""
-    try:
-        with PRESETS_FILE.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise CissError(f"model presets file {PRESETS_FILE} is missing; restore it from the ciss repository") from None
-    except tomllib.TOMLDecodeError as e:
-        raise CissError(f"model presets file {PRESETS_FILE} is not valid TOML ({e}); fix or restore it") from e
+    return load_toml(PRESETS_FILE, "model presets file")
 
 
 def build_model(preset: str, step_sizes: list[int], output_stride: int | None = None,

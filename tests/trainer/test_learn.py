@@ -1,0 +1,57 @@
+"""Planning steps from flags: protocols, resuming a protocol, joint, and config resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ciss.errors import CissError
+from ciss.trainer import config as configlib
+from ciss.trainer.data import open_dataset
+from ciss.trainer.learn import learn, plan_steps
+from ciss.trainer.store import RunStore
+
+
+@pytest.fixture
+def info():
+    return open_dataset(None, None, "train", size=4, height=32, width=32).info
+
+
+def test_protocol_plans_every_step(tmp_path: Path, info):
+    plans = plan_steps(RunStore(tmp_path / "r"), info, None, None, "synthetic:6-2", joint=False)
+    assert [p.step for p in plans] == [0, 1, 2]
+    assert plans[0].classmap.names[1:] == list(info.learnable[:6])
+    assert plans[2].classmap.names[1:] == list(info.learnable)
+    # future classes are known for the disjoint filter
+    assert plans[0].future_native == [info.class_names.index(n) for n in info.learnable[6:]]
+    assert plans[2].future_native == []
+
+
+def test_joint_is_one_step_with_everything(tmp_path: Path, info):
+    (plan,) = plan_steps(RunStore(tmp_path / "r"), info, None, None, "synthetic:6-2", joint=True)
+    assert plan.step == 0 and plan.classmap.names[1:] == list(info.learnable)
+
+
+def test_protocol_skips_steps_the_run_has(tmp_path: Path, fast_config: Path, info):
+    run = tmp_path / "r"
+    learn(run, task="synthetic:8-2", config_file=fast_config, method="ft", log=lambda s: None)
+    assert RunStore(run).steps() == [0, 1]
+    with pytest.raises(CissError, match="already has every step"):
+        plan_steps(RunStore(run), info, None, None, "synthetic:8-2", joint=False)
+    with pytest.raises(CissError, match="other classes"):
+        plan_steps(RunStore(run), info, None, None, "synthetic:6-2", joint=False)
+
+
+def test_flags_cannot_be_combined(tmp_path: Path, info):
+    with pytest.raises(CissError, match="cannot be combined"):
+        plan_steps(RunStore(tmp_path / "r"), info, ["sky"], None, "synthetic:6-2", joint=False)
+
+
+def test_config_rejects_unknown_keys(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepoch = 3\n")
+    with pytest.raises(CissError, match="unknown config key 'train.epoch'"):
+        configlib.resolve(bad, {})
+    cfg = configlib.resolve(None, {"train": {"epochs": 3}, "data": {"options": {"size": 5}}})
+    assert cfg["train"]["epochs"] == 3 and cfg["data"]["options"] == {"size": 5}
