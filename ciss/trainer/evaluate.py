@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 
 from ciss.classmap import BACKGROUND, ClassMap
 from ciss.errors import CissError
+from ciss.manifest import write_bytes_atomic
 from ciss.trainer.methods.losses import logits_of
 
 IGNORE = 255
@@ -146,20 +145,6 @@ def evaluate(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.
 
 # --- reports -----------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _report_classmap(history: Sequence[dict[str, Any]], classmap: ClassMap | None) -> ClassMap:
     if classmap is not None:
         return classmap
@@ -217,7 +202,7 @@ def write_reports(run_dir: Path, history: list[dict[str, Any]], classmap: ClassM
     for row in rows:
         w.writerow([str(row[0])] + [_fmt(v) for v in row[1:]])
     paths = {"csv": run_dir / "results.csv", "md": run_dir / "results.md", "png": run_dir / "forgetting.png"}
-    _atomic_write(paths["csv"], buf.getvalue().encode())
+    write_bytes_atomic(paths["csv"], buf.getvalue().encode())
 
     def cell(s: str) -> str:
         return s.replace("|", "\\|")
@@ -230,13 +215,13 @@ def write_reports(run_dir: Path, history: list[dict[str, Any]], classmap: ClassM
         step = int(row[0])  # type: ignore[arg-type]
         md.append("| " + " | ".join([str(step), cell(", ".join(added.get(step, [])))]
                                     + [_fmt(v, 100, 1) for v in row[1:]]) + " |")
-    _atomic_write(paths["md"], ("\n".join(md) + "\n").encode())
+    write_bytes_atomic(paths["md"], ("\n".join(md) + "\n").encode())
 
     image = plot_forgetting(rows, cmap)
     ok, png = cv2.imencode(".png", image)
     if not ok:
         raise RuntimeError("OpenCV could not encode forgetting.png")
-    _atomic_write(paths["png"], png.tobytes())
+    write_bytes_atomic(paths["png"], png.tobytes())
     return paths
 
 
