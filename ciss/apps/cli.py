@@ -48,6 +48,10 @@ def main() -> None:
 @click.option("--new-classes", help="Append a step to an existing run: comma-separated class names.")
 @click.option("--task", help="Run every remaining step of a protocol, e.g. camvid:6-1 or voc:15-1.")
 @click.option("--method", type=str, help="ft, mib, plop or joint (default: the run's, else mib).")
+@click.option("--no", "disabled", multiple=True, metavar="METHOD.COMPONENT",
+              help="Switch a method component off, e.g. --no plop.adaptive_factor (repeatable).")
+@click.option("--opt", "method_opts", multiple=True, metavar="METHOD.KEY=VALUE",
+              help="Set a method option, e.g. --opt mib.kd_weight=100 (repeatable; TOML values).")
 @click.option("--model", type=str, help="Model preset (configs/models.toml): tiny, mobilenet_v3_large, resnet50, resnet101.")
 @click.option("--pretrained", type=click.Path(path_type=Path), help="Local ImageNet weights for the backbone (torchvision key names).")
 @click.option("--epochs", type=int, help="Epochs of every step trained by this call.")
@@ -61,7 +65,8 @@ def main() -> None:
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML file overriding configs/defaults.toml.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted step from its last checkpoint.")
 def learn(run: Path, data: Path | None, dataset: str | None, root: Path | None, classes: str | None,
-          new_classes: str | None, task: str | None, method: str | None, model: str | None,
+          new_classes: str | None, task: str | None, method: str | None, disabled: tuple[str, ...],
+          method_opts: tuple[str, ...], model: str | None,
           pretrained: Path | None, epochs: int | None, lr: float | None, batch_size: int | None,
           crop: int | None, setting: str | None, workers: int | None, device: str, seed: int | None,
           config_file: Path | None, resume: bool) -> None:
@@ -81,11 +86,29 @@ def learn(run: Path, data: Path | None, dataset: str | None, root: Path | None, 
     if seed is not None:
         overrides["seed"] = seed
     run_learn(run, data=data, dataset=dataset, root=root, classes=_split(classes), new_classes=_split(new_classes),
-              task=task, method=method, config_file=config_file, overrides=overrides, device=device,
+              task=task, method=method, method_options=parse_method_options(disabled, method_opts),
+              config_file=config_file, overrides=overrides, device=device,
               resume=resume, log=lambda s: click.echo(s, err=True))
     from ciss.trainer.report import describe_run
     if _is_main_process():
         click.echo(describe_run(run))
+
+
+def parse_method_options(disabled: tuple[str, ...], assignments: tuple[str, ...]) -> dict[str, Any]:
+    """`--no x.y` and `--opt x.y=v` as {"x.y": value}; values are read as TOML (3, 0.5, true, "s")."""
+    import tomllib
+
+    options: dict[str, Any] = {name: False for name in disabled}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CissError(f"--opt {item!r} is not KEY=VALUE; e.g. --opt mib.kd_weight=100")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # a bare word: a string choice such as median
+        options[key.strip()] = value
+    return options
 
 
 def _is_main_process() -> bool:

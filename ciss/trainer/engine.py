@@ -233,7 +233,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
                 if method.needs_old_model and old_model is not None:
                     with torch.no_grad():
                         old = old_model(images, features=True) if want else Outputs(old_model(images))
-                terms = method.losses(TrainBatch(images, labels, out, old))
+                terms = method.losses(TrainBatch(images, labels, out, old, epoch, it / total))
             loss = sum(terms.values())
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at iteration {it}: { {k: float(v) for k, v in terms.items()} }")

@@ -20,6 +20,7 @@ from ciss.trainer.data.tasks import load_protocol
 from ciss.trainer.distributed import Dist, setup, teardown
 from ciss.trainer.engine import StepPlan, train_step
 from ciss.trainer.evaluate import write_reports
+from ciss.trainer.methods import build_method
 from ciss.trainer.store import RunStore
 
 DEFAULT_METHOD = "mib"
@@ -110,24 +111,33 @@ def history(store: RunStore) -> list[dict[str, Any]]:
 
 def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, root: Path | None = None,
           classes: Sequence[str] | None = None, new_classes: Sequence[str] | None = None,
-          task: str | None = None, method: str | None = None, config_file: Path | None = None,
+          task: str | None = None, method: str | None = None, method_options: dict[str, Any] | None = None,
+          config_file: Path | None = None,
           overrides: dict[str, Any] | None = None, device: str = "auto", resume: bool = False,
           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train the requested steps into `run`; returns the manifests of the steps trained."""
     store = RunStore(run)
     last = store.last_step()
     base = copy.deepcopy(store.manifest(last)["config"]) if last is not None else configlib.defaults()
-    base.setdefault("method", {"name": DEFAULT_METHOD})
+    base_method = base.pop("method", None) or {"name": DEFAULT_METHOD, "options": {}}
     file_cfg = configlib.load_toml(Path(config_file)) if config_file else {}
+    file_method = file_cfg.pop("method", {})
     cli: dict[str, Any] = copy.deepcopy(overrides or {})
     data_cli = dataset_overrides(data, dataset, root)
     if data_cli:
         cli.setdefault("data", {}).update(data_cli)
-    if method:
-        cli["method"] = {"name": method, "options": {}}
     cfg = configlib.merge(configlib.merge(base, file_cfg), cli)
-    if method is None and "method" not in file_cfg and last is None:
-        cfg["method"] = {"name": DEFAULT_METHOD, "options": {}}
+    # The method: flag > config file > the run's; its options carry over only while it is unchanged.
+    name = method or file_method.get("name") or base_method["name"]
+    options = dict(base_method.get("options", {})) if name == base_method["name"] else {}
+    options.update(file_method.get("options", {}))
+    for key, value in (method_options or {}).items():
+        prefix, _, option = key.rpartition(".")
+        if prefix and prefix != name:
+            raise CissError(f"option '{key}' belongs to method '{prefix}', but this step uses '{name}'")
+        options[option] = value
+    cfg["method"] = {"name": name, "options": options}
+    build_method(name, options)  # unknown methods and options fail before anything runs
 
     d = cfg["data"]
     info = open_dataset(d["kind"] or None, Path(d["root"]) if d["root"] else None, d["train_split"], **d["options"]).info

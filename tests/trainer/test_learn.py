@@ -55,3 +55,25 @@ def test_config_rejects_unknown_keys(tmp_path: Path):
         configlib.resolve(bad, {})
     cfg = configlib.resolve(None, {"train": {"epochs": 3}, "data": {"options": {"size": 5}}})
     assert cfg["train"]["epochs"] == 3 and cfg["data"]["options"] == {"size": 5}
+
+
+def test_method_options_from_flags(tmp_path: Path, fast_config: Path):
+    from click.testing import CliRunner
+
+    from ciss.apps.cli import main
+
+    run = tmp_path / "r"
+    r = CliRunner().invoke(main, ["learn", "--run", str(run), "--classes", "sky,grass", "--config", str(fast_config),
+                                  "--method", "plop", "--no", "plop.adaptive_factor",
+                                  "--opt", "plop.threshold_mode=median", "--opt", "pod_weight=0.02"])
+    assert r.exit_code == 0, r.output
+    opts = RunStore(run).manifest(0)["config"]["method"]["options"]
+    assert opts == {"adaptive_factor": False, "threshold_mode": "median", "pod_weight": 0.02}
+    # Options of another method, and unknown options, are refused before anything runs.
+    r = CliRunner().invoke(main, ["learn", "--run", str(run), "--new-classes", "disk", "--method", "mib",
+                                  "--opt", "plop.pod_weight=1"])
+    assert r.exit_code == 2 and "belongs to method 'plop'" in r.stderr
+    r = CliRunner().invoke(main, ["learn", "--run", str(run), "--new-classes", "disk", "--method", "mib",
+                                  "--opt", "kd_wieght=1"])
+    assert r.exit_code == 2 and "kd_wieght" in r.stderr
+    assert RunStore(run).steps() == [0]

@@ -30,6 +30,8 @@ class TrainBatch:
     labels: torch.Tensor  # N,H,W int64 in model ids for this step (old classes -> 0), 255 ignore
     out: Outputs  # current model
     old: Outputs | None  # frozen previous model (no grad), None at step 0
+    epoch: int = 0  # for schedules that change with training progress
+    progress: float = 0.0  # iterations done / total, in [0, 1)
 
 
 @dataclass
