@@ -160,40 +160,40 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
 
     # --- optimisation state --------------------------------------------------------------------
     unwrapped = model
+    if step > 0 and tcfg["freeze_bn_next"]:
+        freeze_batchnorm(unwrapped)  # before DDP, which only syncs parameters that need gradients
     ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if dist.active else model
     ctx = StepContext(step=step, classmap=classmap, n_old=n_old, model=unwrapped, old_model=old_model,
                       device=device, batches=prepare_batches, all_reduce=dist.all_reduce)
-    method_params = list(method.parameters())
-    params = [p for p in unwrapped.parameters() if p.requires_grad]
-    if step > 0 and tcfg["freeze_bn_next"]:
-        freeze_batchnorm(unwrapped)
-        params = [p for p in unwrapped.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD([{"params": params}, {"params": method_params}] if method_params else params,
-                                lr=base_lr, momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"])
-    use_amp = bool(tcfg["amp"]) and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     partial = store.partial_dir(step)
-    start_it = 0
     ckpt_path = partial / CHECKPOINT
+    state: dict[str, Any] | None = None
     if resume and ckpt_path.exists():
         state = load_weights(ckpt_path)
         if state["config"] != json.dumps(cfg, sort_keys=True):
             raise CissError(f"the interrupted step {step} of {store.root} used another config; "
                             "resume with the same flags, or drop --resume to start the step over")
+    elif dist.main and partial.exists():
+        shutil.rmtree(partial)
+    dist.barrier()
+    method.prepare(ctx)  # before the optimizer, which must see modules a method builds here
+
+    params = [p for p in unwrapped.parameters() if p.requires_grad]
+    method_params = list(method.parameters())
+    optimizer = torch.optim.SGD([{"params": params}, {"params": method_params}] if method_params else params,
+                                lr=base_lr, momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"])
+    use_amp = bool(tcfg["amp"]) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start_it = 0
+    if state is not None:
         unwrapped.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_it = int(state["iteration"])
         torch.set_rng_state(state["rng"])
-        method.prepare(ctx)
-        method.load_state_dict(state["method"])
         log(f"step {step}: resuming at iteration {start_it}/{total}")
-    else:
-        if dist.main and partial.exists():
-            shutil.rmtree(partial)
-        dist.barrier()
-        method.prepare(ctx)
 
     # --- the loop ------------------------------------------------------------------------------
     train_log = TrainLog(partial, enabled=dist.main)

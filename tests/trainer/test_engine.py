@@ -96,23 +96,26 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path: Path):
 
 
 def test_torchrun_two_processes_match_one(tmp_path: Path):
-    """Two gloo processes with half the batch each train the weights one process trains."""
+    """Two gloo processes with half the batch each train the weights one process trains: step 0
+    (synchronised BatchNorm) and a PLOP step 1 (frozen teacher, features, thresholds reduced
+    across processes, frozen BatchNorm)."""
     cfg = write_config(tmp_path / "c.toml", size=16, epochs=2)
-    text = cfg.read_text().replace("crop = 48", "crop = 40\nscale = [1.0, 1.0]")
-    cfg.write_text(text)
-    args = ["learn", "--classes", "sky,grass,disk", "--config", str(cfg), "--method", "ft", "--device", "cpu"]
-    one = subprocess.run([*CISS, *args, "--run", str(tmp_path / "one")], env=_env(), capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "ciss.apps.cli", "--", *args, "--run", str(tmp_path / "two")],
-                         env=_env(), capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = torch.load(tmp_path / "one" / "step-0" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "two" / "step-0" / "model.pt", weights_only=True)
-    for k in a:
-        if a[k].is_floating_point():
-            assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
-    m1 = json.loads((tmp_path / "one" / "step-0" / "manifest.json").read_text())
-    m2 = json.loads((tmp_path / "two" / "step-0" / "manifest.json").read_text())
-    assert m2["train"]["processes"] == 2
-    assert m1["metrics"]["miou_all"] == pytest.approx(m2["metrics"]["miou_all"], abs=1e-3)
+    cfg.write_text(cfg.read_text().replace("crop = 48", "crop = 40\nscale = [1.0, 1.0]"))
+    steps = [["--classes", "sky,grass,disk", "--method", "ft"], ["--new-classes", "box", "--method", "plop"]]
+    for name, launcher in (("one", [*CISS]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node", "2", "-m", "ciss.apps.cli", "--"])):
+        for args in steps:
+            r = subprocess.run([*launcher, "learn", "--run", str(tmp_path / name), "--config", str(cfg),
+                                "--device", "cpu", *args], env=_env(), capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-3000:]
+    for step in (0, 1):
+        a = torch.load(tmp_path / "one" / f"step-{step}" / "model.pt", weights_only=True)
+        b = torch.load(tmp_path / "two" / f"step-{step}" / "model.pt", weights_only=True)
+        for k in a:
+            if a[k].is_floating_point():
+                assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), (step, k)
+        m1 = json.loads((tmp_path / "one" / f"step-{step}" / "manifest.json").read_text())
+        m2 = json.loads((tmp_path / "two" / f"step-{step}" / "manifest.json").read_text())
+        assert m2["train"]["processes"] == 2
+        assert m1["metrics"]["miou_all"] == pytest.approx(m2["metrics"]["miou_all"], abs=1e-3)
