@@ -47,7 +47,7 @@ def main() -> None:
 @click.option("--classes", help="Step 0 of a new run: comma-separated class names.")
 @click.option("--new-classes", help="Append a step to an existing run: comma-separated class names.")
 @click.option("--task", help="Run every remaining step of a protocol, e.g. camvid:6-1 or voc:15-1.")
-@click.option("--method", type=str, help="ft, mib, plop or joint (default: the run's, else mib).")
+@click.option("--method", type=str, help="ft, mib, plop, gsc, idec or joint (default: the run's, else mib).")
 @click.option("--no", "disabled", multiple=True, metavar="METHOD.COMPONENT",
               help="Switch a method component off, e.g. --no plop.adaptive_factor (repeatable).")
 @click.option("--opt", "method_opts", multiple=True, metavar="METHOD.KEY=VALUE",

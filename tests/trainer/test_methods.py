@@ -216,7 +216,7 @@ def test_plop_pod_schedule_and_weights():
 
 
 def test_registry_and_presets():
-    assert set(METHODS) == {"ft", "joint", "mib", "plop"}
+    assert set(METHODS) == {"ft", "joint", "mib", "plop", "gsc", "idec"}
     presets = load_presets()
     for name, cls in METHODS.items():
         assert presets[name] == cls.defaults, f"configs/methods.toml [{name}] must list every option"
@@ -225,8 +225,8 @@ def test_registry_and_presets():
 
 
 def test_build_method_errors():
-    with pytest.raises(CissError, match="unknown method 'gsc'.*ft, joint, mib, plop"):
-        build_method("gsc", {})
+    with pytest.raises(CissError, match="unknown method 'nosuch'.*ft, gsc, idec, joint, mib, plop"):
+        build_method("nosuch", {})
     with pytest.raises(CissError, match="'kd_wieght'.*valid options: alpha, kd_weight, reduction"):
         build_method("mib", {"kd_wieght": 10})
     with pytest.raises(CissError, match="'reduction'.*'valid', 'all'"):

@@ -14,11 +14,13 @@ from ciss.config_paths import config_dir, load_toml
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method
 from ciss.trainer.methods.ft import FineTuning, Joint
+from ciss.trainer.methods.gsc import GSC
+from ciss.trainer.methods.idec import IDEC
 from ciss.trainer.methods.mib import MiB
 from ciss.trainer.methods.options import resolve_options
 from ciss.trainer.methods.plop import PLOP
 
-METHODS: dict[str, type[Method]] = {"ft": FineTuning, "joint": Joint, "mib": MiB, "plop": PLOP}
+METHODS: dict[str, type[Method]] = {"ft": FineTuning, "joint": Joint, "mib": MiB, "plop": PLOP, "gsc": GSC, "idec": IDEC}
 PRESETS = config_dir() / "methods.toml"
 
 __all__ = ["METHODS", "PRESETS", "Method", "build_method", "load_presets", "method_options"]

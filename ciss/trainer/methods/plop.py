@@ -69,12 +69,13 @@ class PLOP(Method):
         super().__init__(**resolve_options(self.name, self.defaults, options, self.choices))
         o = self.options
         if o["threshold_bins"] < 1:
-            raise CissError(f"option 'threshold_bins' of method 'plop' must be at least 1; got {o['threshold_bins']}")
+            raise CissError(f"option 'threshold_bins' of method '{self.name}' must be at least 1; "
+                            f"got {o['threshold_bins']}")
         if not 0.0 < o["threshold_quantile"] <= 1.0:
-            raise CissError(f"option 'threshold_quantile' of method 'plop' must be in (0, 1]; "
+            raise CissError(f"option 'threshold_quantile' of method '{self.name}' must be in (0, 1]; "
                             f"got {o['threshold_quantile']}")
         if o["pod_weight"] < 0 or o["pod_logits_weight"] < 0:
-            raise CissError("POD weights of method 'plop' must not be negative")
+            raise CissError(f"POD weights of method '{self.name}' must not be negative")
         self.thresholds: torch.Tensor | None = None  # (n_old,) float32 on the CPU
         self.histogram: torch.Tensor | None = None  # (n_old, bins) counts of the last estimation
         self._step = -1
@@ -95,7 +96,7 @@ class PLOP(Method):
             self.thresholds = None
             return
         if ctx.old_model is None:
-            raise CissError(f"method 'plop' needs the model of step {ctx.step - 1} to train step {ctx.step}")
+            raise CissError(f"method '{self.name}' needs the model of step {ctx.step - 1} to train step {ctx.step}")
         restored, self._restored = self._restored, None
         if restored is not None and restored[0] == ctx.step and restored[1] == ctx.n_old:
             self.thresholds = restored[2]

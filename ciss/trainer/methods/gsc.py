@@ -1,0 +1,324 @@
+"""GSC: Gradient-Semantic Compensation (Cong et al., IEEE TMM 2024, arXiv 2307.10822), reconstructed.
+
+The paper's code is not public. This follows shared/research/methods.md section 2: the abstract fixes
+the three components; their formulas come from FBL (JiahuaDong/FISS, same group) where it has them
+and are our decisions elsewhere (docs/methods.md gives each part's provenance). GSC sits on FBL's
+base, which is PLOP's pipeline, so the class extends `PLOP` and reuses its entropy thresholds,
+adaptive factor, Local POD and resume logic.
+
+Step 0: plain cross-entropy. Steps t > 0, every part switchable by an option:
+- pseudo: prototypical pseudo re-labelling. PLOP's entropy labels, then a GT-background pixel keeps
+  old class ĉ only when its old-model feature is nearest (cosine) to ĉ's prototype with similarity
+  >= proto_threshold; a pixel the old model calls background stays background, the rest is 255.
+  Off: PLOP's entropy labels alone.
+- compensation: the CE of each pixel × w, the gradient magnitude at its target (1 − p_ỹ) raised to
+  κ = n_old / n_total and divided by its mean over the pixels of classes from the same step
+  (1 for this step's classes and, unless compensate_background, for background).
+- soft: CE towards a soft-sharp target (old softmax on old channels, one-hot on a GT new class);
+  sharp: entropy sharpening; relation: class-mean old-class distributions match the old model's.
+- pod: PLOP's Local POD.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ciss.errors import CissError
+from ciss.trainer.methods.base import StepContext, TrainBatch
+from ciss.trainer.methods.losses import (IGNORE, cross_entropy, pixel_cross_entropy, plop_uncertainty, pseudo_label,
+                                         reduce_pixels)
+from ciss.trainer.methods.plop import PLOP, POD_FEATURES, POD_LOGITS
+
+PROTO_FEATURES = ("stage4", "aspp")
+
+
+# --- loss terms (pure functions) -----------------------------------------------------------------
+
+def compensation_weights(logits: torch.Tensor, target: torch.Tensor, class_steps: torch.Tensor, step: int,
+                         background: bool = False) -> torch.Tensor:
+    """Step-aware gradient compensation weights (N,H,W), constants.
+
+    g = 1 − softmax(z)_ỹ is |∂CE/∂z_ỹ|; ĝ = g^κ with κ = |C^{0:t−1}| / |C^{0:t}| (background counted)
+    lifts small gradients. For a pixel of an earlier step's class, w = ĝ / mean of ĝ over the pixels
+    whose class came in the same step (disjoint groups); this step's classes get 1, ignored pixels 0.
+    Background pixels get 1 and stay out of step 0's mean unless `background`. `class_steps[c]` is
+    the step that introduced class c.
+    """
+    with torch.no_grad():
+        valid = target != IGNORE
+        y = torch.where(valid, target, torch.zeros_like(target))
+        p = torch.softmax(logits.detach().float(), dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+        steps = class_steps.to(y.device)
+        kappa = int((steps < step).sum()) / steps.numel()
+        g = (1 - p).clamp(min=0).pow(kappa)
+        group = steps[y]
+        fixed = group == step if background else (group == step) | (y == 0)
+        grouped = valid & ~fixed
+        sums = g.new_zeros(step + 1).index_add_(0, group[grouped], g[grouped])
+        counts = torch.bincount(group[grouped], minlength=step + 1)
+        mean = sums / counts.clamp(min=1)
+        w = torch.where(fixed, torch.ones_like(g), g / mean[group].clamp(min=1e-12))
+        return torch.where(valid, w, torch.zeros_like(w))
+
+
+def soft_sharp_distillation(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy −Σ_c T_c log softmax(z)_c towards a soft-sharp target T, averaged over the
+    pixels whose ground truth is not 255.
+
+    Sharp: T is one-hot on a pixel whose ground truth is a new class (the old model calls it
+    background). Soft elsewhere: T is the old model's softmax on the old channels and 0 on the new
+    ones (the ground truth says the pixel is none of them). T is never materialised.
+    """
+    n_old = old_logits.shape[1]
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    soft = -(torch.softmax(old_logits.detach().float(), dim=1) * log_p[:, :n_old]).sum(dim=1)
+    valid = labels != IGNORE
+    new = valid & (labels >= n_old)
+    sharp = -log_p.gather(1, torch.where(new, labels, torch.zeros_like(labels)).unsqueeze(1)).squeeze(1)
+    per_pixel = torch.where(new, sharp, soft)
+    return reduce_pixels(per_pixel * valid, valid, "valid")
+
+
+def entropy_sharpening(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(z) (nats), averaged over the pixels in `mask`."""
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    per_pixel = -(log_p.exp() * log_p).sum(dim=1)
+    return reduce_pixels(per_pixel * mask, mask, "valid")
+
+
+def relation_distillation(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor,
+                          weights: torch.Tensor) -> torch.Tensor:
+    """Class-level relations among the old classes.
+
+    For each old class c among `labels` (background included): ω_c · CE(T̄_c, P̄_c), where T̄_c is
+    the mean of the old model's softmax and P̄_c the mean of the student's softmax over the *old*
+    channels, both over the pixels labelled c, and ω_c the mean of `weights` there; averaged over
+    the classes present. New channels get no gradient: the old model knows no relation to them.
+    """
+    n_old = old_logits.shape[1]
+    valid = (labels != IGNORE) & (labels < n_old)
+    y = labels[valid]
+    p = torch.softmax(logits[:, :n_old].float(), dim=1).permute(0, 2, 3, 1)[valid]
+    t = torch.softmax(old_logits.detach().float(), dim=1).permute(0, 2, 3, 1)[valid]
+    counts = torch.bincount(y, minlength=n_old).to(p.dtype)
+    per = counts.clamp(min=1)
+    p_bar = p.new_zeros(n_old, n_old).index_add(0, y, p) / per[:, None]
+    t_bar = t.new_zeros(n_old, n_old).index_add(0, y, t) / per[:, None]
+    omega = p.new_zeros(n_old).index_add(0, y, weights[valid].float()) / per
+    ce = -(t_bar * torch.log(p_bar.clamp(min=1e-12))).sum(dim=1)
+    present = counts > 0
+    return (omega * ce * present).sum() / present.sum().clamp(min=1)
+
+
+def prototype_relabel(labels: torch.Tensor, plop_labels: torch.Tensor, old_logits: torch.Tensor,
+                      old_features: torch.Tensor, prototypes: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Prototypical pseudo re-labelling; only GT-background pixels change.
+
+    Such a pixel takes the old model's class ĉ > 0 when PLOP's entropy test accepted it
+    (`plop_labels` == ĉ), its nearest prototype by cosine is ĉ's and that cosine >= `threshold`.
+    Otherwise it stays background if ĉ = 0, else 255. `prototypes` (n_old, D) has unit rows; zero
+    rows (background, classes never seen) are never nearest. Features are L2-normalised, compared
+    at their own resolution and the similarities upsampled bilinearly to the labels'.
+    """
+    n_old = old_logits.shape[1]
+    with torch.no_grad():
+        pred = old_logits.argmax(dim=1)
+        protos = prototypes[1:].to(old_features.device, torch.float32)
+        cos = torch.einsum("bdhw,kd->bkhw", F.normalize(old_features.float(), dim=1), protos)
+        known = protos.norm(dim=1) > 0
+        cos = torch.where(known[None, :, None, None], cos, torch.full_like(cos, -2.0))
+        cos = F.interpolate(cos, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        best, nearest = cos.max(dim=1)
+        background = (labels < n_old) & (labels != IGNORE)
+        accept = background & (pred > 0) & (plop_labels == pred) & (nearest + 1 == pred) & (best >= threshold)
+        out = torch.where(background, torch.full_like(labels, IGNORE), labels)
+        out = torch.where(background & (pred == 0), torch.zeros_like(labels), out)
+        return torch.where(accept, pred, out)
+
+
+def _class_feature_sums(feats: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Σ over the pixels in `mask` of the feature (N,D,h,w) under each pixel (N,H,W), per class `pred`:
+    (n_classes, D). A pixel reads the feature cell it falls in (nearest upsampling), computed as
+    per-class counts of cells times the features, never at full resolution."""
+    n, d, h, w = feats.shape
+    H, W = pred.shape[-2:]
+    rows = torch.arange(H, device=pred.device) * h // H
+    cols = torch.arange(W, device=pred.device) * w // W
+    cell = (rows[:, None] * w + cols[None, :]) + torch.arange(n, device=pred.device)[:, None, None] * (h * w)
+    index = pred[mask] * (n * h * w) + cell.expand(n, H, W)[mask]
+    counts = torch.bincount(index, minlength=n_classes * n * h * w).view(n_classes, n * h * w)
+    return counts.to(feats.dtype) @ feats.permute(0, 2, 3, 1).reshape(n * h * w, d)
+
+
+def kept_fraction(labels: torch.Tensor, target: torch.Tensor, n_old: int, empty: float) -> torch.Tensor:
+    """PLOP's adaptive factor ν (N,): GT-background pixels not ignored after relabelling / all of them;
+    `empty` for an image without background."""
+    background = (labels < n_old) & (labels != IGNORE)
+    n_bg = background.flatten(1).sum(dim=1).float()
+    kept = (background & (target != IGNORE)).flatten(1).sum(dim=1).float()
+    return torch.where(n_bg > 0, kept / n_bg.clamp(min=1), torch.full_like(n_bg, empty))
+
+
+# --- the method ----------------------------------------------------------------------------------
+
+class GSC(PLOP):
+    name = "gsc"
+    defaults: dict[str, Any] = {
+        **PLOP.defaults,
+        "threshold_mode": "median",
+        "threshold_quantile": 0.8,
+        "compensation": True,
+        "compensate_background": False,
+        "soft": True,
+        "sharp": True,
+        "relation": True,
+        "pseudo": True,
+        "pod": True,
+        "soft_weight": 0.3,
+        "sharp_weight": 0.1,
+        "relation_weight": 0.5,
+        "proto_feature": "stage4",
+        "proto_threshold": 0.5,
+    }
+    choices: dict[str, tuple[str, ...]] = {**PLOP.choices, "proto_feature": PROTO_FEATURES}
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        o = self.options
+        for key in ("soft_weight", "sharp_weight", "relation_weight"):
+            if o[key] < 0:
+                raise CissError(f"option '{key}' of method 'gsc' must not be negative; got {o[key]}")
+        if not -1.0 <= o["proto_threshold"] <= 1.0:
+            raise CissError(f"option 'proto_threshold' of method 'gsc' is a cosine, in [-1, 1]; "
+                            f"got {o['proto_threshold']}")
+        self.prototypes: torch.Tensor | None = None  # (n_old, D) float32 on the CPU, unit or zero rows
+        self._class_steps: torch.Tensor | None = None
+        self._pod_on = False
+        self._restored_prototypes: tuple[int, int, torch.Tensor] | None = None
+        self._proto_cache: torch.Tensor | None = None
+
+    # --- once per step -------------------------------------------------------------------------
+    def prepare(self, ctx: StepContext) -> None:
+        super().prepare(ctx)  # PLOP: needs_old_model, per-class entropy thresholds
+        o = self.options
+        incremental = ctx.step > 0
+        self._class_steps = torch.tensor([c.step for c in ctx.classmap])
+        self._pod_on = incremental and o["pod"] and (o["pod_weight"] > 0 or o["pod_logits_weight"] > 0)
+        # PLOP._pod reads its layers from feature_names; the prototype feature is one of them.
+        if self._pod_on:
+            self.feature_names = POD_FEATURES + (POD_LOGITS,)
+        else:
+            self.feature_names = (o["proto_feature"],) if incremental and o["pseudo"] else ()
+        self._proto_cache = None
+        restored, self._restored_prototypes = self._restored_prototypes, None
+        if not (incremental and o["pseudo"]):
+            self.prototypes = None
+        elif restored is not None and restored[:2] == (ctx.step, ctx.n_old):
+            self.prototypes = restored[2]
+        else:
+            self.prototypes = self.estimate_prototypes(ctx)
+
+    @torch.no_grad()
+    def estimate_prototypes(self, ctx: StepContext) -> torch.Tensor:
+        """One pass of the old model over `ctx.batches()`: a unit prototype per old class (n_old, D) on
+        the CPU, the direction of the summed L2-normalised features of the GT-background pixels it
+        predicts as that class and passes the entropy test on; zero rows for background and unseen
+        classes. Sums are reduced over processes, so every rank gets the same prototypes.
+        """
+        old = ctx.old_model
+        assert old is not None and self.thresholds is not None
+        n_old, n_total = ctx.n_old, len(ctx.classmap)
+        name, mode = self.options["proto_feature"], self.options["threshold_mode"]
+        tau = self.thresholds.to(ctx.device)
+        sums: torch.Tensor | None = None
+        was_training = old.training
+        old.eval()
+        try:
+            for images, labels in ctx.batches():
+                out = old(images, features=True)
+                logits = out.logits.float()
+                feats = F.normalize(out.features[name].float(), dim=1)
+                if logits.shape[-2:] != labels.shape[-2:]:
+                    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+                pred = logits.argmax(dim=1)
+                u = plop_uncertainty(logits, n_total, mode)
+                confident = (labels < n_old) & (labels != IGNORE) & (pred > 0) & (u < tau[pred])
+                part = _class_feature_sums(feats, pred, confident, n_old)
+                sums = part if sums is None else sums + part
+        finally:
+            old.train(was_training)
+        if sums is None:
+            raise RuntimeError("GSC prototypes: ctx.batches() gave no batch")
+        reduced = ctx.all_reduce(sums)
+        sums = sums if reduced is None else reduced
+        return F.normalize(sums, dim=1).cpu()
+
+    # --- every batch ---------------------------------------------------------------------------
+    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        o = self.options
+        logits, labels = batch.out.logits, batch.labels
+        if batch.old is None:  # step 0
+            return {"ce": cross_entropy(logits, labels, o["reduction"])}
+        old = batch.old.logits
+        n_old, n_total = old.shape[1], logits.shape[1]
+        if self._class_steps is None or self._class_steps.numel() != n_total:
+            raise RuntimeError("GSC was not prepared for this step's classes: call prepare() before losses()")
+        mode = o["threshold_mode"]
+        target, _ = pseudo_label(labels, old, self._tau(n_old, logits.device), n_total, mode)
+        if o["pseudo"]:
+            target = prototype_relabel(labels, target, old, self._old_feature(batch), self._protos(logits.device),
+                                       o["proto_threshold"])
+        if o["compensation"]:
+            weights = compensation_weights(logits, target, self._class_steps, self._step,
+                                           o["compensate_background"])
+        else:
+            weights = (target != IGNORE).float()
+        per_pixel = pixel_cross_entropy(logits, target) * weights
+        if o["adaptive_factor"]:
+            nu = kept_fraction(labels, target, n_old, 1.0 if mode == "median" else 0.0)
+            per_pixel = per_pixel * nu[:, None, None]
+        terms = {"ce": reduce_pixels(per_pixel, target != IGNORE, o["reduction"])}
+        if o["soft"]:
+            terms["soft"] = o["soft_weight"] * soft_sharp_distillation(logits, old, labels)
+        if o["sharp"]:
+            terms["sharp"] = o["sharp_weight"] * entropy_sharpening(logits, labels != IGNORE)
+        if o["relation"]:
+            terms["relation"] = o["relation_weight"] * relation_distillation(logits, old, target, weights)
+        if self._pod_on:
+            terms["pod"] = self._pod(batch, n_old, n_total)
+        return terms
+
+    def _old_feature(self, batch: TrainBatch) -> torch.Tensor:
+        assert batch.old is not None
+        name = self.options["proto_feature"]
+        if name not in batch.old.features:
+            raise RuntimeError(f"GSC needs the old model's feature '{name}'")
+        return batch.old.features[name]
+
+    def _protos(self, device: torch.device) -> torch.Tensor:
+        if self.prototypes is None:
+            raise RuntimeError("GSC has no prototypes: call prepare() (or load_state_dict) before losses()")
+        if self._proto_cache is None or self._proto_cache.device != device:
+            self._proto_cache = self.prototypes.to(device)
+        return self._proto_cache
+
+    # --- resume --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["prototypes"] = (self.prototypes if self.prototypes is not None else torch.zeros(0)).clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        p = state.get("prototypes")
+        if p is None or p.numel() == 0:
+            return
+        p = p.detach().float().cpu().clone()
+        step, n_old = int(state["step"]), int(state["n_old"])
+        # As PLOP's thresholds: before `prepare` they replace its pass, after it they replace its result.
+        self._restored_prototypes = (step, n_old, p)
+        if self._step == step and self._n_old == n_old:
+            self.prototypes, self._proto_cache = p, None

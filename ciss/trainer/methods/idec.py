@@ -1,0 +1,318 @@
+"""IDEC: Inherit with Distillation and Evolve with Contrast (Zhao et al., TPAMI 2023, arXiv 2309.15413).
+
+The release builds on SSUL's sigmoid head with an "unknown" channel filled from saliency maps, which
+our data does not have; here IDEC works on the softmax-with-background head every method shares, and
+"unknown" means a ground-truth background pixel the old model is not confident about.
+
+Step 0: plain cross-entropy. Steps t > 0, each part switchable by its option:
+- pseudo: a background pixel takes the old model's argmax ĉ when its softmax confidence s ≥ τ_ĉ, where
+  τ_c = max(floor, EMA over batches of the mean s of the background pixels the old model assigns to c)
+  (summed over processes); the other background pixels are unknown (255 in the CE). New-class ground
+  truth is never overwritten.
+- feature_kd: DADA, a distance between old and new features of stage1..3 (the student's through
+  identity-initialised training-only 1x1 adapters) and of the ASPP output, per-layer weights, the stage
+  weights times feature_decay ** progress.
+- logit_kd: MiB's unbiased KD on the old channels, teacher logits times kd_alpha.
+- contrast: ARCL, an InfoNCE between region embeddings (mean of projected ASPP features over each
+  pseudo-label region of each image, unknown regions included): anchors from the frozen old model
+  (old-class regions), positives and negatives from the current model over the whole batch.
+Provenance of every choice: docs/methods.md ("IDEC") and configs/methods.toml [idec].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ciss.errors import CissError
+from ciss.trainer.methods.base import Method, StepContext, TrainBatch
+from ciss.trainer.methods.losses import IGNORE, REDUCTIONS, cross_entropy, unbiased_kd
+from ciss.trainer.methods.options import resolve_options
+
+STAGES = ("stage1", "stage2", "stage3")
+FEATURE_LAYERS = STAGES + ("aspp",)
+FEATURE_DISTANCES = ("cosine", "channel_kd")
+
+
+class LateConv1x1(nn.Module):
+    """A 1x1 convolution whose input width is set by `build` in `prepare`.
+
+    The engine hands `Method.parameters()` to the optimizer before `prepare` sees the model, so the
+    parameters are created uninitialised and materialised in place (the optimizer keeps the same
+    objects). At step 0, where nothing is distilled, they are materialised empty so checkpoints hold them.
+    """
+
+    def __init__(self, out_channels: int | None = None, identity: bool = False):
+        super().__init__()
+        self.out_channels = out_channels  # None: as wide as the input
+        self.identity = identity  # start as the identity (adapters), else nn.Conv2d's default init
+        self.weight = nn.UninitializedParameter()
+        self.bias = nn.UninitializedParameter()
+
+    def build(self, in_channels: int, device: torch.device) -> None:
+        out = (self.out_channels or in_channels) if in_channels else 0
+        shape = (out, in_channels, 1, 1)
+        if not isinstance(self.weight, nn.UninitializedParameter):
+            if tuple(self.weight.shape) != shape:
+                raise RuntimeError(f"projection built as {tuple(self.weight.shape)}, now asked for {shape}")
+            return
+        self.weight.materialize(shape, device=device)
+        self.bias.materialize((out,), device=device)
+        with torch.no_grad():
+            if self.identity:
+                self.weight.copy_(torch.eye(out, in_channels, device=device)[:, :, None, None])
+                self.bias.zero_()
+            elif out:
+                nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+                nn.init.uniform_(self.bias, -1 / math.sqrt(in_channels), 1 / math.sqrt(in_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias)
+
+
+# --- pure parts, tested by hand ------------------------------------------------------------------
+
+def feature_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine",
+                     alpha: float = 2.0) -> torch.Tensor:
+    """Mean over pixels of a distance between channel vectors of N,C,H,W maps; the teacher is detached.
+
+    "cosine": ½‖x/‖x‖ − y/‖y‖‖² (= 1 − cos(x, y); 0 where both vectors are zero), blind to the
+    feature scale, which differs by orders of magnitude between layers.
+    "channel_kd": the release's KD_loss, −(1/C) Σ_c softmax(α·y)_c log softmax(x)_c.
+    """
+    x, y = student.float(), teacher.float().detach()
+    if kind == "cosine":
+        per_pixel = 0.5 * (F.normalize(x, dim=1) - F.normalize(y, dim=1)).pow(2).sum(dim=1)
+    elif kind == "channel_kd":
+        per_pixel = -(torch.softmax(alpha * y, dim=1) * torch.log_softmax(x, dim=1)).mean(dim=1)
+    else:
+        raise ValueError(f"feature distance must be one of {FEATURE_DISTANCES}, got {kind!r}")
+    return per_pixel.mean()
+
+
+@torch.no_grad()
+def class_confidence(old_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(2, n_old) float32: per old class c, the sum and the count of the old model's max softmax
+    over background pixels (label < n_old, not 255) whose old argmax is c."""
+    n_old = old_logits.shape[1]
+    conf, pred = torch.softmax(old_logits.float(), dim=1).max(dim=1)
+    bg = (labels < n_old) & (labels != IGNORE)
+    sums = torch.bincount(pred[bg], weights=conf[bg], minlength=n_old)
+    counts = torch.bincount(pred[bg], minlength=n_old).float()
+    return torch.stack([sums.float(), counts])
+
+
+@torch.no_grad()
+def region_labels(labels: torch.Tensor, old_logits: torch.Tensor, thresholds: torch.Tensor,
+                  unknown: int) -> torch.Tensor:
+    """Pseudo-labels as regions: a background pixel takes the old argmax ĉ when the old max softmax
+    is ≥ thresholds[ĉ], else `unknown`; new-class and 255 labels are kept."""
+    n_old = old_logits.shape[1]
+    conf, pred = torch.softmax(old_logits.float(), dim=1).max(dim=1)
+    bg = (labels < n_old) & (labels != IGNORE)
+    confident = conf >= thresholds.to(conf.device)[pred]
+    return torch.where(bg, torch.where(confident, pred, torch.full_like(pred, unknown)), labels)
+
+
+def region_embeddings(features: torch.Tensor, regions: torch.Tensor, n_ids: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean feature of every region id k < n_ids in every image: (N, n_ids, D) and pixel counts (N, n_ids).
+
+    `regions` (N,H,W) is resized to the feature map with nearest; 255 and ids ≥ n_ids are left out.
+    """
+    if regions.shape[-2:] != features.shape[-2:]:
+        regions = F.interpolate(regions[:, None].float(), size=features.shape[-2:], mode="nearest")[:, 0].long()
+    onehot = F.one_hot(regions.clamp(0, n_ids), n_ids + 1)[..., :n_ids].float()  # N,h,w,K
+    sums = torch.einsum("nhwk,ndhw->nkd", onehot, features.float())
+    counts = onehot.sum(dim=(1, 2))
+    return sums / counts.clamp(min=1).unsqueeze(-1), counts
+
+
+def region_info_nce(anchors: torch.Tensor, embeddings: torch.Tensor, classes: torch.Tensor,
+                    is_anchor: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """ARCL as an InfoNCE over the R regions of a batch (rows of the (R, D) inputs, L2-normalised here).
+
+    For every region i with is_anchor[i]: the anchor is anchors[i] (old model, no gradient), the
+    positive embeddings[i] (current model, same region), the negatives embeddings[j] of every region
+    of another class, in any image; same-class regions of other images are neither. Loss
+    −log(exp(a·p/τ) / (exp(a·p/τ) + Σ_n exp(a·n/τ))), averaged over anchors (0 without one).
+    """
+    e = F.normalize(embeddings.float(), dim=1)
+    idx = is_anchor.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return e.sum() * 0.0
+    a = F.normalize(anchors.detach().float()[idx], dim=1)
+    logits = a @ e.T / temperature
+    positive = idx[:, None] == torch.arange(len(e), device=e.device)[None]
+    other = classes[idx][:, None] != classes[None]
+    logits = logits.masked_fill(~(positive | other), float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - logits[positive]).mean()
+
+
+# --- the method ----------------------------------------------------------------------------------
+
+class IDEC(Method):
+    name = "idec"
+    needs_old_model = True  # until `prepare` says otherwise (step 0 has no old model)
+    init_new_heads = True  # MiB init: softmax head (SSUL's unknown-head transfer does not apply)
+    defaults: dict[str, Any] = {
+        "reduction": "valid",
+        "pseudo": True,
+        "feature_kd": True,
+        "logit_kd": True,
+        "contrast": True,
+        "threshold_init": 0.7,
+        "threshold_floor": 0.5,
+        "threshold_momentum": 0.9,
+        "feature_distance": "cosine",
+        "stage1_weight": 0.5,
+        "stage2_weight": 1.0,
+        "stage3_weight": 2.0,
+        "aspp_weight": 1.0,
+        "feature_decay": 1.0,
+        "kd_alpha": 2.0,
+        "logit_kd_weight": 1.0,
+        "contrast_weight": 1.0,
+        "contrast_temperature": 0.1,
+        "contrast_dim": 128,
+    }
+    choices: dict[str, tuple[str, ...]] = {"reduction": REDUCTIONS, "feature_distance": FEATURE_DISTANCES}
+
+    def __init__(self, **options: Any):
+        super().__init__(**resolve_options(self.name, self.defaults, options, self.choices))
+        o = self.options
+        for key in ("stage1_weight", "stage2_weight", "stage3_weight", "aspp_weight", "logit_kd_weight",
+                    "contrast_weight"):
+            _require(o[key] >= 0, key, "must not be negative", o[key])
+        for key in ("threshold_init", "threshold_floor"):
+            _require(0 <= o[key] <= 1, key, "must be in [0, 1]", o[key])
+        _require(0 <= o["threshold_momentum"] < 1, "threshold_momentum", "must be in [0, 1)", o["threshold_momentum"])
+        for key in ("feature_decay", "kd_alpha", "contrast_temperature", "contrast_dim"):
+            _require(o[key] > 0, key, "must be positive", o[key])
+        self.layer_weights = {k: o[f"{k}_weight"] for k in FEATURE_LAYERS
+                              if o["feature_kd"] and o[f"{k}_weight"] > 0}
+        projections: dict[str, nn.Module] = {f"kd_{k}": LateConv1x1(identity=True)
+                                             for k in STAGES if k in self.layer_weights}
+        if o["contrast"]:
+            projections["contrast"] = nn.Sequential(LateConv1x1(), nn.ReLU(), LateConv1x1(o["contrast_dim"]))
+        self.projections = nn.ModuleDict(projections)
+        self.thresholds: torch.Tensor | None = None  # (n_old,) EMA of per-class confidence
+
+    def modules(self) -> nn.ModuleDict:
+        return self.projections
+
+    def prepare(self, ctx: StepContext) -> None:
+        super().prepare(ctx)
+        o = self.options
+        incremental = ctx.step > 0
+        self.needs_old_model = incremental
+        if incremental and ctx.old_model is None:
+            raise CissError(f"method 'idec' needs the model of step {ctx.step - 1} to train step {ctx.step}")
+        width = dict(zip(STAGES, ctx.model.backbone.stage_channels))
+        width["aspp"] = ctx.model.head.in_channels
+        for key, module in self.projections.items():
+            source = key.removeprefix("kd_") if key.startswith("kd_") else "aspp"
+            for conv in module.modules():
+                if isinstance(conv, LateConv1x1):  # the contrast head's hidden layer is as wide as its input
+                    conv.build(width[source] if incremental else 0, ctx.device)
+        wanted = set(self.layer_weights) | ({"aspp"} if o["contrast"] else set())
+        self.feature_names = tuple(k for k in FEATURE_LAYERS if k in wanted) if incremental else ()
+        use_thresholds = incremental and (o["pseudo"] or o["contrast"])
+        self.thresholds = torch.full((ctx.n_old,), o["threshold_init"], device=ctx.device) if use_thresholds else None
+
+    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        o = self.options
+        logits, labels = batch.out.logits, batch.labels
+        if batch.old is None:  # step 0
+            return {"ce": cross_entropy(logits, labels, o["reduction"])}
+        old = batch.old.logits
+        n_old, n_total = old.shape[1], logits.shape[1]
+        missing = [k for k in self.feature_names if k not in batch.out.features or k not in batch.old.features]
+        if missing:
+            raise RuntimeError(f"IDEC needs features {', '.join(missing)} from both models")
+        regions = None
+        if self.thresholds is not None:
+            self._update_thresholds(old, labels)
+            regions = region_labels(labels, old, self.thresholds.clamp(min=o["threshold_floor"]), unknown=n_total)
+        target = labels
+        if o["pseudo"]:
+            assert regions is not None
+            target = torch.where(regions == n_total, torch.full_like(regions, IGNORE), regions)
+        terms = {"ce": cross_entropy(logits, target, o["reduction"])}
+        if o["feature_kd"]:
+            terms["feature_kd"] = self._feature_kd(batch)
+        if o["logit_kd"]:
+            terms["logit_kd"] = o["logit_kd_weight"] * unbiased_kd(logits, old, alpha=o["kd_alpha"])
+        if o["contrast"]:
+            assert regions is not None
+            terms["contrast"] = o["contrast_weight"] * self._contrast(batch, regions, n_old, n_total)
+        return terms
+
+    @torch.no_grad()
+    def _update_thresholds(self, old_logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """One EMA step of τ_c towards this batch's mean confidence of class c (all processes)."""
+        assert self.thresholds is not None
+        stats = class_confidence(old_logits, labels)
+        reduced = self.ctx.all_reduce(stats)
+        stats = stats if reduced is None else reduced
+        seen = stats[1] > 0
+        mean = stats[0] / stats[1].clamp(min=1)
+        m = self.options["threshold_momentum"]
+        tau = self.thresholds.to(stats.device)
+        self.thresholds = torch.where(seen, m * tau + (1 - m) * mean, tau)
+
+    def _feature_kd(self, batch: TrainBatch) -> torch.Tensor:
+        assert batch.old is not None
+        o = self.options
+        decay = o["feature_decay"] ** batch.progress
+        total = batch.out.logits.new_zeros((), dtype=torch.float32)
+        for layer, weight in self.layer_weights.items():
+            new, old = batch.out.features[layer], batch.old.features[layer]
+            if layer in STAGES:
+                new, weight = self.projections[f"kd_{layer}"](new), weight * decay
+            total = total + weight * feature_distance(new, old, o["feature_distance"], o["kd_alpha"])
+        return total
+
+    def _contrast(self, batch: TrainBatch, regions: torch.Tensor, n_old: int, n_total: int) -> torch.Tensor:
+        assert batch.old is not None
+        head = self.projections["contrast"]
+        new = head(batch.out.features["aspp"])
+        with torch.no_grad():
+            old = head(batch.old.features["aspp"])
+        n_ids = n_total + 1  # classes, then the unknown region
+        emb_new, counts = region_embeddings(new, regions, n_ids)
+        emb_old, _ = region_embeddings(old, regions, n_ids)
+        present = counts > 0
+        classes = torch.arange(n_ids, device=counts.device).expand_as(counts)[present]
+        is_anchor = classes < n_old
+        if not bool(is_anchor.any()):
+            # Still reach the head: under DDP every process must give its parameters a gradient.
+            return new.float().sum() * 0.0
+        return region_info_nce(emb_old[present], emb_new[present], classes, is_anchor,
+                               self.options["contrast_temperature"])
+
+    # --- resume --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["thresholds"] = self.thresholds.detach().cpu().clone() if self.thresholds is not None else torch.zeros(0)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """After `prepare` (as the engine does): prepare sizes the projections."""
+        if not hasattr(self, "ctx"):
+            raise RuntimeError("IDEC.load_state_dict needs prepare() first: it sizes the projections")
+        super().load_state_dict(state)
+        t = state["thresholds"]
+        expected = 0 if self.thresholds is None else self.thresholds.numel()
+        if t.numel() != expected:
+            raise RuntimeError(f"IDEC thresholds in the state are for {t.numel()} classes, this step has {expected}")
+        if expected:
+            self.thresholds = t.detach().float().to(self.ctx.device).clone()
+
+
+def _require(ok: bool, key: str, what: str, value: Any) -> None:
+    if not ok:
+        raise CissError(f"option '{key}' of method 'idec' {what}; got {value!r}")
