@@ -72,7 +72,13 @@ def main() -> None:
     shutil.copy(args.config, args.out / "config.toml")
     runs_dir = args.out / "runs"
     commands: list[str] = []
-    results: dict[str, list[dict]] = {m: [] for m in methods}
+    # Earlier invocations into the same --out (other methods or seeds) are kept and extended.
+    saved = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else {}
+    results: dict[str, list[dict]] = {m: [r for r in saved.get(m, []) if r["seed"] not in seeds] for m in methods}
+    for m, rows in saved.items():
+        results.setdefault(m, rows)
+    commands_file = args.out / "commands.txt"
+    commands += commands_file.read_text().splitlines() if commands_file.exists() else []
     common = ["--data", str(args.data), "--config", str(args.config)]
 
     for seed in seeds:
@@ -95,8 +101,9 @@ def main() -> None:
             results[m].append({"seed": seed, "wall_s": round(time.perf_counter() - t0, 1),
                                **summarise(metrics["per_class"], old, new), "per_class": metrics["per_class"]})
             (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            commands_file.write_text("\n".join(commands) + "\n")
 
-    write_markdown(args, methods, results, old, new, commands)
+    write_markdown(args, [m for m in results if results[m]], results, old, new, commands)
 
 
 def write_markdown(args, methods, results, old, new, commands) -> None:
@@ -108,8 +115,9 @@ def write_markdown(args, methods, results, old, new, commands) -> None:
             return pct(vals[0])
         return f"{pct(statistics.mean(vals))} ± {100 * statistics.stdev(vals):.1f}"
 
+    seeds = sorted({r["seed"] for rows in results.values() for r in rows})
     lines = [f"# {args.task} on {args.data.name}", "",
-             f"mIoU (%) after the last step on the test split, seeds {args.seeds}; old = step-0 classes "
+             f"mIoU (%) after the last step on the test split, seeds {seeds}; old = step-0 classes "
              f"({', '.join(old)}), new = {', '.join(new)}.", "",
              "| method | old | new | all | wall (s, steps > 0) |", "|---|---|---|---|---|"]
     for m in methods:

@@ -1,4 +1,4 @@
-"""Seconds per iteration of the engine with FT, MiB and PLOP against a bare PyTorch loop.
+"""Seconds per iteration of the engine with each method against a bare PyTorch loop.
 
 All variants train step 1 of the same run (so MiB and PLOP pay for their frozen old model), on the
 same model, data, crop and batch. Each variant runs in its own process (peak memory is per
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("bare", "ft", "mib", "plop")
+VARIANTS = ("bare", "ft", "mib", "plop", "gsc", "idec")
 
 
 def config_text(model: str, batch: int, crop: int, iters: int, workers: int, data_size: int) -> str:

@@ -78,7 +78,7 @@ def learn(run: Path, data: Path | None, dataset: str | None, root: Path | None, 
                                "batch_size": batch_size, "crop": crop, "workers": workers}.items() if v is not None}
     if train:
         overrides["train"] = train
-    model_cfg = {k: v for k, v in {"preset": model, "pretrained": str(pretrained) if pretrained else None}.items() if v}
+    model_cfg = {k: v for k, v in {"preset": model, "pretrained": str(pretrained.resolve()) if pretrained else None}.items() if v}
     if model_cfg:
         overrides["model"] = model_cfg
     if setting:
