@@ -73,6 +73,7 @@ def run_bare(run: Path, cfg: Path, warmup: int) -> dict:
     from ciss.trainer.data.tasks import StepData, pad_collate, presence, train_indices, train_lut
     from ciss.trainer.data.transforms import TrainTransform
     from ciss.trainer.distributed import ShardedBatches
+    from ciss.trainer.models.norm import freeze_batchnorm
     from ciss.trainer.store import RunStore
 
     c = configlib.resolve(cfg, {})
@@ -84,8 +85,11 @@ def run_bare(run: Path, cfg: Path, warmup: int) -> dict:
     native = [ds.info.class_names.index(n) for n in ("box", "triangle")]
     idx = train_indices(presence(ds), native, [], "overlap")
     data = StepData(ds, idx, train_lut(ds.info, cmap, 1), TrainTransform(c["train"]["crop"]), seed=0)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     model.train()
+    if c["train"]["freeze_bn_next"]:  # as the engine does at steps > 0
+        freeze_batchnorm(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
+                          weight_decay=1e-4)
     times, it = [], 0
     epochs = c["train"]["epochs_next"]
     t0 = time.perf_counter()
