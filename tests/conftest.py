@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -76,6 +75,13 @@ def folder_dataset(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
+def _isolated_cache_one_thread(tmp_path_factory, monkeypatch):
+    """Caches go to the test's temp folder; tiny tensors run on one thread, since extra threads
+    only add synchronisation (tens of times slower on a busy 2-core machine)."""
     monkeypatch.setenv("CISS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

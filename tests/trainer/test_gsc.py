@@ -26,15 +26,6 @@ from conftest import write_config
 E = math.e
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """A busy 2-core machine makes multi-threaded kernels on tiny tensors many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def lab(*values: int) -> torch.Tensor:
     return torch.tensor([[list(values)]], dtype=torch.long)
 

@@ -27,15 +27,6 @@ SIG10 = 1 / (1 + math.exp(-10))  # softmax confidence of logits (10, 0)
 LAYERS = ("stage1", "stage2", "stage3", "aspp")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra threads only add synchronisation, which costs ~30x on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lse(*v: float) -> float:
     return math.log(sum(math.exp(x) for x in v))
 
