@@ -103,7 +103,9 @@ def main() -> None:
             (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             commands_file.write_text("\n".join(commands) + "\n")
 
-    write_markdown(args, [m for m in results if results[m]], results, old, new, commands)
+    order = ["ft", "mib", "plop", "gsc", "idec", "joint"]
+    shown = sorted((m for m in results if results[m]), key=lambda m: order.index(m) if m in order else len(order))
+    write_markdown(args, shown, results, old, new, commands)
 
 
 def write_markdown(args, methods, results, old, new, commands) -> None:
