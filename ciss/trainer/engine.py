@@ -197,7 +197,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
 
     # --- the loop ------------------------------------------------------------------------------
     train_log = TrainLog(partial, enabled=dist.main)
-    progress = Progress(total, f"step {step}", every=int(tcfg["log_every"]), start=start_it)
+    progress = Progress(total, f"step {step}", start=start_it)
     names = ", ".join(classmap[i].name for i in classmap.ids_of_step(step))
     if dist.main:
         log(f"step {step}: learning {names} with {method.name} on {len(idx)} images, "
@@ -244,12 +244,12 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
             scaler.step(optimizer)
             scaler.update()
             it += 1
-            values = {k: float(v.detach()) for k, v in terms.items()}
-            if dist.main:
+            if dist.main and (it % tcfg["log_every"] == 0 or it == total):
+                # Reading values back stalls a GPU's queue, so only at logging points.
+                values = {k: float(v.detach()) for k, v in terms.items()}
                 progress.update(it, values, lr)
-                if it % tcfg["log_every"] == 0 or it == total:
-                    train_log.write({"iteration": it, "epoch": epoch, "lr": lr, "loss": sum(values.values()),
-                                     **values, "elapsed_s": round(time.perf_counter() - t0, 3)})
+                train_log.write({"iteration": it, "epoch": epoch, "lr": lr, "loss": sum(values.values()),
+                                 **values, "elapsed_s": round(time.perf_counter() - t0, 3)})
             if it % tcfg["checkpoint_every"] == 0 and it < total:
                 if dist.main:
                     _save_checkpoint(ckpt_path, {

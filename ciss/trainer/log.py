@@ -18,16 +18,16 @@ def format_seconds(s: float) -> str:
 
 
 class Progress:
-    """One updating line on a terminal; a plain line every `every` iterations otherwise."""
+    """The progress line: rewritten in place on a terminal, a new line each call otherwise.
 
-    def __init__(self, total: int, label: str, every: int = 10, stream: TextIO = sys.stderr, start: int = 0):
-        self.total, self.label, self.every, self.stream = total, label, every, stream
+    The engine calls it at its logging interval, so a log file gets one line per interval."""
+
+    def __init__(self, total: int, label: str, stream: TextIO = sys.stderr, start: int = 0):
+        self.total, self.label, self.stream = total, label, stream
         self.tty = stream.isatty()
         self.start_it, self.t0 = start, time.perf_counter()
 
     def update(self, it: int, terms: dict[str, float], lr: float) -> None:
-        if not self.tty and it % self.every and it != self.total:
-            return
         done = it - self.start_it
         rate = (time.perf_counter() - self.t0) / max(done, 1)
         eta = format_seconds(rate * (self.total - it))
