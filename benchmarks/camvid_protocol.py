@@ -1,43 +1,77 @@
-"""Run a CISS protocol on a folder-format dataset with several methods and the joint bound.
+"""Run a CISS protocol on a folder-format dataset: several methods, the joint bound, ablations.
 
 Step 0 is trained once per seed and shared (every method trains step 0 the same way: plain
-cross-entropy), then each method trains the remaining steps from a copy of it. The table of
-old/new/all mIoU after the last step, per-class IoU, each run's forgetting plot and the exact
-commands are written to --out, with the config beside them.
+cross-entropy), then each method, or each ablated variant of one (`--ablate gsc` adds one run per
+component of GSC with that component off), trains the remaining steps from a copy of it. Runs are
+independent processes, `--jobs` of them at a time, each with its share of the CPU threads. A run
+whose folder already holds the protocol's last step is read, not retrained, so an interrupted
+invocation picks up where it stopped and later invocations into the same --out add methods or
+seeds. `--reuse DIR` copies step 0 and the joint run of each seed from another --out of the same
+dataset and base classes (6-5 and 6-1 share both).
+
+Written to --out: results.md (old/new/all mIoU after the last step, mean ± sample std over seeds;
+per-class IoU; the ablation table), results.json, the exact commands, the config, and for the
+first seed each run's per-step table (steps-<run>.csv) and forgetting plot (forgetting-<run>.png).
 
     python benchmarks/camvid_protocol.py --data ../shared/data/camvid --task camvid:6-1 \
-        --methods ft,mib,plop --joint --config benchmarks/configs/camvid_mobile.toml --seeds 0 \
-        --out docs/results/camvid-6-1
+        --methods ft,mib,plop,gsc,idec --joint --ablate gsc,idec \
+        --config benchmarks/configs/camvid_mobile.toml --seeds 0,1 --jobs 2 --out docs/results/camvid/6-1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ciss.trainer.data import open_dataset
 from ciss.trainer.data.tasks import load_protocol
 
-
-def run(cmd: list[str], log: list[str]) -> float:
-    line = " ".join(shlex.quote(c) for c in cmd)
-    log.append(line)
-    print(f"$ {line}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return time.perf_counter() - t0
+# The switchable components of each method (`ciss learn --no METHOD.COMPONENT`), in table order.
+COMPONENTS = {
+    "gsc": ("compensation", "soft", "sharp", "relation", "pseudo", "pod"),
+    "idec": ("pseudo", "feature_kd", "logit_kd", "contrast"),
+}
+ORDER = ("ft", "mib", "plop", "gsc", "idec", "joint")
 
 
-def last_metrics(run_dir: Path) -> dict:
-    steps = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("step-*"))
-    return json.loads((run_dir / f"step-{steps[-1]}" / "manifest.json").read_text())["metrics"]
+@dataclass
+class Variant:
+    name: str                 # run folder and table row
+    method: str
+    off: tuple[str, ...] = ()  # components switched off
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def ablated(self) -> bool:
+        return bool(self.off)
+
+
+def variants(methods: list[str], joint: bool, ablate: list[str]) -> list[Variant]:
+    out = [Variant(m, m) for m in methods]
+    for m in ablate:
+        if m not in COMPONENTS:
+            sys.exit(f"--ablate: no components listed for method '{m}'; choose from {', '.join(COMPONENTS)}")
+        if m not in methods:
+            out.append(Variant(m, m))
+        out += [Variant(f"{m}-no-{c}", m, (c,), ["--no", f"{m}.{c}"]) for c in COMPONENTS[m]]
+    return out + ([Variant("joint", "joint")] if joint else [])
+
+
+def last_metrics(run_dir: Path, n_steps: int) -> dict | None:
+    """The metrics of the protocol's last step, or None while the run is incomplete."""
+    manifest = run_dir / f"step-{n_steps - 1}" / "manifest.json"
+    return json.loads(manifest.read_text())["metrics"] if manifest.exists() else None
 
 
 def summarise(per_class: dict[str, float], old: list[str], new: list[str]) -> dict[str, float | None]:
@@ -51,86 +85,153 @@ def pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+class Runner:
+    """Starts `ciss` processes with a fixed thread share and records their command lines."""
+
+    def __init__(self, jobs: int, commands: list[str]):
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.commands = commands
+        self._lock = threading.Lock()
+
+    def __call__(self, args: list[str]) -> float:
+        shown = "ciss " + " ".join(shlex.quote(a) for a in args)
+        with self._lock:
+            self.commands.append(shown)
+        print(f"$ {shown}", file=sys.stderr, flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "ciss.apps.cli", *args], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--task", required=True)
     ap.add_argument("--methods", default="ft,mib,plop")
     ap.add_argument("--joint", action="store_true", help="also train the joint upper bound")
+    ap.add_argument("--ablate", default="", help="methods whose components to switch off one at a time")
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    ap.add_argument("--reuse", type=Path, help="another --out whose step-0 and joint runs to copy")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    ciss = [sys.executable, "-m", "ciss.apps.cli"]
     info = open_dataset("folder", args.data, "train").info
     steps = load_protocol(args.task, info).steps
     old, new = steps[0], [n for s in steps[1:] for n in s]
-    methods = [m for m in args.methods.split(",") if m] + (["joint"] if args.joint else [])
+    todo = variants([m for m in args.methods.split(",") if m], args.joint, [m for m in args.ablate.split(",") if m])
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy(args.config, args.out / "config.toml")
-    runs_dir = args.out / "runs"
-    commands: list[str] = []
-    # Earlier invocations into the same --out (other methods or seeds) are kept and extended.
-    saved = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else {}
-    results: dict[str, list[dict]] = {m: [r for r in saved.get(m, []) if r["seed"] not in seeds] for m in methods}
-    for m, rows in saved.items():
-        results.setdefault(m, rows)
-    commands_file = args.out / "commands.txt"
-    commands += commands_file.read_text().splitlines() if commands_file.exists() else []
+    results_file, commands_file = args.out / "results.json", args.out / "commands.txt"
+    results: dict[str, list[dict]] = json.loads(results_file.read_text()) if results_file.exists() else {}
+    commands = commands_file.read_text().splitlines() if commands_file.exists() else []
+    run = Runner(args.jobs, commands)
     common = ["--data", str(args.data), "--config", str(args.config)]
+    lock = threading.Lock()
 
-    for seed in seeds:
-        base = runs_dir / f"seed{seed}" / "base"
-        if not (base / "step-0").exists():
-            run([*ciss, "learn", "--run", str(base), "--classes", ",".join(old), "--method", "ft",
-                 "--seed", str(seed), *common], commands)
-        for m in methods:
-            target = runs_dir / f"seed{seed}" / m
-            t0 = time.perf_counter()
-            if m == "joint":
-                run([*ciss, "learn", "--run", str(target), "--task", args.task, "--method", "joint",
-                     "--seed", str(seed), *common], commands)
+    def record(v: Variant, seed: int, target: Path, wall: float | None) -> None:
+        metrics = last_metrics(target, 1 if v.method == "joint" else len(steps))
+        assert metrics is not None, target
+        row = {"seed": seed, **summarise(metrics["per_class"], old, new), "per_class": metrics["per_class"]}
+        with lock:
+            rows = [r for r in results.get(v.name, []) if r["seed"] != seed]
+            if wall is None:  # read back from an earlier invocation: keep its wall time
+                row["wall_s"] = next((r.get("wall_s") for r in results.get(v.name, []) if r["seed"] == seed), None)
             else:
-                if not target.exists():
-                    shutil.copytree(base, target)
-                run([*ciss, "learn", "--run", str(target), "--task", args.task, "--method", m,
-                     "--seed", str(seed), *common], commands)
-            metrics = last_metrics(target)
-            results[m].append({"seed": seed, "wall_s": round(time.perf_counter() - t0, 1),
-                               **summarise(metrics["per_class"], old, new), "per_class": metrics["per_class"]})
-            (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+                row["wall_s"] = round(wall, 1)
+            results[v.name] = sorted(rows + [row], key=lambda r: r["seed"])
+            results_file.write_text(json.dumps(results, indent=2) + "\n")
             commands_file.write_text("\n".join(commands) + "\n")
+            if seed == seeds[0]:
+                shutil.copy(target / "results.csv", args.out / f"steps-{v.name}.csv")
+                shutil.copy(target / "forgetting.png", args.out / f"forgetting-{v.name}.png")
 
-    order = ["ft", "mib", "plop", "gsc", "idec", "joint"]
-    shown = sorted((m for m in results if results[m]), key=lambda m: order.index(m) if m in order else len(order))
-    write_markdown(args, shown, results, old, new, commands)
+    def train_base(seed: int) -> Path:
+        base = args.out / "runs" / f"seed{seed}" / "base"
+        source = args.reuse / "runs" / f"seed{seed}" / "base" if args.reuse else None
+        if not (base / "step-0").exists():
+            if source is not None and (source / "step-0").exists():
+                shutil.copytree(source, base, dirs_exist_ok=True)
+            else:
+                run(["learn", "--run", str(base), "--classes", ",".join(old), "--method", "ft",
+                     "--seed", str(seed), *common])
+        return base
+
+    def train(v: Variant, seed: int, base: Future) -> None:
+        target = args.out / "runs" / f"seed{seed}" / v.name
+        n_steps = 1 if v.method == "joint" else len(steps)
+        if last_metrics(target, n_steps) is not None:
+            record(v, seed, target, None)
+            return
+        if v.method == "joint":
+            source = args.reuse / "runs" / f"seed{seed}" / "joint" if args.reuse else None
+            if source is not None and last_metrics(source, 1) is not None:
+                shutil.copytree(source, target, dirs_exist_ok=True)
+                record(v, seed, target, None)
+                return
+        elif not target.exists():
+            shutil.copytree(base.result(), target)
+        wall = run(["learn", "--run", str(target), "--task", args.task, "--method", v.method, *v.args,
+                    "--seed", str(seed), *common])
+        record(v, seed, target, wall)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool, ThreadPoolExecutor(max_workers=args.jobs) as bases:
+        base_of = {s: bases.submit(train_base, s) for s in seeds}
+        futures = [pool.submit(train, v, s, base_of[s]) for v in todo for s in seeds]
+        for f in futures:
+            f.result()
+    write_markdown(args, results, old, new, commands)
 
 
-def write_markdown(args, methods, results, old, new, commands) -> None:
-    def agg(m: str, key: str) -> str:
-        vals = [r[key] for r in results[m] if r[key] is not None]
-        if not vals:
-            return "-"
-        if len(vals) == 1:
-            return pct(vals[0])
+def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old: list[str], new: list[str],
+                   commands: list[str]) -> None:
+    def agg(name: str, key: str) -> str:
+        vals = [r[key] for r in results[name] if r[key] is not None]
+        if len(vals) < 2:
+            return pct(vals[0]) if vals else "-"
         return f"{pct(statistics.mean(vals))} ± {100 * statistics.stdev(vals):.1f}"
 
+    def mean_all(name: str) -> float:
+        return statistics.mean(r["all"] for r in results[name])
+
+    main_rows = sorted((n for n in results if "-no-" not in n), key=lambda n: ORDER.index(n) if n in ORDER else 99)
     seeds = sorted({r["seed"] for rows in results.values() for r in rows})
     lines = [f"# {args.task} on {args.data.name}", "",
-             f"mIoU (%) after the last step on the test split, seeds {seeds}; old = step-0 classes "
-             f"({', '.join(old)}), new = {', '.join(new)}.", "",
-             "| method | old | new | all | wall (s, steps > 0) |", "|---|---|---|---|---|"]
-    for m in methods:
-        wall = statistics.mean(r["wall_s"] for r in results[m])
-        lines.append(f"| {m} | {agg(m, 'old')} | {agg(m, 'new')} | {agg(m, 'all')} | {wall:.0f} |")
-    lines += ["", "Per-class IoU (%) after the last step (first seed):", "",
+             f"mIoU (%) after the last step on the test split, mean ± sample std over seeds {seeds}; "
+             f"old = step-0 classes ({', '.join(old)}), new = {', '.join(new)}.", "",
+             "| method | seeds | old | new | all | wall (s, steps > 0) |", "|---|---|---|---|---|---|"]
+    for n in main_rows:
+        walls = [r["wall_s"] for r in results[n] if r.get("wall_s")]
+        wall = f"{statistics.mean(walls):.0f}" if walls else "-"
+        lines.append(f"| {n} | {len(results[n])} | {agg(n, 'old')} | {agg(n, 'new')} | {agg(n, 'all')} | {wall} |")
+    first = seeds[0]
+    lines += ["", f"Per-class IoU (%) after the last step, seed {first}:", "",
               "| method | " + " | ".join(old + new) + " |", "|---|" + "---|" * len(old + new)]
-    for m in methods:
-        pc = results[m][0]["per_class"]
-        lines.append(f"| {m} | " + " | ".join(pct(pc.get(n)) for n in old + new) + " |")
-    lines += ["", "Config: `config.toml` beside this file. Commands, in order:", "", "```"] + commands + ["```", ""]
+    for n in main_rows:
+        pc = next((r["per_class"] for r in results[n] if r["seed"] == first), None)
+        if pc is not None:
+            lines.append(f"| {n} | " + " | ".join(pct(pc.get(c)) for c in old + new) + " |")
+    ablated = [n for n in results if "-no-" in n]
+    if ablated:
+        lines += ["", "Ablation: each component switched off alone (`--no METHOD.COMPONENT`); Δ all = change "
+                  "of all-mIoU against the full method over the same seeds.", "",
+                  "| run | seeds | old | new | all | Δ all |", "|---|---|---|---|---|---|"]
+        for m in COMPONENTS:
+            rows = [n for n in ablated if n.startswith(f"{m}-no-")]
+            if not rows or m not in results:
+                continue
+            lines.append(f"| {m} (full) | {len(results[m])} | {agg(m, 'old')} | {agg(m, 'new')} | {agg(m, 'all')} | |")
+            for n in sorted(rows, key=lambda n: COMPONENTS[m].index(n.split("-no-")[1])):
+                seeds_n = {r["seed"] for r in results[n]}
+                full = statistics.mean(r["all"] for r in results[m] if r["seed"] in seeds_n)
+                lines.append(f"| {n} | {len(results[n])} | {agg(n, 'old')} | {agg(n, 'new')} | {agg(n, 'all')} | "
+                             f"{100 * (mean_all(n) - full):+.1f} |")
+    lines += ["", "Config: `config.toml` beside this file. Commands, in the order they were started:", "",
+              "```"] + commands + ["```", ""]
     (args.out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

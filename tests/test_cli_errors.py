@@ -133,3 +133,13 @@ def test_corrupt_weights(base_run):
     run, cfg, _ = base_run
     (run / "step-0" / "model.pt").write_bytes(b"truncated")
     assert_user_error(invoke("eval", "--run", str(run)), "corrupt")
+
+
+def test_divergence_is_one_line_and_leaves_run_untouched(base_run):
+    run, cfg, _ = base_run
+    text = cfg.read_text().replace("epochs_next = 1\n", "epochs_next = 3\nlr_next = 1e30\n")
+    cfg.write_text(text)
+    before = snapshot(run)
+    assert_user_error(invoke("learn", "--run", str(run), "--new-classes", "c", "--config", str(cfg)),
+                      "diverged", "clip_grad_norm")
+    assert snapshot(run) == before

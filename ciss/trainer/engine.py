@@ -157,6 +157,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
     epochs = int(tcfg["epochs"] if step == 0 else tcfg["epochs_next"])
     base_lr = float(tcfg["lr"] if step == 0 else tcfg["lr_next"])
     total = epochs * iters_per_epoch
+    clip = float(tcfg["clip_grad_norm"])
 
     # --- optimisation state --------------------------------------------------------------------
     unwrapped = model
@@ -236,11 +237,16 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
                 terms = method.losses(TrainBatch(images, labels, out, old, epoch, it / total))
             loss = sum(terms.values())
             if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss at iteration {it}: { {k: float(v) for k, v in terms.items()} }")
+                values = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items())
+                raise CissError(f"training diverged at iteration {it} of step {step} (loss terms: {values}); "
+                                "lower the learning rate or set train.clip_grad_norm")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if dist.active and method_params:
                 _average_grads(method_params, dist)
+            if clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params + method_params, clip)
             scaler.step(optimizer)
             scaler.update()
             it += 1

@@ -118,8 +118,10 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
     """Train the requested steps into `run`; returns the manifests of the steps trained."""
     store = RunStore(run)
     last = store.last_step()
-    base = copy.deepcopy(store.manifest(last)["config"]) if last is not None else configlib.defaults()
-    base_method = base.pop("method", None) or {"name": DEFAULT_METHOD, "options": {}}
+    stored = copy.deepcopy(store.manifest(last)["config"]) if last is not None else {}
+    base_method = stored.pop("method", None) or {"name": DEFAULT_METHOD, "options": {}}
+    # Keys added to the defaults since the run began take their default values.
+    base = configlib.merge(configlib.defaults(), stored)
     file_cfg = configlib.load_toml(Path(config_file)) if config_file else {}
     file_method = file_cfg.pop("method", {})
     cli: dict[str, Any] = copy.deepcopy(overrides or {})

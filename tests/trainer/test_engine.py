@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,3 +120,19 @@ def test_torchrun_two_processes_match_one(tmp_path: Path):
         m2 = json.loads((tmp_path / "two" / f"step-{step}" / "manifest.json").read_text())
         assert m2["train"]["processes"] == 2
         assert m1["metrics"]["miou_all"] == pytest.approx(m2["metrics"]["miou_all"], abs=1e-3)
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path: Path, fast_config: Path):
+    """With a vanishing clip norm a later step leaves the backbone where it was; without, it moves."""
+    learn(tmp_path / "a", classes=["sky", "grass", "water"], config_file=fast_config, method="ft", log=lambda s: None)
+    before = load_step(tmp_path / "a" / "step-0")[0].state_dict()
+    moved = {}
+    for clip in (0.0, 1e-9):
+        run = tmp_path / f"clip{clip}"
+        shutil.copytree(tmp_path / "a", run)
+        train = {"clip_grad_norm": clip, "lr_next": 0.1, "weight_decay": 0.0}
+        learn(run, new_classes=["disk"], method="ft", overrides={"train": train}, log=lambda s: None)
+        after = load_step(run / "step-1")[0].state_dict()
+        moved[clip] = sum(float((after[k] - v).abs().sum()) for k, v in before.items()
+                          if k.startswith("backbone") and v.is_floating_point())
+    assert moved[0.0] > 0 and moved[1e-9] < 1e-3 * moved[0.0], moved

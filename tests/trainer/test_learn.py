@@ -77,3 +77,17 @@ def test_method_options_from_flags(tmp_path: Path, fast_config: Path):
                                   "--opt", "kd_wieght=1"])
     assert r.exit_code == 2 and "kd_wieght" in r.stderr
     assert RunStore(run).steps() == [0]
+
+
+def test_run_older_than_a_config_key_continues(tmp_path: Path, fast_config: Path):
+    """A key added to the defaults after a run began takes its default value at the next step."""
+    import json
+
+    run = tmp_path / "r"
+    learn(run, classes=["sky", "grass"], config_file=fast_config, method="ft", log=lambda s: None)
+    manifest = run / "step-0" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["config"]["train"]["clip_grad_norm"]
+    manifest.write_text(json.dumps(m))
+    learn(run, new_classes=["water"], method="mib", log=lambda s: None)
+    assert RunStore(run).manifest(1)["config"]["train"]["clip_grad_norm"] == 0.0
