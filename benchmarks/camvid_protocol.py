@@ -49,12 +49,7 @@ ORDER = ("ft", "mib", "plop", "gsc", "idec", "joint")
 class Variant:
     name: str                 # run folder and table row
     method: str
-    off: tuple[str, ...] = ()  # components switched off
-    args: list[str] = field(default_factory=list)
-
-    @property
-    def ablated(self) -> bool:
-        return bool(self.off)
+    args: list[str] = field(default_factory=list)  # extra `ciss learn` flags (the switched-off component)
 
 
 def variants(methods: list[str], joint: bool, ablate: list[str]) -> list[Variant]:
@@ -64,7 +59,7 @@ def variants(methods: list[str], joint: bool, ablate: list[str]) -> list[Variant
             sys.exit(f"--ablate: no components listed for method '{m}'; choose from {', '.join(COMPONENTS)}")
         if m not in methods:
             out.append(Variant(m, m))
-        out += [Variant(f"{m}-no-{c}", m, (c,), ["--no", f"{m}.{c}"]) for c in COMPONENTS[m]]
+        out += [Variant(f"{m}-no-{c}", m, ["--no", f"{m}.{c}"]) for c in COMPONENTS[m]]
     return out + ([Variant("joint", "joint")] if joint else [])
 
 
