@@ -143,6 +143,40 @@ def eval_cmd(run: Path, step: int | None, data: Path | None, split: str | None, 
 
 
 @main.command()
+@click.option("--run", "run", type=click.Path(path_type=Path), required=True, help="Run folder to export from.")
+@click.option("--step", default="latest", show_default=True, help="Step number, or 'latest'.")
+@click.option("--repo", type=click.Path(path_type=Path), required=True, help="Model repository folder (created if new).")
+@click.option("--name", required=True, help="Model name in the repository (letters, digits, . _ -).")
+@click.option("--size", help="Input size HxW (default: the eval split's image size); with --dynamic, the typical size.")
+@click.option("--dynamic", is_flag=True, help="Variable height and width instead of a fixed size.")
+@click.option("--outputs", default="mask", show_default=True, type=click.Choice(["mask", "mask+confidence", "logits"]),
+              help="What the graph returns: the class mask (uint8), plus per-pixel confidence, or raw logits.")
+@click.option("--opset", default=20, show_default=True, type=int, help="ONNX opset.")
+@click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs TensorRT and an NVIDIA GPU).")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Engine precision; int8 also writes an ONNX Runtime int8 (QDQ) model for CPUs.")
+@click.option("--workspace", "workspace_gb", default=4.0, show_default=True, type=float, help="TensorRT workspace in GB.")
+@click.option("--calib-images", default=32, show_default=True, type=int, help="Training images used to calibrate int8.")
+@click.option("--allow-class-change", is_flag=True, help="Publish even if the class map does not extend the previous version's.")
+def export(run: Path, step: str, repo: Path, name: str, size: str | None, dynamic: bool, outputs: str, opset: int,
+           trt: bool, precision: str, workspace_gb: float, calib_images: int, allow_class_change: bool) -> None:
+    """Export a step to ONNX (and TensorRT), check it against PyTorch, publish it as a new version."""
+    from ciss.export.onnx import parse_size
+    from ciss.export.pipeline import ExportOptions, export_step
+
+    if step != "latest" and not step.isdigit():
+        raise CissError(f"--step {step!r} is not a step number or 'latest'")
+    options = ExportOptions(step=None if step == "latest" else int(step), size=parse_size(size) if size else None,
+                            dynamic=dynamic, outputs=outputs, opset=opset, trt=trt, precision=precision,
+                            workspace_gb=workspace_gb, calib_images=calib_images,
+                            allow_class_change=allow_class_change)
+    result = export_step(run, repo, name, options, log=lambda s: click.echo(s, err=True))
+    click.echo(f"{result.name} v{result.version}: {result.path}")
+    if result.engine_error:
+        raise CissError(f"no TensorRT engine built ({result.engine_error}); version {result.version} holds the ONNX model only")
+
+
+@main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 def runs(path: Path) -> None:
     """Steps, classes and metrics of a run (or of every run in a folder) at a glance."""
@@ -158,6 +192,35 @@ def runs(path: Path) -> None:
     if not found:
         raise CissError(f"no ciss runs in {path}; create one with `ciss learn --run {path}/NAME`")
     click.echo("\n".join(describe_run(p) for p in found))
+
+
+@main.command()
+@click.argument("args", nargs=-1, metavar="[verify] DIR [NAME]")
+def models(args: tuple[str, ...]) -> None:
+    """Published models and their versions; `verify` re-hashes every file of every version."""
+    from ciss.export.repository import ModelRepository
+
+    verify = len(args) > 1 and args[0] == "verify"
+    args = args[1:] if verify else args
+    if not 1 <= len(args) <= 2:
+        raise click.UsageError("expected [verify] DIR [NAME]")
+    root, name = Path(args[0]), (args[1] if len(args) > 1 else None)
+    if not root.is_dir():
+        raise CissError(f"{root} is not a folder; give a model repository such as models/")
+    repo = ModelRepository(root)
+    if not verify:
+        click.echo(repo.describe(name))
+        return
+    problems = repo.verify(name)
+    for p in problems:
+        click.echo(str(p))
+    if problems:
+        bad = len({(p.name, p.version) for p in problems})
+        raise CissError(f"{bad} corrupt version(s) in {root}; export them again or restore them from a copy")
+    checked = sum(len(repo.versions(n)) for n in ([name] if name else repo.names()))
+    if not checked:
+        raise CissError(f"no models in {root}; publish one with `ciss export`")
+    click.echo(f"{checked} version{'s' if checked != 1 else ''} verified")
 
 
 if __name__ == "__main__":

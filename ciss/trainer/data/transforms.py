@@ -12,7 +12,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class _Normalise:
+class Normalise:
     def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]):
         self.scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
         self.shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
@@ -34,7 +34,7 @@ class TrainTransform:
     def __init__(self, crop: int, scale: tuple[float, float] = (0.5, 2.0), flip: bool = True,
                  mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD):
         self.crop, self.scale, self.flip = int(crop), scale, flip
-        self._normalise = _Normalise(mean, std)
+        self._normalise = Normalise(mean, std)
 
     def __call__(self, image: np.ndarray, label: np.ndarray,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +60,7 @@ class EvalTransform:
 
     def __init__(self, mean: tuple[float, float, float] = IMAGENET_MEAN,
                  std: tuple[float, float, float] = IMAGENET_STD):
-        self._normalise = _Normalise(mean, std)
+        self._normalise = Normalise(mean, std)
 
     def __call__(self, image: np.ndarray, label: np.ndarray,
                  rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:

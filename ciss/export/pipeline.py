@@ -1,0 +1,248 @@
+"""`ciss export`: one stored step -> checked ONNX (and int8, and engines) -> a new repository version.
+
+Everything is built and checked in a scratch folder first; only a whole, verified set of files is
+published, so a failed export never leaves a version that readers could pick up.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ciss.classmap import ClassMap
+from ciss.errors import CissError
+from ciss.export import onnx as onnx_export
+from ciss.export.repository import ModelRepository, check_name
+from ciss.export.verify import check_parity, evaluate_graph, spread, to_input
+from ciss.trainer.data import open_dataset
+from ciss.trainer.data.base import SegDataset
+from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
+from ciss.trainer.store import RunStore
+
+PRECISIONS = ("fp32", "fp16", "int8")
+PARITY_IMAGES = 4
+
+
+@dataclass
+class ExportOptions:
+    step: int | None = None            # None: the run's last step
+    size: tuple[int, int] | None = None  # None: the size of the eval split's images
+    dynamic: bool = False
+    outputs: str = "mask"
+    opset: int = onnx_export.OPSET
+    trt: bool = False
+    precision: str = "fp32"
+    workspace_gb: float = 4.0
+    calib_images: int = 32
+    allow_class_change: bool = False
+
+
+@dataclass
+class ExportResult:
+    name: str
+    version: int
+    path: Path
+    manifest: dict[str, Any]
+    engine_error: str | None = None  # why `--trt` built no engine (the ONNX is published regardless)
+
+
+def _step_datasets(manifest: dict[str, Any], log: Callable[[str], None]) -> tuple[SegDataset | None, SegDataset | None]:
+    """The step's training and eval splits, or None where the data is not on this machine."""
+    d = manifest["config"]["data"]
+    root = Path(d["root"]) if d["root"] else None
+    try:
+        return (open_dataset(d["kind"] or None, root, d["train_split"], **d["options"]),
+                open_dataset(d["kind"] or None, root, d["eval_split"], **d["options"]))
+    except CissError as e:
+        log(f"the step's dataset is not readable here ({e}); checking parity on synthetic scenes")
+        return None, None
+
+
+def _synthetic_images(n: int, size: tuple[int, int]) -> list[np.ndarray]:
+    from ciss.synthetic import render_scene
+
+    rng = np.random.default_rng(0)
+    return [render_scene(rng, *size)[0] for _ in range(n)]
+
+
+def _images(ds: SegDataset | None, n: int, size: tuple[int, int]) -> list[np.ndarray]:
+    return [ds.image(i) for i in spread(len(ds), n)] if ds is not None and len(ds) else _synthetic_images(n, size)
+
+
+def _resolve_step(store: RunStore, step: int | None) -> int:
+    if step is not None:
+        return step
+    last = store.last_step()
+    if last is None:
+        raise CissError(f"{store.root} has no finished step to export; train one with `ciss learn --run {store.root}`")
+    return last
+
+
+def _check_options(options: ExportOptions) -> None:
+    onnx_export.output_names(options.outputs)
+    if options.precision not in PRECISIONS:
+        raise CissError(f"unknown --precision '{options.precision}'; choose one of {', '.join(PRECISIONS)}")
+    if options.precision == "fp16" and not options.trt:
+        raise CissError("--precision fp16 builds a TensorRT engine; add --trt (ONNX Runtime on CPU runs fp32 or int8)")
+    if options.workspace_gb <= 0 or options.calib_images < 1:
+        raise CissError("--workspace and --calib-images must be positive")
+
+
+def export_step(run: Path, repo: Path, name: str, options: ExportOptions,
+                log: Callable[[str], None] = print) -> ExportResult:
+    """Export a step of `run` as the next version of `name` in the repository at `repo`."""
+    check_name(name)
+    _check_options(options)
+    store = RunStore(run)
+    if not store.steps():
+        raise CissError(f"{run} is not a run with finished steps; train one with `ciss learn --run {run}`")
+    step = _resolve_step(store, options.step)
+    model, step_manifest = store.load(step)
+    classmap = ClassMap.from_json(step_manifest["classes"])
+    repository = ModelRepository(repo)
+    parent = repository.latest(name)
+    if parent is not None and not options.allow_class_change:
+        repository.check_extends(name, parent, classmap)  # fail before minutes of export work
+    train_ds, eval_ds = _step_datasets(step_manifest, log)
+    size = options.size or (eval_ds.image(0).shape[:2] if eval_ds is not None and len(eval_ds) else (240, 320))
+    normalise = Normalise(IMAGENET_MEAN, IMAGENET_STD)
+
+    log(f"exporting step {step} of {store.root} ({len(classmap)} classes) at {size[0]}x{size[1]}"
+        f"{' (dynamic height and width)' if options.dynamic else ''}")
+    fused = model.fused().eval()
+    logits = onnx_export.export_logits(fused, size, options.dynamic, options.opset)
+    sizes = onnx_export.sizes_to_check(size, options.dynamic)
+    parity = check_parity(fused, onnx_export.add_tail(logits, "mask", keep_logits=True),
+                          _images(eval_ds, PARITY_IMAGES, size), sizes, normalise)
+    log(f"parity with PyTorch on {parity['images']} images x {len(sizes)} size(s): mask agreement "
+        f"{100 * parity['mask_agreement']:.3f}%, max |Δlogit| {parity['max_abs_logit_diff']:.2e}")
+
+    input_spec = {"name": onnx_export.INPUT, "size": None if options.dynamic else list(size),
+                  "dynamic": options.dynamic, "example_size": list(size),
+                  "min_size": [onnx_export.MIN_SIDE] * 2 if options.dynamic else None,
+                  "max_size": [onnx_export.MAX_SIDE] * 2 if options.dynamic else None,
+                  "stride": fused.output_stride, **onnx_export.normalisation(IMAGENET_MEAN, IMAGENET_STD)}
+    source = {"run": str(store.root.resolve()), "step": step, "weights_sha256": step_manifest["weights"]["sha256"],
+              "method": step_manifest.get("method"), "model": step_manifest["model"]}
+    metadata = {"classes": classmap.to_json(), "step": step, "input": input_spec, "source": source,
+                "exporter": onnx_export.exporter_versions(options.opset)}
+
+    with tempfile.TemporaryDirectory(prefix="ciss-export-") as tmp:
+        work = Path(tmp)
+        files: dict[str, Path] = {}
+        final = onnx_export.add_tail(logits, options.outputs)
+        onnx_export.set_metadata(final, {**metadata, "precision": "fp32", "outputs": onnx_export.output_specs(final)})
+        files["model.onnx"] = work / "model.onnx"
+        onnx_export.save_checked(final, files["model.onnx"])
+        manifest: dict[str, Any] = {
+            "classes": classmap.to_json(), "input": input_spec, "outputs": onnx_export.output_specs(final),
+            "precision": "fp32", "source": source, "metrics": step_manifest.get("metrics"), "parity": parity,
+            "exporter": metadata["exporter"], "variants": {}, "engines": []}
+
+        calibration: list[np.ndarray] = []
+        if options.precision == "int8":
+            if train_ds is None:
+                raise CissError("--precision int8 calibrates on the step's training images, which are not readable "
+                                "here; export on a machine that has the dataset")
+            calibration = [to_input(im, size, normalise) for im in _images(train_ds, options.calib_images, size)]
+            int8 = _int8_variant(logits, calibration, metadata, options, eval_ds, classmap, step_manifest, size,
+                                 normalise, work, log)
+            files["model.int8.onnx"] = work / "model.int8.onnx"
+            manifest["variants"]["int8"] = int8
+
+        engine_error = None
+        if options.trt:
+            engine_error = _build_engines(files, manifest, calibration, classmap, options, size, work, log)
+
+        version = repository.publish(name, files, manifest, allow_class_change=options.allow_class_change,
+                                     stamp=_stamp_onnx)
+    path = repository.path(name, version)
+    log(f"published {name} version {version} at {path}")
+    return ExportResult(name, version, path, repository.manifest(name, version), engine_error)
+
+
+def _stamp_onnx(staging: Path, version: int) -> list[str]:
+    """Write the version into every ONNX file; engine sidecars then name the stamped file's sha256
+    (only metadata changed, so the engine still comes from that graph)."""
+    from ciss.manifest import read_json, sha256_file, write_json_atomic
+
+    changed = []
+    for path in sorted(staging.glob("*.onnx")):
+        onnx_export.stamp_version(path, version)
+        changed.append(path.name)
+    for path in sorted(staging.glob("engines/*.json")):
+        sidecar = read_json(path, "engine manifest")
+        sidecar["onnx"]["sha256"] = sha256_file(staging / sidecar["onnx"]["file"])
+        write_json_atomic(path, sidecar)
+        changed.append(f"engines/{path.name}")
+    return changed
+
+
+def _int8_variant(logits: Any, calibration: list[np.ndarray], metadata: dict[str, Any], options: ExportOptions,
+                  eval_ds: SegDataset | None, classmap: ClassMap, step_manifest: dict[str, Any],
+                  size: tuple[int, int], normalise: Normalise, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Quantize, then measure what it costs: mIoU of int8 against fp32, both through ONNX Runtime."""
+    from ciss.export.quantize import quantize_int8
+
+    log(f"quantizing to int8 (QDQ) on {len(calibration)} training images")
+    q_logits = quantize_int8(logits, calibration)
+    q_final = onnx_export.add_tail(q_logits, options.outputs)
+    onnx_export.set_metadata(q_final, {**metadata, "precision": "int8", "outputs": onnx_export.output_specs(q_final)})
+    onnx_export.save_checked(q_final, work / "model.int8.onnx")
+    variant: dict[str, Any] = {"file": "model.int8.onnx", "format": "QDQ", "calibration_images": len(calibration)}
+    if eval_ds is None:
+        return variant
+    protocol = step_manifest["config"]["data"]["eval_protocol"]
+    fp32 = evaluate_graph(onnx_export.add_tail(logits, "mask"), eval_ds, classmap, protocol, size, normalise)
+    int8 = evaluate_graph(onnx_export.add_tail(q_logits, "mask"), eval_ds, classmap, protocol, size, normalise)
+    variant.update(split=step_manifest["config"]["data"]["eval_split"], eval_images=fp32["images"],
+                   miou_fp32=fp32["miou_all"], miou_int8=int8["miou_all"],
+                   miou_drop=fp32["miou_all"] - int8["miou_all"],
+                   per_class_fp32=fp32["per_class"], per_class_int8=int8["per_class"])
+    log(f"int8 mIoU {100 * int8['miou_all']:.1f} vs fp32 {100 * fp32['miou_all']:.1f} "
+        f"on {fp32['images']} eval images at {size[0]}x{size[1]} (drop {100 * variant['miou_drop']:.2f} points)")
+    return variant
+
+
+def _build_engines(files: dict[str, Path], manifest: dict[str, Any], calibration: list[np.ndarray],
+                   classmap: ClassMap, options: ExportOptions, size: tuple[int, int], work: Path,
+                   log: Callable[[str], None]) -> str | None:
+    """Build the TensorRT engine where TensorRT and a GPU are present; else say why not.
+
+    TensorRT 10 takes the fp32 graph with precision flags (int8 through entropy calibration on the
+    training images); TensorRT 11 builds strongly typed only, so it gets the float16 or QDQ graph.
+    """
+    from ciss.config_paths import cache_dir
+    from ciss.export import tensorrt
+
+    local = tensorrt.local_gpu()
+    if local is None:
+        reason = tensorrt.engine_unavailable_reason()
+        log(f"no TensorRT engine: {reason}")
+        return reason
+    source = "model.onnx"
+    if int(local.tensorrt.split(".")[0]) >= 11 and options.precision == "fp16":
+        source = "model.fp16.onnx"
+        tensorrt.to_float16(files["model.onnx"], work / source)
+        files[source] = work / source
+    elif int(local.tensorrt.split(".")[0]) >= 11 and options.precision == "int8":
+        source = "model.int8.onnx"
+    profile = None
+    if options.dynamic:
+        h, w = size
+        biggest = (min(onnx_export.MAX_SIDE, 2 * h), min(onnx_export.MAX_SIDE, 2 * w))
+        profile = {onnx_export.INPUT: ((1, 3, onnx_export.MIN_SIDE, onnx_export.MIN_SIDE), (1, 3, h, w), (1, 3, *biggest))}
+    log(f"building a TensorRT {local.tensorrt} {options.precision} engine from {source} on {local.gpu}")
+    engine, sidecar = tensorrt.build_engine(
+        files[source], work / "engines", precision=options.precision, workspace_gb=options.workspace_gb,
+        calibration=calibration or None, profile=profile, classmap_version=len(classmap),
+        cache_dir=cache_dir() / "tensorrt")
+    files[f"engines/{engine.name}"], files[f"engines/{sidecar.name}"] = engine, sidecar
+    manifest["engines"].append({"file": f"engines/{engine.name}", "manifest": f"engines/{sidecar.name}",
+                                "precision": options.precision, "onnx": source})
+    return None

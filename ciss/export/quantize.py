@@ -1,0 +1,53 @@
+"""Static int8 quantization of the logits graph with ONNX Runtime, in QDQ form.
+
+QDQ (explicit QuantizeLinear/DequantizeLinear pairs) is the one int8 representation that ONNX
+Runtime's CPU provider, TensorRT 10 and the strongly-typed TensorRT 11 all read (runtime.md §4.1),
+so a single file serves CPU edge devices and later engine builds. Activations and weights are
+symmetric int8 (TensorRT requires zero points of 0), weights per output channel.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
+
+from ciss.errors import CissError
+from ciss.export.onnx import INPUT
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, batches: Sequence[np.ndarray]):
+        self._it: Iterator[np.ndarray] = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self._it, None)
+        return None if x is None else {INPUT: x}
+
+
+def quantize_int8(logits_graph: onnx.ModelProto, calibration: Sequence[np.ndarray],
+                  method: CalibrationMethod = CalibrationMethod.MinMax) -> onnx.ModelProto:
+    """The graph with int8 convolutions, calibrated on `calibration` (1×3×H×W network inputs)."""
+    if not calibration:
+        raise CissError("int8 quantization needs calibration images; the step's training images were not found")
+    with tempfile.TemporaryDirectory(prefix="ciss-int8-") as tmp:
+        source, prepared, quantized = (Path(tmp) / f"{n}.onnx" for n in ("fp32", "prepared", "int8"))
+        onnx.save_model(logits_graph, str(source))
+        # Shape inference and graph clean-up first, as ONNX Runtime's quantization guide asks.
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_static(prepared, quantized, _Batches(calibration), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        calibrate_method=method,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        return onnx.load_model(str(quantized))

@@ -1,0 +1,199 @@
+"""`ciss export`: real torch.onnx exports of a tiny two-step run, checked by real ONNX Runtime sessions."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import CISS, REPO, write_config
+from onnx import TensorProto, helper
+from torch import nn
+
+from ciss.classmap import ClassMap
+from ciss.errors import CissError
+from ciss.export import onnx as ox
+from ciss.export.pipeline import ExportOptions, export_step
+from ciss.export.repository import ModelRepository
+from ciss.export.verify import cpu_session, to_input
+from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
+from ciss.trainer.learn import learn
+from ciss.trainer.store import RunStore
+
+NORMALISE = Normalise(IMAGENET_MEAN, IMAGENET_STD)
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """Step 0 learns four classes, step 1 adds two: the export sees a grown, fused head."""
+    root = tmp_path_factory.mktemp("export")
+    config = write_config(root / "fast.toml", size=8)
+    run = root / "run"
+    learn(run, classes=["sky", "grass", "disk", "box"], config_file=config, method="ft", log=lambda s: None)
+    learn(run, new_classes=["triangle", "ring"], method="mib", log=lambda s: None)
+    return run
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def scene(size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    from ciss.synthetic import render_scene
+
+    return render_scene(np.random.default_rng(seed), *size)[0]
+
+
+def test_fixed_size_export_round_trips_its_metadata(run: Path, tmp_path: Path):
+    result = export_step(run, tmp_path / "models", "robot", ExportOptions(size=(48, 64), outputs="mask+confidence"),
+                         log=quiet)
+    assert result.version == 1 and sorted(p.name for p in result.path.iterdir()) == ["manifest.json", "model.onnx"]
+    session = cpu_session(str(result.path / "model.onnx"))
+    meta = ox.read_metadata(session.get_modelmeta().custom_metadata_map)
+    classmap = RunStore(run).classmap(1)
+    assert ClassMap.from_json(meta["classes"]) == classmap
+    assert meta["step"] == 1 and meta["model_version"] == 1 and meta["precision"] == "fp32"
+    assert meta["input"]["size"] == [48, 64] and meta["input"]["mean"] == list(IMAGENET_MEAN)
+    assert meta["exporter"]["opset"] == ox.OPSET and meta["exporter"]["torch"] == torch.__version__
+    assert onnx.load(str(result.path / "model.onnx")).model_version == 1
+    assert result.manifest["outputs"] == meta["outputs"] == [
+        {"name": "mask", "dtype": "uint8", "shape": [1, 48, 64]},
+        {"name": "confidence", "dtype": "float32", "shape": [1, 48, 64]}]
+    assert result.manifest["parity"]["mask_agreement"] >= 0.999
+
+    model, _ = RunStore(run).load(1)
+    x = to_input(scene((48, 64)), (48, 64), NORMALISE)
+    mask, confidence = session.run(None, {"images": x})
+    with torch.no_grad():
+        probs = model.eval()(torch.from_numpy(x)).softmax(1)
+    assert mask.dtype == np.uint8 and mask.shape == (1, 48, 64)
+    assert (mask == probs.argmax(1).numpy()).mean() >= 0.999
+    np.testing.assert_allclose(confidence, probs.max(1).values.numpy(), atol=1e-4)
+
+
+def test_a_fixed_size_graph_refuses_other_sizes(run: Path, tmp_path: Path):
+    result = export_step(run, tmp_path / "models", "robot", ExportOptions(size=(48, 64)), log=quiet)
+    session = cpu_session(str(result.path / "model.onnx"))
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        session.run(None, {"images": np.zeros((1, 3, 64, 64), np.float32)})
+
+
+def test_dynamic_export_is_checked_at_three_sizes_and_runs_at_others(run: Path, tmp_path: Path):
+    result = export_step(run, tmp_path / "models", "robot", ExportOptions(size=(48, 64), dynamic=True), log=quiet)
+    parity = result.manifest["parity"]
+    assert [s["size"] for s in parity["sizes"]] == [[48, 64], [32, 32], [75, 85]]
+    assert all(s["mask_agreement"] >= 0.999 for s in parity["sizes"])
+    assert result.manifest["input"]["size"] is None and result.manifest["input"]["dynamic"]
+    assert result.manifest["outputs"][0]["shape"][1:] == ["height", "width"]
+    session = cpu_session(str(result.path / "model.onnx"))
+    model, _ = RunStore(run).load(1)
+    x = to_input(scene((57, 91), seed=3), (57, 91), NORMALISE)
+    (mask,) = session.run(None, {"images": x})
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(x)).argmax(1).numpy()
+    assert mask.shape == (1, 57, 91) and (mask == expected).mean() >= 0.999
+
+
+def test_logits_output_and_wide_class_maps(run: Path):
+    model, _ = RunStore(run).load(1)
+    logits = ox.export_logits(model.fused(), (32, 48), dynamic=False)
+    graph = ox.add_tail(logits, "logits")
+    assert [o.name for o in graph.graph.output] == ["logits"]
+    x = to_input(scene((32, 48)), (32, 48), NORMALISE)
+    (out,) = cpu_session(graph).run(None, {"images": x})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model.eval()(torch.from_numpy(x)).numpy(), atol=1e-4)
+
+    # Past 255 classes the mask no longer fits a byte: the tail switches to uint16.
+    wide = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["images"], ["logits"])], "wide",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 300, 2, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 300, 2, 2])]),
+        opset_imports=[helper.make_opsetid("", ox.OPSET)], ir_version=10)
+    scores = np.zeros((1, 300, 2, 2), np.float32)
+    scores[0, 299, 1, 1] = 1
+    (mask,) = cpu_session(ox.add_tail(wide, "mask")).run(None, {"images": scores})
+    assert mask.dtype == np.uint16 and mask[0, 1, 1] == 299 and mask[0, 0, 0] == 0
+
+
+def test_dynamic_export_is_refused_for_pyramid_pooling():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2))
+    assert "fixed --size" in ox.dynamic_unsupported_reason(net)
+    assert ox.dynamic_unsupported_reason(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1))) is None
+    with pytest.raises(CissError, match="cannot export with --dynamic: module 1 pools to a"):
+        ox.export_logits(net, (32, 32), dynamic=True)
+
+
+def test_int8_qdq_variant_and_its_measured_drop(run: Path, tmp_path: Path):
+    result = export_step(run, tmp_path / "models", "robot",
+                         ExportOptions(size=(48, 64), precision="int8", calib_images=8), log=quiet)
+    int8 = result.manifest["variants"]["int8"]
+    graph = onnx.load(str(result.path / "model.int8.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert int8["format"] == "QDQ" and int8["calibration_images"] == 8 and int8["eval_images"] > 0
+    assert int8["miou_drop"] == pytest.approx(int8["miou_fp32"] - int8["miou_int8"])
+    assert abs(int8["miou_drop"]) < 0.1  # a tiny synthetic model: int8 should cost little
+    fp32 = cpu_session(str(result.path / "model.onnx"))
+    q = cpu_session(str(result.path / "model.int8.onnx"))
+    x = to_input(scene((48, 64), seed=5), (48, 64), NORMALISE)
+    (a,), (b,) = fp32.run(None, {"images": x}), q.run(None, {"images": x})
+    assert b.dtype == np.uint8 and b.shape == a.shape
+    assert (a == b).mean() > 0.5  # an undertrained tiny net has near-tied logits, so int8 flips some pixels
+    assert ModelRepository(tmp_path / "models").verify() == []
+
+
+def test_versions_must_extend_the_class_map(run: Path, tmp_path: Path):
+    repo = tmp_path / "models"
+    assert export_step(run, repo, "robot", ExportOptions(step=0, size=(32, 32)), log=quiet).version == 1
+    v2 = export_step(run, repo, "robot", ExportOptions(step=1, size=(32, 32)), log=quiet)
+    assert v2.version == 2 and v2.manifest["parent"] == 1
+    with pytest.raises(CissError, match="does not extend"):  # step 0 again: triangle and ring would vanish
+        export_step(run, repo, "robot", ExportOptions(step=0, size=(32, 32)), log=quiet)
+    assert ModelRepository(repo).versions("robot") == [1, 2]
+    forced = export_step(run, repo, "robot", ExportOptions(step=0, size=(32, 32), allow_class_change=True), log=quiet)
+    assert forced.version == 3 and forced.manifest["parent"] == 2
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CISS, *args], check=False, capture_output=True, text=True, cwd=REPO)
+
+
+def test_bad_input_is_one_line_and_publishes_nothing(run: Path, tmp_path: Path):
+    repo = tmp_path / "models"
+    cases = [
+        (["--step", "7"], "has no step 7"),
+        (["--name", "../escape"], "name"),
+        (["--size", "12x12"], "between 32 and 4096"),
+        (["--size", "big"], "is not HxW"),
+        (["--precision", "fp16"], "add --trt"),
+    ]
+    for extra, message in cases:
+        args = ["export", "--run", str(run), "--repo", str(repo), "--name", "robot", *extra]
+        out = cli(*args)
+        assert out.returncode == 2, (extra, out.stderr)
+        assert out.stderr.strip().splitlines()[-1].startswith("error: ") and message in out.stderr, (extra, out.stderr)
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    weights = broken / "step-1" / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = cli("export", "--run", str(broken), "--repo", str(repo), "--name", "robot")
+    assert out.returncode == 2 and "corrupt" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not repo.exists() or ModelRepository(repo).versions("robot") == []
+
+
+@pytest.mark.skipif(find_spec("tensorrt") is not None, reason="TensorRT is installed here, so an engine is built")
+def test_trt_without_tensorrt_publishes_the_onnx_then_exits_2(run: Path, tmp_path: Path):
+    repo = tmp_path / "models"
+    out = cli("export", "--run", str(run), "--repo", str(repo), "--name", "robot", "--size", "32x32", "--trt")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: no TensorRT engine built (TensorRT is not installed (pip install tensorrt on a machine with an "
+        "NVIDIA GPU)); version 1 holds the ONNX model only")
+    assert ModelRepository(repo).versions("robot") == [1] and ModelRepository(repo).verify() == []
