@@ -157,7 +157,8 @@ def export_step(run: Path, repo: Path, name: str, options: ExportOptions,
 
         engine_error = None
         if options.trt:
-            engine_error = _build_engines(files, manifest, calibration, classmap, options, size, work, log)
+            engine_error = _build_engines(files, manifest, logits, metadata, calibration, classmap, options, size,
+                                          work, log)
 
         version = repository.publish(name, files, manifest, allow_class_change=options.allow_class_change,
                                      stamp=_stamp_onnx)
@@ -183,6 +184,12 @@ def _stamp_onnx(staging: Path, version: int) -> list[str]:
     return changed
 
 
+def _save_int8(q_logits: Any, metadata: dict[str, Any], outputs: str, path: Path) -> None:
+    graph = onnx_export.add_tail(q_logits, outputs)
+    onnx_export.set_metadata(graph, {**metadata, "precision": "int8", "outputs": onnx_export.output_specs(graph)})
+    onnx_export.save_checked(graph, path)
+
+
 def _int8_variant(logits: Any, calibration: list[np.ndarray], metadata: dict[str, Any], options: ExportOptions,
                   eval_ds: SegDataset | None, classmap: ClassMap, step_manifest: dict[str, Any],
                   size: tuple[int, int], normalise: Normalise, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -190,11 +197,10 @@ def _int8_variant(logits: Any, calibration: list[np.ndarray], metadata: dict[str
     from ciss.export.quantize import quantize_int8
 
     log(f"quantizing to int8 (QDQ) on {len(calibration)} training images")
-    q_logits = quantize_int8(logits, calibration)
-    q_final = onnx_export.add_tail(q_logits, options.outputs)
-    onnx_export.set_metadata(q_final, {**metadata, "precision": "int8", "outputs": onnx_export.output_specs(q_final)})
-    onnx_export.save_checked(q_final, work / "model.int8.onnx")
-    variant: dict[str, Any] = {"file": "model.int8.onnx", "format": "QDQ", "calibration_images": len(calibration)}
+    q_logits = quantize_int8(logits, calibration, target="cpu")
+    _save_int8(q_logits, metadata, options.outputs, work / "model.int8.onnx")
+    variant: dict[str, Any] = {"file": "model.int8.onnx", "format": "QDQ", "activations": "uint8",
+                               "calibration_images": len(calibration)}
     if eval_ds is None:
         return variant
     protocol = step_manifest["config"]["data"]["eval_protocol"]
@@ -209,13 +215,15 @@ def _int8_variant(logits: Any, calibration: list[np.ndarray], metadata: dict[str
     return variant
 
 
-def _build_engines(files: dict[str, Path], manifest: dict[str, Any], calibration: list[np.ndarray],
+def _build_engines(files: dict[str, Path], manifest: dict[str, Any], logits: Any, metadata: dict[str, Any],
+                   calibration: list[np.ndarray],
                    classmap: ClassMap, options: ExportOptions, size: tuple[int, int], work: Path,
                    log: Callable[[str], None]) -> str | None:
     """Build the TensorRT engine where TensorRT and a GPU are present; else say why not.
 
     TensorRT 10 takes the fp32 graph with precision flags (int8 through entropy calibration on the
-    training images); TensorRT 11 builds strongly typed only, so it gets the float16 or QDQ graph.
+    training images); TensorRT 11 builds strongly typed only, so it gets a float16 graph or a QDQ graph
+    with the symmetric activations TensorRT requires.
     """
     from ciss.config_paths import cache_dir
     from ciss.export import tensorrt
@@ -231,7 +239,11 @@ def _build_engines(files: dict[str, Path], manifest: dict[str, Any], calibration
         tensorrt.to_float16(files["model.onnx"], work / source)
         files[source] = work / source
     elif int(local.tensorrt.split(".")[0]) >= 11 and options.precision == "int8":
-        source = "model.int8.onnx"
+        from ciss.export.quantize import quantize_int8
+
+        source = "model.int8-tensorrt.onnx"
+        _save_int8(quantize_int8(logits, calibration, target="tensorrt"), metadata, options.outputs, work / source)
+        files[source] = work / source
     profile = None
     if options.dynamic:
         h, w = size
