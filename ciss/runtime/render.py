@@ -1,0 +1,110 @@
+"""Drawing for `ciss live`: the class overlay, the legend of known classes and the HUD line.
+
+Colours come from the class map (RGB there, BGR here) rather than from a palette indexed by id at
+draw time, so a class keeps its colour when a hot-swapped version adds classes after it.
+Everything is whole-array numpy/OpenCV work: per-pixel Python would cost more than the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import cv2
+import numpy as np
+
+from ciss.classmap import ClassMap
+
+NEW_TAG = "NEW"
+NEW_COLOR = (0, 230, 255)  # BGR amber: the "just learned" tag
+TEXT_COLOR = (255, 255, 255)
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def class_lut(classmap: ClassMap) -> np.ndarray:
+    """The Nx3 uint8 BGR colour table of a class map, row = class id."""
+    return np.array(classmap.colors, np.uint8).reshape(-1, 3)[:, ::-1].copy()
+
+
+def overlay(frame: np.ndarray, mask: np.ndarray, lut: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """`frame` with each pixel blended towards its class colour; a new image.
+
+    Background (id 0, "not taught yet") is left as seen instead of tinted black, so what the model
+    has learned stands out. `mask` is HxW uint8 or uint16 with ids < len(lut).
+    """
+    if mask.shape != frame.shape[:2]:
+        raise ValueError(f"mask {mask.shape} does not match frame {frame.shape[:2]}")
+    colors = np.take(lut, mask, axis=0)  # one gather; 3x faster than lut[mask] here
+    out = cv2.addWeighted(frame, 1.0 - alpha, colors, alpha, 0.0)
+    cv2.copyTo(frame, (mask == 0).view(np.uint8), out)
+    return out
+
+
+def _metrics(image: np.ndarray) -> tuple[float, int, int]:
+    """Font scale, thickness and row height that stay readable from 240p to 1080p."""
+    scale = max(0.4, image.shape[0] / 900)
+    thickness = 1 if scale < 0.8 else 2
+    (_, h), base = cv2.getTextSize("Ag", _FONT, scale, thickness)
+    return scale, thickness, h + base + 4
+
+
+def _shade(image: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> None:
+    """Darken a box so white text reads on any scene while the scene stays visible."""
+    x0, y0 = max(x0, 0), max(y0, 0)
+    box = image[y0:y1, x0:x1]
+    np.right_shift(box, 2, out=box)
+
+
+def legend(image: np.ndarray, classmap: ClassMap, new_ids: Iterable[int] = ()) -> list[str]:
+    """Draw the classes of `classmap` (not background) top right, in place, with a colour swatch
+    each and a NEW tag on `new_ids`; columns wrap leftwards when a column is full.
+
+    Returns the entries as drawn, e.g. "5 disk NEW".
+    """
+    new = set(new_ids)
+    scale, thickness, row = _metrics(image)
+    pad = row // 3
+    swatch = row - 4
+    classes = [c for c in classmap if c.id != 0]
+    entries = [f"{c.id} {c.name}" + (f" {NEW_TAG}" if c.id in new else "") for c in classes]
+    if not classes:
+        return entries
+    per_column = max(1, (image.shape[0] - 2 * pad) // row)
+    tag_w = cv2.getTextSize(f" {NEW_TAG}", _FONT, scale, thickness)[0][0]
+    right = image.shape[1]
+    for start in range(0, len(classes), per_column):
+        chunk = classes[start:start + per_column]
+        names = [f"{c.id} {c.name}" for c in chunk]
+        text_w = max(cv2.getTextSize(n, _FONT, scale, thickness)[0][0] for n in names)
+        width = pad + swatch + pad + text_w + (tag_w if new & {c.id for c in chunk} else 0) + pad
+        left = right - width
+        _shade(image, left, 0, right, 2 * pad + row * len(chunk))
+        for k, (c, name) in enumerate(zip(chunk, names, strict=True)):
+            top = pad + k * row
+            bgr = c.color[::-1]
+            cv2.rectangle(image, (left + pad, top + 2), (left + pad + swatch, top + 2 + swatch), bgr, -1)
+            baseline = top + row - 4
+            x = left + 2 * pad + swatch
+            cv2.putText(image, name, (x, baseline), _FONT, scale, TEXT_COLOR, thickness, cv2.LINE_AA)
+            if c.id in new:
+                cv2.putText(image, f" {NEW_TAG}", (x + text_w, baseline), _FONT, scale, NEW_COLOR, thickness,
+                            cv2.LINE_AA)
+        right = left
+    return entries
+
+
+def hud(image: np.ndarray, fps: float | None, latency_ms: float | None, version: int | None,
+        backend: str) -> list[str]:
+    """Draw FPS, end-to-end latency, model version and backend top left, in place; returns the lines."""
+    speed = f"{fps:.1f} FPS" if fps else "-- FPS"
+    delay = f"{latency_ms:.0f} ms" if latency_ms is not None else "-- ms"
+    model = f"model v{version}" if version is not None else "no model"
+    # "onnxruntime:CUDAExecutionProvider" -> "ort CUDA": the full name does not fit a 320 px frame.
+    short = backend.replace("onnxruntime:", "ort ").replace("ExecutionProvider", "")
+    lines = [f"{speed}  {delay}", f"{model}  {short}"]
+    scale, thickness, row = _metrics(image)
+    pad = row // 3
+    width = max(cv2.getTextSize(t, _FONT, scale, thickness)[0][0] for t in lines) + 2 * pad
+    _shade(image, 0, 0, width, 2 * pad + row * len(lines))
+    for k, text in enumerate(lines):
+        cv2.putText(image, text, (pad, pad + (k + 1) * row - 4), _FONT, scale, TEXT_COLOR, thickness, cv2.LINE_AA)
+    return lines
