@@ -177,6 +177,54 @@ def export(run: Path, step: str, repo: Path, name: str, size: str | None, dynami
 
 
 @main.command()
+@click.option("--camera", type=int, help="Camera index (V4L2 /dev/videoN on Linux).")
+@click.option("--source", help="Video file, rtsp:// or http:// URL, image folder or glob, or 'synthetic'.")
+@click.option("--repo", type=click.Path(path_type=Path), required=True, help="Model repository to serve from.")
+@click.option("--name", required=True, help="Model name in the repository.")
+@click.option("--backend", default="auto", show_default=True,
+              help="auto, tensorrt, ort-trt, ort-cuda, ort-cpu, ort-int8 or torch (debug).")
+@click.option("--pin", type=int, help="Serve this version only (do not follow new versions).")
+@click.option("--poll", "poll_s", default=0.5, show_default=True, type=float, help="Seconds between repository checks.")
+@click.option("--threads", default=0, show_default=True, type=int, help="Inference threads (0: the backend's default).")
+@click.option("--headless", is_flag=True, help="No window (automatic when there is no display).")
+@click.option("--save", type=click.Path(path_type=Path), help="Write the annotated video here (.mp4 or .avi).")
+@click.option("--save-masks", type=click.Path(path_type=Path), help="Write each frame's class ids as PNG here.")
+@click.option("--stats", type=click.Path(path_type=Path), help="Write one JSON line per frame here.")
+@click.option("--max-frames", type=int, help="Stop after this many frames.")
+@click.option("--loop", is_flag=True, help="Restart files and image folders at the end.")
+@click.option("--fps", type=float, help="Pace files and image folders at this rate (default: as fast as they run).")
+@click.option("--alpha", default=0.5, show_default=True, type=float, help="Overlay opacity.")
+def live(camera: int | None, source: str | None, repo: Path, name: str, backend: str, pin: int | None, poll_s: float,
+         threads: int, headless: bool, save: Path | None, save_masks: Path | None, stats: Path | None,
+         max_frames: int | None, loop: bool, fps: float | None, alpha: float) -> None:
+    """Segment live video with the newest model version, hot-swapping as new versions are published."""
+    from ciss.runtime.pipeline import LiveOptions, describe_report, run_live
+    from ciss.runtime.segmenter import Segmenter
+    from ciss.runtime.sinks import check_target, has_display
+    from ciss.runtime.sources import open_source
+
+    if (camera is None) == (source is None):
+        raise CissError("give exactly one of --camera N or --source (file, URL, folder, glob or 'synthetic')")
+    if max_frames is not None and max_frames < 1:
+        raise CissError("--max-frames must be at least 1")
+    for target in (save, stats):
+        if target is not None:
+            check_target(target)  # fail before minutes of model loading, not at the first frame
+    echo = lambda s: click.echo(s, err=True)  # noqa: E731
+    display = not headless and has_display()
+    if not headless and not display:
+        echo("no display found: running headless")
+    options = LiveOptions(display=display, save=save, save_masks=save_masks, stats=stats, max_frames=max_frames,
+                          alpha=alpha)
+    with Segmenter.from_repository(repo, name, backend=backend, version=pin, poll_s=poll_s, threads=threads,
+                                   on_error=lambda e: echo(f"version refused: {e}"), log=echo) as segmenter:
+        # Opened after the model is ready, so a live source does not count start-up frames as dropped.
+        with open_source(f"camera:{camera}" if camera is not None else source, loop=loop, fps=fps, log=echo) as src:
+            report = run_live(src, segmenter, options, log=echo)
+    click.echo(describe_report(report))
+
+
+@main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 def runs(path: Path) -> None:
     """Steps, classes and metrics of a run (or of every run in a folder) at a glance."""

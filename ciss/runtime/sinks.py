@@ -25,7 +25,7 @@ from ciss.runtime.sources import quiet_opencv
 FOURCC = "mp4v"
 
 
-def _check_target(path: Path) -> None:
+def check_target(path: Path) -> None:
     """Fail now, in one line, if `path` cannot become a file."""
     if path.is_dir():
         raise CissError(f"cannot write {path}: it is a folder")
@@ -51,7 +51,7 @@ class VideoSink:
         self.size = (int(size[0]), int(size[1]))
         if not fps > 0:
             raise CissError(f"video fps must be positive, not {fps}")
-        _check_target(self.path)
+        check_target(self.path)
         self._partial = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
         with quiet_opencv():
             self._writer: cv2.VideoWriter | None = cv2.VideoWriter(
@@ -128,7 +128,7 @@ class StatsSink:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        _check_target(self.path)
+        check_target(self.path)
         try:
             self._file: IO[str] = self.path.open("w", encoding="utf-8")
         except OSError as e:

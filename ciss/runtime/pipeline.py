@@ -1,0 +1,148 @@
+"""The live loop: source -> segmenter -> overlay -> display and files, with per-frame and per-swap stats.
+
+One thread runs the loop; live sources capture on their own thread (ciss.runtime.sources) and the
+next model version is prepared on the watcher's (ciss.runtime.hotswap), so the only work between
+two frames at a swap is a pointer exchange. The report says what a user of a robot needs to trust
+it: frames in and out, drops, latency, and for each swap the longest gap between two output frames.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack, closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ciss.runtime.render import class_lut, hud, legend, overlay
+from ciss.runtime.segmenter import Result, Segmenter
+from ciss.runtime.sinks import Display, MaskSink, StatsSink, VideoSink, pixel_shares
+from ciss.runtime.sources import Source
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class LiveOptions:
+    display: bool = False
+    save: Path | None = None          # annotated video (mp4v)
+    save_masks: Path | None = None    # one PNG of class ids per frame
+    stats: Path | None = None         # JSONL, one record per frame
+    max_frames: int | None = None
+    alpha: float = 0.5
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+class _Rate:
+    """Frames per second over the last second of output, for the HUD."""
+
+    def __init__(self) -> None:
+        self._times: list[float] = []
+
+    def tick(self, now: float) -> float | None:
+        self._times = [t for t in self._times if now - t <= 1.0] + [now]
+        span = self._times[-1] - self._times[0]
+        return (len(self._times) - 1) / span if span > 0 else None
+
+
+def annotate(frame: np.ndarray, result: Result, luts: dict[int, np.ndarray], fps: float | None,
+             latency_ms: float, alpha: float) -> np.ndarray:
+    """The overlay with the legend of the version in use (its new classes tagged) and the HUD."""
+    lut = luts.setdefault(result.version, class_lut(result.classmap))
+    image = overlay(frame, result.mask, lut, alpha)
+    legend(image, result.classmap, result.new_classes)
+    hud(image, fps, latency_ms, result.version, result.backend)
+    return image
+
+
+def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Log = print,
+             on_frame: Callable[[Result], None] | None = None) -> dict[str, Any]:
+    """Run until the source ends, `max_frames`, or `q` in the window; returns the run's report."""
+    luts: dict[int, np.ndarray] = {}
+    rate = _Rate()
+    latencies: list[float] = []
+    out_times: list[float] = []
+    versions: list[int] = []
+    frames = 0
+    started = time.monotonic()
+    with ExitStack() as stack:
+        display = stack.enter_context(closing(Display())) if options.display else None
+        masks = MaskSink(options.save_masks) if options.save_masks else None
+        stats = stack.enter_context(StatsSink(options.stats)) if options.stats else None
+        video: VideoSink | None = None
+        while options.max_frames is None or frames < options.max_frames:
+            frame = source.read()
+            if frame is None:
+                break
+            result = segmenter(frame.image)
+            now = time.monotonic()
+            latency_ms = 1e3 * (now - frame.time)
+            fps = rate.tick(now)
+            latencies.append(latency_ms)
+            out_times.append(now)
+            versions.append(result.version)
+            frames += 1
+            if display is not None or options.save:
+                image = annotate(frame.image, result, luts, fps, latency_ms, options.alpha)
+                if options.save and video is None:
+                    video = stack.enter_context(VideoSink(options.save, source.fps or 30.0,
+                                                          (image.shape[1], image.shape[0])))
+                if video is not None:
+                    video.write(image)
+                if display is not None:
+                    display.show(image)
+                    if display.poll():
+                        log("stopped by the user")
+                        break
+            if masks is not None:
+                masks.write(frame.index, result.mask)
+            if stats is not None:
+                stats.write({"seq": result.seq, "frame": frame.index, "version": result.version,
+                             "latency_ms": round(latency_ms, 2),
+                             "timings_ms": {k: round(v, 2) for k, v in result.timings.items()},
+                             "shares": pixel_shares(result.mask, result.classmap.names)})
+            if on_frame is not None:
+                on_frame(result)
+    return _report(source, segmenter, frames, time.monotonic() - started, latencies, out_times, versions)
+
+
+def _report(source: Source, segmenter: Segmenter, frames: int, wall_s: float, latencies: list[float],
+            out_times: list[float], versions: list[int]) -> dict[str, Any]:
+    gaps = np.diff(out_times) * 1e3 if len(out_times) > 1 else np.zeros(0)
+    swaps = []
+    for s in segmenter.swaps:
+        k = next((i for i, v in enumerate(versions) if v == s["version"]), None)
+        around = gaps[max(0, (k or 0) - 2):(k or 0) + 1] if k is not None else np.zeros(0)
+        swaps.append({**s, "first_frame": k, "max_gap_ms": float(around.max()) if around.size else None})
+    source_stats = source.stats
+    return {
+        "frames": frames, "wall_s": wall_s, "fps": frames / wall_s if wall_s > 0 else None,
+        "dropped": int(source_stats.get("dropped", 0)), "source": source.describe(), "source_stats": source_stats,
+        "latency_ms": {"p50": _percentile(latencies, 50), "p95": _percentile(latencies, 95),
+                       "max": max(latencies) if latencies else None},
+        "frame_gap_ms": {"p50": _percentile(list(gaps), 50), "max": float(gaps.max()) if gaps.size else None},
+        "versions": sorted(set(versions)), "swaps": swaps, "backend": segmenter.backend,
+    }
+
+
+def describe_report(report: dict[str, Any]) -> str:
+    lat, gap = report["latency_ms"], report["frame_gap_ms"]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    lines = [f"{report['frames']} frames in {report['wall_s']:.1f} s ({report['fps'] or 0:.1f} FPS) from "
+             f"{report['source']} on {report['backend']}; dropped {report['dropped']}",
+             f"latency ms p50 {ms(lat['p50'])} p95 {ms(lat['p95'])} max {ms(lat['max'])}; "
+             f"frame gap ms p50 {ms(gap['p50'])} max {ms(gap['max'])}",
+             f"versions served: {', '.join(map(str, report['versions']))}"]
+    for s in report["swaps"]:
+        lines.append(f"swap {s['previous']} -> {s['version']} at frame {s['first_frame']}: +{len(s['new_classes'])} "
+                     f"classes, load {s['load_s']:.2f} s, warm-up {s['warmup_s']:.2f} s, swap {s['swap_ms']:.2f} ms, "
+                     f"longest frame gap around it {ms(s['max_gap_ms'])} ms")
+    return "\n".join(lines)

@@ -1,0 +1,290 @@
+"""Segmenter: BGR frames in, class masks at frame size out, from a model repository that it follows.
+
+Each frame runs under one lock, so calls from several threads are serialised, numbered in the order
+they ran, and a model swap can only fall between two frames (runtime.md §6.3 step 4). The next
+version is prepared off the frame path by ciss.runtime.hotswap and parked in a one-slot `pending`;
+the first frame that finds it there swaps, so every frame is produced by exactly one version.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import cv2
+import numpy as np
+
+from ciss.classmap import ClassMap
+from ciss.errors import CissError
+from ciss.export.repository import ModelRepository
+from ciss.runtime.backends import Backend, check_kind, load_backend
+from ciss.runtime.hotswap import HotSwap, prepare
+
+Log = Callable[[str], None]
+_LOG = logging.getLogger("ciss.runtime")
+
+
+@dataclass
+class Result:
+    """One segmented frame and where it came from (runtime.md §9 item 5: frame-accurate provenance)."""
+
+    mask: np.ndarray                 # H×W class ids at frame size, uint8 (uint16 past 255 classes)
+    confidence: np.ndarray | None    # H×W float32 top-class probability, when the model gives one
+    classmap: ClassMap               # the class map of `version`
+    version: int
+    seq: int                         # 0, 1, 2, ... in the order this Segmenter ran the frames
+    timings: dict[str, float]        # milliseconds: preprocess, infer, postprocess, total
+    new_classes: list[int] = field(default_factory=list)  # ids `version` added to the version served before
+    backend: str = ""                # the backend that produced it, e.g. onnxruntime:CPUExecutionProvider
+
+
+def input_size(spec: dict[str, Any], frame_hw: tuple[int, int]) -> tuple[int, int]:
+    """The network input (H, W) for a frame: the fixed export size, or for a dynamic graph the frame's
+    size rounded to the output stride (so the mask aligns) and kept inside the exported range."""
+    if spec.get("size"):
+        h, w = spec["size"]
+        return int(h), int(w)
+    stride = int(spec.get("stride") or 1)
+    low = spec.get("min_size") or (stride, stride)
+    high = spec.get("max_size") or frame_hw
+    return tuple(int(min(max(round(side / stride) * stride, lo), hi))  # type: ignore[return-value]
+                 for side, lo, hi in zip(frame_hw, low, high))
+
+
+def mask_from_logits(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids and top-class probability from C×H×W logits, for graphs exported with `logits` only."""
+    top = logits.max(axis=0)
+    confidence = (1.0 / np.exp(logits - top).sum(axis=0)).astype(np.float32)
+    dtype = np.uint8 if logits.shape[0] <= 255 else np.uint16
+    return logits.argmax(axis=0).astype(dtype), confidence
+
+
+class Model:
+    """One loaded version: its backend and the pre/post-processing its manifest describes."""
+
+    def __init__(self, version: int, manifest: dict[str, Any], backend: Backend):
+        self.version, self.manifest, self.backend = version, manifest, backend
+        self.classmap = ClassMap.from_json(manifest["classes"])
+        self.spec = manifest["input"]
+        scale, std = float(self.spec["scale"]), np.asarray(self.spec["std"], np.float32)
+        # (pixel * scale - mean) / std as one multiply-add per channel
+        self._mul = (scale / std).astype(np.float32)
+        self._add = (-np.asarray(self.spec["mean"], np.float32) / std).astype(np.float32)
+        self._rgb = self.spec.get("color", "RGB") == "RGB"
+
+    @classmethod
+    def load(cls, path: Path, manifest: dict[str, Any], kind: str, threads: int, log: Log) -> Model:
+        return cls(int(manifest["version"]), manifest, load_backend(path, manifest, kind, threads, log))
+
+    def preprocess(self, frame: np.ndarray) -> np.ndarray:
+        h, w = input_size(self.spec, frame.shape[:2])
+        if frame.shape[:2] != (h, w):
+            frame = cv2.resize(frame, (w, h), interpolation=cv2.INTER_LINEAR)
+        if self._rgb:
+            frame = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        x = frame.astype(np.float32)
+        x *= self._mul
+        x += self._add
+        return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+    def postprocess(self, outputs: dict[str, np.ndarray],
+                    frame_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        confidence = outputs["confidence"][0] if "confidence" in outputs else None
+        if "mask" in outputs:
+            mask = outputs["mask"][0]
+        else:
+            mask, confidence = mask_from_logits(outputs["logits"][0])
+        h, w = frame_hw
+        if mask.shape != (h, w):
+            # NEAREST_EXACT samples pixel centres; plain NEAREST shifts the mask by up to half a model pixel
+            mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+            if confidence is not None:
+                confidence = cv2.resize(confidence, (w, h), interpolation=cv2.INTER_LINEAR)
+        return mask, confidence
+
+    def run(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+        t0 = time.perf_counter()
+        x = self.preprocess(frame)
+        t1 = time.perf_counter()
+        outputs = self.backend.infer(x)
+        t2 = time.perf_counter()
+        mask, confidence = self.postprocess(outputs, frame.shape[:2])
+        t3 = time.perf_counter()
+        timings = {"preprocess": 1e3 * (t1 - t0), "infer": 1e3 * (t2 - t1), "postprocess": 1e3 * (t3 - t2)}
+        return mask, confidence, timings
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _check_frame(frame: np.ndarray) -> None:
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        what = f"shape {list(frame.shape)} {frame.dtype}" if isinstance(frame, np.ndarray) else type(frame).__name__
+        raise CissError(f"a frame must be a BGR uint8 H×W×3 array, not {what}")
+
+
+class Segmenter:
+    """Segments frames with the serving version of a model and swaps to newer ones between frames."""
+
+    def __init__(self, model: Model, *, on_swap: Callable[[int, int], None] | None = None, log: Log = _LOG.info):
+        self._model = model
+        self._pending: tuple[Model, dict[str, Any]] | None = None
+        self._pending_ready = threading.Event()
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._new_classes: list[int] = []
+        self._last_frame: np.ndarray | None = None
+        self._swaps: list[dict[str, Any]] = []
+        self._closed = False
+        self._on_swap = on_swap
+        self._log = log
+        self._swapper: HotSwap | None = None
+
+    @classmethod
+    def from_repository(cls, repo: Path | str, name: str, backend: str = "auto", version: int | None = None,
+                        watch: bool = True, poll_s: float = 0.5, threads: int = 0,
+                        on_swap: Callable[[int, int], None] | None = None,
+                        on_error: Callable[[Exception], None] | None = None, log: Log | None = None) -> Segmenter:
+        """Serve `name` from the repository at `repo`: version `version` only (pinned), or the latest
+        and, with `watch`, every newer version that passes the checks in ciss.runtime.hotswap.
+
+        `on_swap(old, new)` gets the two version numbers, on the frame thread, once the first frame of
+        `new` is segmented (before it is returned); `on_error(exc)` gets a CissError for each refused
+        version, on the watcher thread (or in check_updates' caller). With `watch=False` and no
+        `version`, new versions are taken only when check_updates() is called.
+        """
+        check_kind(backend)
+        log = log or _LOG.info
+        root = Path(repo)
+        if not root.is_dir():
+            raise CissError(f"model repository {root} does not exist; publish a model with "
+                            f"`ciss export --repo {root} --name {name}`")
+        repository = ModelRepository(root)
+        path = repository.path(name, version)
+
+        def load(version_dir: Path, manifest: dict[str, Any]) -> Model:
+            return Model.load(version_dir, manifest, backend, threads, log)
+
+        model, _ = prepare(path, [], load, frame=None)
+        segmenter = cls(model, on_swap=on_swap, log=log)
+        following = "pinned"
+        if version is None:
+            swapper = segmenter._swapper = HotSwap(
+                repository.root / name, load=load, models=segmenter._models,
+                last_frame=lambda: segmenter._last_frame, offer=segmenter._offer, on_error=on_error, log=log,
+                poll_s=poll_s)
+            following = "new versions on check_updates() only"
+            if watch:
+                swapper.start()
+                following = f"following new versions ({swapper.watch_mode}, checked every {poll_s:g} s)"
+        log(f"serving {name} version {model.version} on {model.backend.name}; {following}")
+        return segmenter
+
+    # --- the frame path --------------------------------------------------------------------------
+    def __call__(self, frame_bgr: np.ndarray) -> Result:
+        start = time.perf_counter()
+        _check_frame(frame_bgr)
+        with self._lock:
+            if self._closed:
+                raise CissError("this Segmenter is closed")
+            retired = self._swap(start) if self._pending is not None else None
+            model = self._model
+            mask, confidence, timings = model.run(frame_bgr)
+            self._last_frame = frame_bgr
+            seq, self._seq = self._seq, self._seq + 1
+            new_classes = self._new_classes
+        timings["total"] = 1e3 * (time.perf_counter() - start)
+        result = Result(mask, confidence, model.classmap, model.version, seq, timings, list(new_classes),
+                        model.backend.name)
+        if retired is not None:
+            retired.close()
+            if self._on_swap is not None:
+                self._on_swap(retired.version, model.version)
+        return result
+
+    def _swap(self, start: float) -> Model:
+        """Make the pending model the serving one (caller holds the lock); returns the retired model."""
+        assert self._pending is not None
+        (new, stats), old = self._pending, self._model
+        self._model, self._pending = new, None
+        self._pending_ready.clear()
+        self._new_classes = list(range(len(old.classmap), len(new.classmap)))
+        stats.update(previous=old.version, seq=self._seq, new_classes=self._new_classes, backend=new.backend.name,
+                     swap_ms=1e3 * (time.perf_counter() - start))
+        self._swaps.append(stats)
+        self._log(f"swapped to version {new.version} at frame {self._seq} (was {old.version}; "
+                  f"+{len(self._new_classes)} classes; load {stats['load_s']:.2f} s, "
+                  f"warm-up {stats['warmup_s']:.2f} s)")
+        return old
+
+    # --- hooks for HotSwap --------------------------------------------------------------------------
+    def _models(self) -> list[Model]:
+        """The serving model and the pending one: a candidate must extend both, since either may be
+        serving when it is swapped in."""
+        with self._lock:
+            return [self._model] + ([self._pending[0]] if self._pending else [])
+
+    def _offer(self, model: Model, stats: dict[str, Any]) -> None:
+        with self._lock:
+            closed, replaced = self._closed, self._pending
+            if not closed:
+                self._pending = (model, stats)
+                self._pending_ready.set()
+        if closed:
+            model.close()
+        elif replaced is not None:
+            self._log(f"version {model.version} replaces version {replaced[0].version}, which never served")
+            replaced[0].close()
+
+    # --- control and state --------------------------------------------------------------------------
+    def check_updates(self) -> int | None:
+        """Look for a newer version now, in this thread (what the watcher does on each event or poll);
+        returns the version parked for the next frame, or None. Refusals go to on_error as usual."""
+        return self._swapper.check() if self._swapper is not None else None
+
+    def wait_for_pending(self, timeout: float) -> bool:
+        """True once a checked version waits for the next frame; False after `timeout` seconds."""
+        return self._pending_ready.wait(timeout)
+
+    @property
+    def version(self) -> int:
+        return self._model.version
+
+    @property
+    def classmap(self) -> ClassMap:
+        return self._model.classmap
+
+    @property
+    def backend(self) -> str:
+        return self._model.backend.name
+
+    @property
+    def swaps(self) -> list[dict[str, Any]]:
+        """One record per swap: version, previous, seq (its first frame), new_classes, backend, and
+        verify_s, load_s, warmup_s, validate_s (off the frame path) and swap_ms (on it)."""
+        with self._lock:
+            return [dict(s) for s in self._swaps]
+
+    def close(self) -> None:
+        """Stop following the repository and release the models."""
+        if self._swapper is not None:
+            self._swapper.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            models = [self._model] + ([self._pending[0]] if self._pending else [])
+            self._pending = None
+        for model in models:
+            model.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,97 @@
+"""ciss.runtime.backends on real exported versions: ONNX Runtime on the CPU, the torch reference, and
+GPU backends asked for on this GPU-less machine (they must refuse at once, in one line)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_models import SIZE, exported, manifest_of, publish
+
+from ciss.errors import CissError
+from ciss.runtime.backends import KINDS, gpu_problem, load_backend
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory) -> Path:
+    return exported(tmp_path_factory).v2
+
+
+def example_input(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(1, 3, *SIZE)).astype(np.float32)
+
+
+def test_cpu_backend_runs_the_exported_graph(v2: Path):
+    logged: list[str] = []
+    backend = load_backend(v2, manifest_of(v2), "ort-cpu", threads=1, log=logged.append)
+    assert (backend.name, backend.precision) == ("onnxruntime:CPUExecutionProvider", "fp32")
+    assert backend.input_name == "images" and backend.output_names == ["mask"]
+    assert backend.session.get_session_options().intra_op_num_threads == 1
+    out = backend.infer(example_input())
+    assert out["mask"].shape == (1, *SIZE) and out["mask"].dtype == np.uint8 and out["mask"].max() < 7
+    assert logged == ["backend ort-cpu: onnxruntime:CPUExecutionProvider (fp32)"]
+
+
+@pytest.mark.skipif(gpu_problem() is None, reason="this machine has a GPU")
+def test_auto_steps_down_to_the_cpu_and_says_why(v2: Path):
+    logged: list[str] = []
+    backend = load_backend(v2, manifest_of(v2), "auto", log=logged.append)
+    assert backend.name == "onnxruntime:CPUExecutionProvider"
+    assert len(logged) == 1 and "onnxruntime:CPUExecutionProvider" in logged[0] and gpu_problem() in logged[0]
+
+
+@pytest.mark.skipif(gpu_problem() is None, reason="this machine has a GPU")
+@pytest.mark.parametrize("kind", ["ort-cuda", "ort-trt", "tensorrt"])
+def test_a_gpu_backend_asked_for_by_name_fails_fast_in_one_line(v2: Path, kind: str):
+    start = time.monotonic()
+    with pytest.raises(CissError) as info:
+        load_backend(v2, manifest_of(v2), kind, log=lambda s: None)
+    message = str(info.value)
+    assert time.monotonic() - start < 5
+    assert message.startswith(f"cannot use backend {kind}: ") and "\n" not in message and len(message) < 300
+
+
+def test_unknown_backend_lists_the_choices(v2: Path):
+    with pytest.raises(CissError, match="unknown backend 'cuda'; choose one of " + ", ".join(KINDS)):
+        load_backend(v2, manifest_of(v2), "cuda")
+
+
+def test_int8_backend_loads_the_variant_file_and_refuses_without_one(v2: Path, tmp_path: Path):
+    with pytest.raises(CissError, match="has no int8 variant"):
+        load_backend(v2, manifest_of(v2), "ort-int8")
+    # The variant here is the fp32 graph under the int8 name: this checks which file is loaded.
+    repo = tmp_path / "models"
+    version = publish(repo, v2, files={"model.int8.onnx": v2 / "model.onnx"},
+                      variants={"int8": {"file": "model.int8.onnx"}})
+    folder = repo / "robot" / str(version)
+    backend = load_backend(folder, manifest_of(folder), "ort-int8", log=lambda s: None)
+    assert backend.precision == "int8" and backend.name == "onnxruntime:CPUExecutionProvider"
+    (folder / "model.int8.onnx").write_bytes(b"not onnx")
+    with pytest.raises(CissError, match="ONNX Runtime cannot load .*model.int8.onnx"):
+        load_backend(folder, manifest_of(folder), "ort-int8")
+
+
+def test_torch_backend_rebuilds_the_step_and_agrees_with_onnx(v2: Path):
+    manifest = manifest_of(v2)
+    reference = load_backend(v2, manifest, "torch", log=lambda s: None)
+    assert reference.name == "torch" and reference.output_names == ["mask"]
+    x = example_input(1)
+    expected = load_backend(v2, manifest, "ort-cpu", log=lambda s: None).infer(x)["mask"]
+    got = reference.infer(x)["mask"]
+    assert got.dtype == np.uint8 and (got == expected).mean() >= 0.999
+
+    changed = {**manifest, "source": {**manifest["source"], "weights_sha256": "0" * 64}}
+    with pytest.raises(CissError, match="has changed since this version was exported"):
+        load_backend(v2, changed, "torch")
+
+
+def test_the_runtime_imports_without_torch():
+    code = ("import ciss.runtime.segmenter, ciss.runtime.backends, ciss.runtime.hotswap, sys; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

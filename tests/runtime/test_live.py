@@ -1,0 +1,150 @@
+"""`ciss live` end to end: real video files, real ONNX Runtime sessions, versions published mid-run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import CISS, REPO
+from tiny_models import NAME, Exported, exported, publish
+
+from ciss.runtime.pipeline import LiveOptions, run_live
+from ciss.runtime.segmenter import Result, Segmenter
+from ciss.runtime.sources import LiveSource, VideoCaptureProducer, open_source
+from ciss.synthetic import SyntheticStream
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Exported:
+    return exported(tmp_path_factory)
+
+
+def write_video(path: Path, frames: int, size: tuple[int, int] = (96, 128)) -> Path:
+    """A synthetic-scene clip: stuff regions (version 2 adds water and sand) with things moving over them."""
+    stream = SyntheticStream(*size, seed=1, things=6)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (size[1], size[0]))
+    for _ in range(frames):
+        writer.write(stream.read()[0])
+    writer.release()
+    return path
+
+
+def test_a_version_published_mid_file_flips_at_one_frame_and_loses_none(models: Exported, tmp_path: Path):
+    video = write_video(tmp_path / "clip.mp4", 30)
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    stats_file = tmp_path / "stats.jsonl"
+    published_at = 8
+
+    segmenter = Segmenter.from_repository(repo, NAME, poll_s=0.05, log=lambda s: None)
+
+    def on_frame(result: Result) -> None:
+        if result.seq == published_at:
+            publish(repo, models.v2)
+            assert segmenter.wait_for_pending(30), "the watcher never prepared version 2"
+
+    with segmenter, open_source(str(video)) as source:
+        report = run_live(source, segmenter, LiveOptions(stats=stats_file, save=tmp_path / "out.mp4"),
+                          log=lambda s: None, on_frame=on_frame)
+    records = [json.loads(line) for line in stats_file.read_text().splitlines()]
+    assert [r["seq"] for r in records] == [r["frame"] for r in records] == list(range(30))
+    assert [r["version"] for r in records] == [1] * (published_at + 1) + [2] * (30 - published_at - 1)
+    assert report["frames"] == 30 and report["dropped"] == 0 and report["versions"] == [1, 2]
+    (swap,) = report["swaps"]
+    assert swap["first_frame"] == published_at + 1 and swap["new_classes"] == [5, 6]
+    assert swap["max_gap_ms"] is not None and swap["load_s"] > 0
+    new_class_pixels = sum(r["shares"].get("water", 0) + r["shares"].get("sand", 0) for r in records[published_at + 1:])
+    old_names = {n for r in records[:published_at + 1] for n in r["shares"]}
+    assert new_class_pixels > 0 and not old_names & {"water", "sand"}
+    capture = cv2.VideoCapture(str(tmp_path / "out.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 30
+
+
+class PacedVideo(VideoCaptureProducer):
+    """A real capture of a file, delivered at `fps` like a camera."""
+
+    def __init__(self, path: Path, fps: float):
+        super().__init__(str(path))
+        self.period = 1.0 / fps
+
+    def read(self) -> np.ndarray | None:
+        time.sleep(self.period)
+        image = super().read()
+        if image is None and self.reopen():  # loop, like a camera that never ends
+            image = super().read()
+        return image
+
+
+def test_a_slow_consumer_sees_fresh_frames_and_counts_drops(models: Exported, tmp_path: Path):
+    video = write_video(tmp_path / "clip.mp4", 20)
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    with Segmenter.from_repository(repo, NAME, watch=False, log=lambda s: None) as segmenter, \
+            LiveSource(PacedVideo(video, fps=100), "paced clip", log=lambda s: None) as source:
+        report = run_live(source, segmenter, LiveOptions(max_frames=15), log=lambda s: None,
+                          on_frame=lambda r: time.sleep(0.06))  # a backend far slower than the camera
+    stats = source.stats  # after close, a frame left in the slot counts as dropped too
+    assert report["frames"] == stats["frames_read"] == 15 and report["dropped"] > 0
+    assert stats["dropped"] + stats["frames_read"] == stats["captured"]
+    # Latest-frame: each frame is at most about one producer period old when taken, so latency stays
+    # near the processing time instead of growing with a queue (15 frames x 60 ms would be ~0.9 s).
+    assert report["latency_ms"]["max"] < 250
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CISS, *args], check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_cli_headless_run_writes_video_masks_and_stats(models: Exported, tmp_path: Path):
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    out = cli("live", "--source", "synthetic", "--repo", str(repo), "--name", NAME, "--headless", "--max-frames", "6",
+              "--save", str(tmp_path / "out.mp4"), "--save-masks", str(tmp_path / "masks"),
+              "--stats", str(tmp_path / "stats.jsonl"))
+    assert out.returncode == 0, out.stderr
+    assert "6 frames" in out.stdout and "dropped 0" in out.stdout
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 6
+    assert len((tmp_path / "stats.jsonl").read_text().splitlines()) == 6
+    assert cv2.VideoCapture(str(tmp_path / "out.mp4")).get(cv2.CAP_PROP_FRAME_COUNT) == 6
+
+
+def test_cli_mistakes_are_one_line_with_exit_2(models: Exported, tmp_path: Path):
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    (tmp_path / "not-a-video.mp4").write_text("hello")
+    serve = ["--repo", str(repo), "--name", NAME, "--headless", "--max-frames", "1"]
+    cases = [
+        (["--camera", "7", *serve], "no camera at index 7"),
+        (["--source", str(tmp_path / "missing.mp4"), *serve], "missing.mp4"),
+        (["--source", str(tmp_path / "not-a-video.mp4"), *serve], "not-a-video.mp4"),
+        (["--source", "synthetic", *serve, "--backend", "warp"], "warp"),
+        (["--source", "synthetic", *serve, "--backend", "ort-cuda"], "CUDA"),
+        (["--source", "synthetic", "--repo", str(tmp_path / "nowhere"), "--name", NAME], "does not exist"),
+        (["--source", "synthetic", "--camera", "0", *serve], "exactly one of"),
+        (["--source", "synthetic", *serve, "--save", str(tmp_path / "no" / "out.mp4")], "does not exist"),
+    ]
+    for args, message in cases:
+        out = cli("live", *args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and lines and lines[-1].startswith("error: "), (args, out.stderr)
+        assert message in lines[-1], (args, out.stderr)
+
+
+def test_the_robot_example_acts_on_a_class_once_a_version_knows_it(models: Exported, tmp_path: Path):
+    repo = tmp_path / "models"
+    publish(repo, models.v2)
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "follow_class.py"), "--repo", str(repo),
+                          "--name", NAME, "--target", "water", "--source", "synthetic", "--max-frames", "3"],
+                         check=False, capture_output=True, text=True, timeout=300)
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 3, out.stderr
+    assert all(line.startswith(f"frame {i} v1: ") for i, line in enumerate(lines))
+    assert all(line.split(": ")[1].split(" ")[0] in ("left", "right", "stop", "search") for line in lines)
