@@ -9,10 +9,11 @@ it: frames in and out, drops, latency, and for each swap the longest gap between
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -136,10 +137,10 @@ def describe_report(report: dict[str, Any]) -> str:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}"
 
-    lines = [f"{report['frames']} frames in {report['wall_s']:.1f} s ({report['fps'] or 0:.1f} FPS) from "
-             f"{report['source']} on {report['backend']}; dropped {report['dropped']}",
-             f"latency ms p50 {ms(lat['p50'])} p95 {ms(lat['p95'])} max {ms(lat['max'])}; "
-             f"frame gap ms p50 {ms(gap['p50'])} max {ms(gap['max'])}",
+    lines = [(f"{report['frames']} frames in {report['wall_s']:.1f} s ({report['fps'] or 0:.1f} FPS) from "
+              f"{report['source']} on {report['backend']}; dropped {report['dropped']}"),
+             (f"latency ms p50 {ms(lat['p50'])} p95 {ms(lat['p95'])} max {ms(lat['max'])}; "
+              f"frame gap ms p50 {ms(gap['p50'])} max {ms(gap['max'])}"),
              f"versions served: {', '.join(map(str, report['versions']))}"]
     for s in report["swaps"]:
         lines.append(f"swap {s['previous']} -> {s['version']} at frame {s['first_frame']}: +{len(s['new_classes'])} "
