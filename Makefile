@@ -16,16 +16,13 @@ $(BIN)/ciss: pyproject.toml
 
 venv: $(BIN)/ciss
 
-# The tiny model learns from scratch, so both steps use a higher learning rate than the
-# ImageNet-initialised recipes in configs/defaults.toml.
+# Learn, go live, learn more while live, hot-swap: `ciss demo` (ciss/apps/demo.py). --force
+# replaces the previous demo's files in demo-out/, so the target can be run again.
 demo: venv
-	rm -rf runs/demo
-	$(BIN)/ciss learn --run runs/demo --classes sky,grass,water,sand,disk,box --epochs 30 --lr 0.05
-	$(BIN)/ciss learn --run runs/demo --new-classes triangle,ring --method mib --epochs 15 --lr 0.05
-	$(BIN)/ciss eval --run runs/demo
+	$(BIN)/ciss demo --out demo-out --force
 
 test: venv
 	$(BIN)/pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs demo-out

@@ -271,5 +271,31 @@ def models(args: tuple[str, ...]) -> None:
     click.echo(f"{checked} version{'s' if checked != 1 else ''} verified")
 
 
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
+              help="Folder for the video, the after-swap frame, the forgetting plot, metrics.json, the run and models.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Dataset in the folder format, e.g. ../shared/data/camvid (default: the synthetic scenes).")
+@click.option("--video", help="Video (or image folder, URL, camera) to serve live, looped "
+                              "(default: the synthetic stream, or --data's test images).")
+@click.option("--method", default="gsc", show_default=True, help="Method of the new step: ft, mib, plop, gsc or idec.")
+@click.option("--classes", help="Base classes, comma-separated (default: sky,grass,water,sand,disk,box; "
+                                "CamVid: sky,building,pole,road,sidewalk,tree).")
+@click.option("--new-classes", help="Classes learned while live (default: triangle,ring; CamVid: car,pedestrian).")
+@click.option("--headless", is_flag=True, help="No window (automatic when there is no display).")
+@click.option("--force", is_flag=True, help="Replace an earlier demo's files in --out (nothing else there is touched).")
+def demo(out: Path, data: Path | None, video: str | None, method: str, classes: str | None, new_classes: str | None,
+         headless: bool, force: bool) -> None:
+    """Learn base classes, go live on them, learn two more while live, hot-swap, report forgetting and FPS."""
+    from ciss.apps.demo import describe_demo, run_demo
+    from ciss.runtime.sinks import has_display
+
+    echo = lambda s: click.echo(s, err=True)
+    display = not headless and has_display()
+    metrics = run_demo(out, data=data, video=video, method=method, classes=_split(classes),
+                       new_classes=_split(new_classes), display=display, force=force, log=echo)
+    click.echo(describe_demo(metrics))
+
+
 if __name__ == "__main__":
     main()
