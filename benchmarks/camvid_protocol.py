@@ -54,12 +54,15 @@ class Variant:
 
 def variants(methods: list[str], joint: bool, ablate: list[str]) -> list[Variant]:
     out = [Variant(m, m) for m in methods]
-    for m in ablate:
+    for entry in ablate:
+        m, _, only = entry.partition(".")
         if m not in COMPONENTS:
             sys.exit(f"--ablate: no components listed for method '{m}'; choose from {', '.join(COMPONENTS)}")
-        if m not in methods:
+        if only and only not in COMPONENTS[m]:
+            sys.exit(f"--ablate: '{only}' is not a component of {m}; choose from {', '.join(COMPONENTS[m])}")
+        if m not in methods and Variant(m, m) not in out:
             out.append(Variant(m, m))
-        out += [Variant(f"{m}-no-{c}", m, ["--no", f"{m}.{c}"]) for c in COMPONENTS[m]]
+        out += [Variant(f"{m}-no-{c}", m, ["--no", f"{m}.{c}"]) for c in COMPONENTS[m] if not only or c == only]
     return out + ([Variant("joint", "joint")] if joint else [])
 
 
@@ -106,7 +109,8 @@ def main() -> None:
     ap.add_argument("--task", required=True)
     ap.add_argument("--methods", default="ft,mib,plop")
     ap.add_argument("--joint", action="store_true", help="also train the joint upper bound")
-    ap.add_argument("--ablate", default="", help="methods whose components to switch off one at a time")
+    ap.add_argument("--ablate", default="",
+                    help="methods whose components to switch off one at a time (gsc), or single components (gsc.pod)")
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
