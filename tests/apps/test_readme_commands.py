@@ -1,0 +1,44 @@
+"""Every `ciss` command the README shows parses against the CLI as it is now (flags, choices,
+subcommands), so the README cannot drift from the code. Running them is the job of the README's
+own measured sections; parsing them all here takes milliseconds."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import click
+import pytest
+from conftest import REPO
+
+from ciss.apps.cli import main
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip().removesuffix("&").strip()
+            if line.startswith("ciss "):
+                commands.append(line[len("ciss "):])
+            elif line.startswith("torchrun ") and " -- " in line:
+                commands.append(line.split(" -- ", 1)[1])
+    return commands
+
+
+def test_the_readme_shows_commands_of_every_stage():
+    names = {shlex.split(c)[0] for c in readme_commands()}
+    assert {"learn", "eval", "runs", "export", "models", "live", "demo"} <= names
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command_parses(command: str):
+    name, *rest = shlex.split(command)
+    root = click.Context(main, info_name="ciss")
+    cmd = main.get_command(root, name)
+    assert cmd is not None, f"README shows `ciss {name}`, which is not a command"
+    try:
+        cmd.make_context(name, rest, parent=root).close()
+    except click.UsageError as e:
+        pytest.fail(f"README command `ciss {command}` does not parse: {e.format_message()}")
