@@ -210,7 +210,7 @@ def live(camera: int | None, source: str | None, repo: Path, name: str, backend:
     for target in (save, stats):
         if target is not None:
             check_target(target)  # fail before minutes of model loading, not at the first frame
-    echo = lambda s: click.echo(s, err=True)  # noqa: E731
+    echo = lambda s: click.echo(s, err=True)
     display = not headless and has_display()
     if not headless and not display:
         echo("no display found: running headless")
