@@ -11,25 +11,23 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from ciss.runtime import Result, Segmenter
 from ciss.runtime.sources import open_source
 
 
-def command(result: Result, target: str) -> str:
-    """'left', 'right', 'stop' or 'search', from where the target's pixels are."""
+def command(result: Result, target: str) -> tuple[str, float]:
+    """'left', 'right', 'stop' or 'search' from where the target's pixels are, and their share."""
     if target not in result.classmap.names:
-        return "search"
+        return "search", 0.0
     hit = result.mask == result.classmap.index(target)
     w = hit.shape[1]
-    centre = hit[:, w // 3: 2 * w // 3].mean()
-    if centre > 0.25:
-        return "stop"
+    share = float(hit.mean())
+    if hit[:, w // 3: 2 * w // 3].mean() > 0.25:
+        return "stop", share
     left, right = hit[:, : w // 2].sum(), hit[:, w // 2:].sum()
-    if left + right < 0.005 * hit.size:
-        return "search"
-    return "left" if left > right else "right"
+    if share < 0.005:
+        return "search", share
+    return ("left" if left > right else "right"), share
 
 
 def main() -> None:
@@ -47,9 +45,8 @@ def main() -> None:
         frames = 0
         while (frame := source.read()) is not None and frames != args.max_frames:
             result = seg(frame.image)
-            share = float(np.mean(result.mask == result.classmap.index(args.target))) \
-                if args.target in result.classmap.names else 0.0
-            print(f"frame {frame.index} v{result.version}: {command(result, args.target)} "
+            action, share = command(result, args.target)
+            print(f"frame {frame.index} v{result.version}: {action} "
                   f"({100 * share:.1f}% {args.target}, {result.timings['total']:.0f} ms)")
             frames += 1
 

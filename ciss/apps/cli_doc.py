@@ -19,12 +19,12 @@ mistake a user can make (paths, names, corrupt files, missing hardware).
 
 def _help(command: click.Command, name: str, parent: click.Context | None = None) -> str:
     ctx = click.Context(command, info_name=name, parent=parent, terminal_width=100, max_content_width=100,
-                        help_option_names=["-h", "--help"])
+                        **main.context_settings)
     return command.get_help(ctx)
 
 
 def render() -> str:
-    root = click.Context(main, info_name="ciss")
+    root = click.Context(main, info_name="ciss", **main.context_settings)
     parts = [HEADER, "## ciss\n", "```text", _help(main, "ciss"), "```\n"]
     for name in sorted(main.commands):
         parts += [f"## ciss {name}\n", "```text", _help(main.commands[name], name, root), "```\n"]

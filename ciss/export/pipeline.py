@@ -19,9 +19,9 @@ from ciss.errors import CissError
 from ciss.export import onnx as onnx_export
 from ciss.export.repository import ModelRepository, check_name
 from ciss.export.verify import check_parity, evaluate_graph, spread, to_input
-from ciss.trainer.data import open_dataset
 from ciss.trainer.data.base import SegDataset
 from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
+from ciss.trainer.engine import open_splits
 from ciss.trainer.store import RunStore
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -53,11 +53,8 @@ class ExportResult:
 
 def _step_datasets(manifest: dict[str, Any], log: Callable[[str], None]) -> tuple[SegDataset | None, SegDataset | None]:
     """The step's training and eval splits, or None where the data is not on this machine."""
-    d = manifest["config"]["data"]
-    root = Path(d["root"]) if d["root"] else None
     try:
-        return (open_dataset(d["kind"] or None, root, d["train_split"], **d["options"]),
-                open_dataset(d["kind"] or None, root, d["eval_split"], **d["options"]))
+        return open_splits(manifest["config"])
     except CissError as e:
         log(f"the step's dataset is not readable here ({e}); checking parity on synthetic scenes")
         return None, None

@@ -24,7 +24,7 @@ from ciss.trainer.data.base import SegDataset
 from ciss.trainer.data.tasks import presence, test_indices, test_lut
 from ciss.trainer.data.transforms import Normalise
 from ciss.trainer.engine import native_ids
-from ciss.trainer.evaluate import IGNORE, compute_metrics
+from ciss.trainer.evaluate import ConfusionMatrix, compute_metrics
 
 MIN_AGREEMENT = 0.999
 
@@ -92,14 +92,12 @@ def evaluate_graph(graph: onnx.ModelProto | bytes, ds: SegDataset, classmap: Cla
     if limit is not None:
         indices = indices[spread(len(indices), limit)]
     lut = test_lut(ds.info, classmap)
-    n = len(classmap)
-    counts = np.zeros(n * n, np.int64)
+    confusion = ConfusionMatrix(len(classmap))
     for i in indices:
         label = lut[ds.label(int(i))]
         mask = session.run(None, {INPUT: to_input(ds.image(int(i)), size, normalise)})[mask_index][0]
-        mask = cv2.resize(mask, label.shape[::-1], interpolation=cv2.INTER_NEAREST).astype(np.int64)
-        valid = label != IGNORE
-        counts += np.bincount(label[valid].astype(np.int64) * n + mask[valid], minlength=n * n)
-    metrics = compute_metrics(counts.reshape(n, n), classmap)
+        mask = cv2.resize(mask, label.shape[::-1], interpolation=cv2.INTER_NEAREST)
+        confusion.update(torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(label.astype(np.int64)))
+    metrics = compute_metrics(confusion.matrix, classmap)
     metrics["images"] = len(indices)
     return metrics

@@ -35,7 +35,9 @@ def test_the_readme_shows_commands_of_every_stage():
 @pytest.mark.parametrize("command", readme_commands())
 def test_readme_command_parses(command: str):
     name, *rest = shlex.split(command)
-    root = click.Context(main, info_name="ciss")
+    # The group's settings, as click would apply them: click caches each command's help option from
+    # the first context it sees, so a bare context here would change `--help` for later callers.
+    root = click.Context(main, info_name="ciss", **main.context_settings)
     cmd = main.get_command(root, name)
     assert cmd is not None, f"README shows `ciss {name}`, which is not a command"
     try:
