@@ -1,7 +1,7 @@
 #!/bin/bash
 # Which GSC components hold back new classes? Step 1 of the demo recipe on the synthetic scenes
 # (tiny model, base: sky, grass, water, sand, disk, box; new: triangle, ring), once per variant,
-# against MiB and PLOP from the same step-0 model. One thread per run; about 20 minutes in all.
+# against MiB and PLOP from the same step-0 model. One thread per run; about 25 minutes in all.
 #   bash benchmarks/gsc_plasticity.sh OUT_DIR     (then: cat OUT_DIR/results.txt)
 set -euo pipefail
 OUT=${1:?usage: gsc_plasticity.sh OUT_DIR}
@@ -39,4 +39,8 @@ gsc-no-soft|--method gsc --no gsc.soft
 gsc-no-sharp|--method gsc --no gsc.sharp
 gsc-no-adaptive_factor|--method gsc --no gsc.adaptive_factor
 gsc-ce-only|--method gsc $ALL_OFF
+gsc-no-pod-no-adaptive_factor|--method gsc --no gsc.pod --no gsc.adaptive_factor
+gsc-no-pod-no-relation|--method gsc --no gsc.pod --no gsc.relation
+gsc-demo|--method gsc --no gsc.pod --no gsc.relation --no gsc.adaptive_factor
+idec|--method idec
 V
