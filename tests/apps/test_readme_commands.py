@@ -1,10 +1,9 @@
 """Every `ciss` command the README shows parses against the CLI as it is now (flags, choices,
-subcommands), so the README cannot drift from the code. Running them is the job of the README's
-own measured sections; parsing them all here takes milliseconds."""
+subcommands), so the README cannot drift from the code between runs of `ciss.apps.readme_run`,
+which runs them all; parsing them here takes milliseconds."""
 
 from __future__ import annotations
 
-import re
 import shlex
 
 import click
@@ -12,27 +11,25 @@ import pytest
 from conftest import REPO
 
 from ciss.apps.cli import main
+from ciss.apps.readme_run import readme_commands
 
 
-def readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
+def ciss_commands() -> list[str]:
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].strip().removesuffix("&").strip()
-            if line.startswith("ciss "):
-                commands.append(line[len("ciss "):])
-            elif line.startswith("torchrun ") and " -- " in line:
-                commands.append(line.split(" -- ", 1)[1])
+    for command in readme_commands(REPO / "README.md"):
+        if command.text.startswith("ciss "):
+            commands.append(command.text[len("ciss "):])
+        elif command.text.startswith("torchrun ") and " -- " in command.text:
+            commands.append(command.text.split(" -- ", 1)[1])
     return commands
 
 
 def test_the_readme_shows_commands_of_every_stage():
-    names = {shlex.split(c)[0] for c in readme_commands()}
+    names = {shlex.split(c)[0] for c in ciss_commands()}
     assert {"learn", "eval", "runs", "export", "models", "live", "demo"} <= names
 
 
-@pytest.mark.parametrize("command", readme_commands())
+@pytest.mark.parametrize("command", ciss_commands())
 def test_readme_command_parses(command: str):
     name, *rest = shlex.split(command)
     # The group's settings, as click would apply them: click caches each command's help option from
