@@ -315,13 +315,15 @@ def plot_forgetting(rows: Sequence[Sequence[float | None]], cmap: ClassMap, size
                 cv2.circle(img, p, 4 if not dashed else 3, color, -1, cv2.LINE_AA)
 
     series(3, (90, 90, 90), 2, dashed=True)  # mIoU all, under the classes
-    for i, c in enumerate(cmap):
+    # a class never scored (no pixels of it in the eval split, e.g. a background nobody labels) has no line
+    scored = [(i, c) for i, c in enumerate(cmap) if any(r[4 + i] is not None for r in rows)]
+    for i, c in scored:
         series(4 + i, _bgr(c.color), 2, outline=_light(c.color))
 
     # legend: mIoU first, then the classes in class-map order, in as many columns as fit
     lx, ly, row_h = right + 20, top, 17
     entries: list[tuple[str, tuple[int, int, int], bool, bool]] = [("mIoU (all)", (90, 90, 90), True, False)]
-    entries += [(c.name, _bgr(c.color), False, _light(c.color)) for c in cmap]
+    entries += [(c.name, _bgr(c.color), False, _light(c.color)) for _, c in scored]
     per_col = max(1, (bottom - top) // row_h)
     cols = 2 if len(entries) > per_col else 1
     col_w = (width - lx - 6) // cols
