@@ -402,9 +402,10 @@ def describe_demo(metrics: dict[str, Any]) -> str:
         change = "new" if b is None else f"{100 * (a - b):+.1f}" if a is not None else "-"
         lines.append(f"  {n:<{width}}{_pct(b):>8}{_pct(a):>8}{change:>8}")
     mean = f["mean"]
+    forgot = ("-" if mean is None else f"{100 * mean:.1f} points per class" if mean >= 0
+              else f"none: {-100 * mean:.1f} points per class gained")
     lines.append(f"mIoU of the base classes {_pct(f['miou_old_before'])} -> {_pct(f['miou_old_after'])} "
-                 f"(forgetting {'-' if mean is None else f'{100 * mean:.1f}'} points per class); "
-                 f"new classes {_pct(f['miou_new_after'])}")
+                 f"(forgetting {forgot}); new classes {_pct(f['miou_new_after'])}")
     lines.append(f"live: {live['frames']} frames in {live['wall_s']:.1f} s ({live['fps'] or 0:.1f} FPS) on "
                  f"{live['backend']}; dropped {live['dropped']}; frame order "
                  f"{'continuous' if live['seq_continuous'] else 'BROKEN'}")

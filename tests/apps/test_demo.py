@@ -44,6 +44,9 @@ def test_demo_learns_serves_swaps_without_a_lost_frame_and_reports(tmp_path: Pat
     assert any(line.startswith("[learn] step 1: done") for line in lines)
     report = describe_demo(metrics)
     assert "triangle" in report and "dropped 0" in report and "swap v1 -> v2" in report
+    for mean, words in ((0.05, "(forgetting 5.0 points per class)"),
+                        (-0.028, "(forgetting none: 2.8 points per class gained)")):
+        assert words in describe_demo({**metrics, "forgetting": {**metrics["forgetting"], "mean": mean}})
 
 
 def assert_one_line_error(result, fragment: str) -> None:
