@@ -25,4 +25,4 @@ test: venv
 	$(BIN)/pytest -q
 
 clean:
-	rm -rf $(VENV) runs demo-out
+	rm -rf $(VENV) runs models out demo-out demo-camvid
