@@ -124,7 +124,9 @@ class Runner:
         outcome.exit_code = proc.wait()
         outcome.seconds = time.monotonic() - started
         lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
-        outcome.last_line = lines[-1] if lines else ""
+        # a launcher (torchrun) ends with its own banner; the line that says why comes from ciss
+        errors = [x for x in lines if x.startswith("error:")] if outcome.exit_code else []
+        outcome.last_line = (errors or lines or [""])[-1]
         verdict = "ok" if outcome.ok else "FAILED"
         self._say(f"    -> exit {outcome.exit_code} in {outcome.seconds:.0f}s, {verdict}: {outcome.last_line[:120]}")
 

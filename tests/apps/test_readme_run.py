@@ -28,7 +28,7 @@ Text with `ciss learn ... --resume` inline, which is not a command.
 echo one \\
     two                      # trailing comment
 sleep 0.3 && echo late > late.txt &
-echo --camera 0; exit 2
+echo error: no camera at --camera 0; echo ====; exit 2
 ```
 
   ```bash
@@ -49,7 +49,7 @@ def _readme(tmp_path: Path) -> Path:
 def test_extracts_commands_in_order_with_blocks_and_background(tmp_path):
     commands = readme_commands(_readme(tmp_path))
     assert [c.text for c in commands] == ["make demo", "echo one two", "sleep 0.3 && echo late > late.txt",
-                                          "echo --camera 0; exit 2", "exit 3", 'print("from python")\n']
+                                          "echo error: no camera at --camera 0; echo ====; exit 2", "exit 3", 'print("from python")\n']
     assert [c.block for c in commands] == [0, 1, 1, 1, 2, 3]
     assert [c.background for c in commands] == [False, False, True, False, False, False]
     assert [c.rule.kind for c in commands] == [LONG, RUN, RUN, ABSENT, RUN, RUN]
@@ -64,6 +64,7 @@ def test_runs_each_command_and_judges_its_exit(tmp_path):
     # exit 2 is what the README promises without a camera; exit 3 of a plain command is a failure
     assert [o.ok for o in outcomes] == [True, True, True, True, False, True]
     assert outcomes[1].last_line == "one two" and outcomes[-1].last_line == "from python"
+    assert outcomes[3].last_line == "error: no camera at --camera 0"  # the reason, not a launcher's closing banner
     assert (tmp_path / "late.txt").read_text() == "late\n"  # the background job was waited for
     text = report(outcomes, "# header")
     assert "| 5 | `exit 3` | run | 3 |" in text and "**failed**" in text and "not run" in text
