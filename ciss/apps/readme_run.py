@@ -56,6 +56,11 @@ class Command:
     python: bool = False   # a ```python block, run as one script
 
     @property
+    def shown(self) -> str:
+        """One line for the log and the report."""
+        return "python block" if self.python else self.text + (" &" if self.background else "")
+
+    @property
     def rule(self) -> Rule:
         for rule in RULES:
             if re.search(rule.pattern, self.text):
@@ -105,7 +110,6 @@ class Runner:
         self.workdir, self.logs, self.kinds, self.echo = workdir, logs, kinds, echo
         self.env = _environment(workdir)
         self.jobs: list[tuple[Outcome, subprocess.Popen[bytes], float, Path]] = []
-        self.outcomes: list[Outcome] = []
 
     def _say(self, text: str) -> None:
         if self.echo:
@@ -137,15 +141,15 @@ class Runner:
 
     def run(self, commands: list[Command]) -> list[Outcome]:
         self.logs.mkdir(parents=True, exist_ok=True)
+        outcomes: list[Outcome] = []
         block = None
         for number, command in enumerate(commands, 1):
             if command.block != block:
                 self._wait_background()
                 block = command.block
             outcome = Outcome(command, ran=command.rule.kind in self.kinds)
-            self.outcomes.append(outcome)
-            first = command.text.strip().splitlines()[0]
-            self._say(f"[{number:02d}] {command.rule.kind}: {first}{' &' if command.background else ''}")
+            outcomes.append(outcome)
+            self._say(f"[{number:02d}] {command.rule.kind}: {command.shown}")
             if not outcome.ran:
                 self._say(f"    -> not run ({command.rule.why}; --{command.rule.kind} runs it)")
                 continue
@@ -156,13 +160,13 @@ class Runner:
             else:
                 self._finish(*job)
         self._wait_background()
-        return self.outcomes
+        return outcomes
 
 
 def report(outcomes: list[Outcome], header: str) -> str:
     rows = [header, "", "| # | command | kind | exit | s | verdict | last line of output |", "|---|---|---|---|---|---|---|"]
     for number, o in enumerate(outcomes, 1):
-        text = "python block" if o.command.python else o.command.text + (" &" if o.command.background else "")
+        text = o.command.shown
         kind = o.command.rule.kind + (f" ({o.command.rule.why})" if o.command.rule.why else "")
         if not o.ran:
             rows.append(f"| {number} | `{text}` | {kind} | | | not run | |")
