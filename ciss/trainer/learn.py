@@ -128,7 +128,7 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
     data_cli = dataset_overrides(data, dataset, root)
     if data_cli:
         cli.setdefault("data", {}).update(data_cli)
-    cfg = configlib.merge(configlib.merge(base, file_cfg), cli)
+    cfg = configlib.resolve_model(configlib.merge(configlib.merge(base, file_cfg), cli))
     # The method: flag > config file > the run's; its options carry over only while it is unchanged.
     name = method or file_method.get("name") or base_method["name"]
     options = dict(base_method.get("options", {})) if name == base_method["name"] else {}

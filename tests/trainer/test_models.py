@@ -12,8 +12,11 @@ from torch import nn
 
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Outputs
-from ciss.trainer.models import build_model, load_step_model, model_presets
+from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ciss.trainer.models import build_model, load_pretrained, load_step_model, model_presets, pretrained_weights
+from ciss.trainer.models.efficientnet_lite import EfficientNetLite0
 from ciss.trainer.models.mobilenet import MobileNetV3Large
+from ciss.trainer.models.mobilenet_v2 import MobileNetV2
 from ciss.trainer.models.norm import GlooSyncBatchNorm, convert_sync_batchnorm, freeze_batchnorm
 from ciss.trainer.models.resnet import ResNet
 from ciss.trainer.models.tiny import TinyNet
@@ -38,12 +41,14 @@ def strides(backbone: nn.Module, size: int = 64) -> list[int]:
 # --- presets, shapes, strides ------------------------------------------------------------------
 
 def test_presets_and_unknown_preset():
-    assert {"tiny", "mobilenet_v3_large", "resnet50", "resnet101"} <= set(model_presets())
+    assert {"tiny", "mobilenet_v2", "efficientnet_lite0", "mobilenet_v3_large", "resnet50",
+            "resnet101"} <= set(model_presets())
     with pytest.raises(CissError, match="unknown model preset 'nope'.*tiny"):
         build_model("nope", [3])
 
 
-@pytest.mark.parametrize("preset", ["tiny", "mobilenet_v3_large", "resnet50", "resnet101"])
+@pytest.mark.parametrize("preset", ["tiny", "mobilenet_v2", "efficientnet_lite0", "mobilenet_v3_large", "resnet50",
+                                    "resnet101"])
 def test_forward_shapes(preset):
     model = build_model(preset, [3, 2]).eval()
     assert model.num_classes == 5
@@ -63,6 +68,8 @@ def test_stage_strides():
     assert strides(TinyNet(16)) == [4, 8, 16, 16]
     assert strides(TinyNet(8)) == [4, 8, 8, 8]
     assert strides(MobileNetV3Large()) == [4, 8, 16, 16]
+    assert strides(MobileNetV2(16)) == [4, 8, 16, 16] and strides(MobileNetV2(8)) == [4, 8, 8, 8]
+    assert strides(EfficientNetLite0(16)) == [4, 8, 16, 16] and strides(EfficientNetLite0(8)) == [4, 8, 8, 8]
     assert strides(ResNet(50, 16)) == [4, 8, 16, 16]
     assert strides(ResNet(50, 8)) == [4, 8, 8, 8]
     with pytest.raises(CissError, match="output stride 16 only"):
@@ -127,6 +134,70 @@ def test_mobilenet_state_dict_matches_torchvision():
     dw = net.features[13].block[1][0]  # the last stage's stride-2 depthwise conv, dilated instead
     assert (dw.stride, dw.dilation, dw.padding) == ((1, 1), (2, 2), (4, 4))
     assert net.features[14].block[1][0].dilation == (2, 2)
+
+
+def test_mobilenet_v2_state_dict_matches_torchvision():
+    net = MobileNetV2()
+    sd = net.state_dict()
+    # torchvision mobilenet_v2: 314 entries, 3,504,872 parameters; features.18 (6 entries, 412,160
+    # parameters) and the classifier (2 entries, 1,281,000) are not part of the backbone.
+    assert len(sd) == 314 - 6 - 2
+    assert sum(p.numel() for p in net.parameters()) == 3_504_872 - 412_160 - 1_281_000
+    shapes = {"features.0.0.weight": (32, 3, 3, 3), "features.1.conv.0.0.weight": (32, 1, 3, 3),
+              "features.1.conv.1.weight": (16, 32, 1, 1), "features.1.conv.2.running_var": (16,),
+              "features.2.conv.0.0.weight": (96, 16, 1, 1), "features.2.conv.3.bias": (24,),
+              "features.14.conv.1.0.weight": (576, 1, 3, 3), "features.17.conv.2.weight": (320, 960, 1, 1)}
+    assert {k: tuple(sd[k].shape) for k in shapes} == shapes
+    assert net.features[0][1].eps == 1e-5
+    dw = net.features[14].conv[1][0]  # stride 2 at stride 16: dilated instead
+    assert (dw.stride, dw.dilation, dw.padding) == ((1, 1), (2, 2), (2, 2))
+    os8 = MobileNetV2(8)
+    assert os8.features[7].conv[1][0].dilation == (2, 2) and os8.features[14].conv[1][0].dilation == (4, 4)
+
+
+def test_efficientnet_lite_keys_and_same_padding():
+    net = EfficientNetLite0()
+    sd = net.state_dict()
+    # The checkpoint's 296 entries less the head conv and its BN (6) and the classifier (2).
+    assert len(sd) == 296 - 6 - 2
+    assert tuple(sd["_blocks.15._project_conv.weight"].shape) == (320, 1152, 1, 1)
+    assert "_blocks.0._expand_conv.weight" not in sd and "_blocks.1._expand_conv.weight" in sd
+    # TF SAME on an even side: a 3x3 stride-2 conv pads 0 before and 1 after.
+    conv = net._blocks[1]._depthwise_conv
+    x = torch.zeros(1, conv.in_channels, 8, 8)
+    x[..., 0, 0] = 1.0
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        y = conv(x)
+    assert y.shape[-2:] == (4, 4) and y[0, 0, 0, 0] == 1.0  # pixel (0,0) is inside the first window
+
+
+def test_efficientnet_lite_folds_the_checkpoint_normalisation_exactly(tmp_path: Path):
+    checkpoint = EfficientNetLite0()
+    for m in checkpoint.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    torch.save(checkpoint.state_dict(), tmp_path / "lite.pth")
+    raw = EfficientNetLite0()
+    raw.load_state_dict(checkpoint.state_dict())
+    raw._conv_stem.pad_value = None  # the checkpoint's own convention: zero padding of its input
+    folded = EfficientNetLite0()
+    load_pretrained(folded, tmp_path / "lite.pth")
+    pixels = torch.rand(1, 3, 46, 62)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        want = raw.eval()((255 * pixels - 127) / 128)["stage4"]
+        got = folded.eval()((pixels - mean) / std)["stage4"]
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_pretrained_auto_and_none_never_fetch():
+    assert pretrained_weights("tiny", "auto") is None  # no weights listed for the preset
+    assert pretrained_weights("mobilenet_v2", "none") is None
+    with pytest.raises(CissError, match="has no ImageNet weights"):
+        pretrained_weights("tiny", "imagenet")
+    assert model_presets()["mobilenet_v2"]["weights"] == "mobilenet_v2_imagenet"
 
 
 # --- pretrained weights ------------------------------------------------------------------------

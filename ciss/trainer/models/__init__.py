@@ -16,13 +16,17 @@ from torch import nn
 
 from ciss.config_paths import config_dir, load_toml
 from ciss.errors import CissError
+from ciss.weights import ResolvedWeights, resolve_pretrained
 from ciss.trainer.models.deeplab import DeepLabV3
+from ciss.trainer.models.efficientnet_lite import EfficientNetLite0
 from ciss.trainer.models.heads import IncrementalHead
 from ciss.trainer.models.mobilenet import MobileNetV3Large
+from ciss.trainer.models.mobilenet_v2 import MobileNetV2
 from ciss.trainer.models.resnet import ResNet
 from ciss.trainer.models.tiny import TinyNet
 
-__all__ = ["DeepLabV3", "IncrementalHead", "build_model", "load_pretrained", "load_step_model", "model_presets"]
+__all__ = ["DeepLabV3", "IncrementalHead", "build_model", "load_pretrained", "load_step_model", "model_presets",
+           "pretrained_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,8 @@ DEFAULT_ASPP_RATES = (6, 12, 18)  # at output stride 16; doubled at 8
 BACKBONES: dict[str, Callable[[int], nn.Module]] = {
     "tiny": TinyNet,
     "mobilenet_v3_large": MobileNetV3Large,
+    "mobilenet_v2": MobileNetV2,
+    "efficientnet_lite0": EfficientNetLite0,
     "resnet50": lambda output_stride: ResNet(50, output_stride),
     "resnet101": lambda output_stride: ResNet(101, output_stride),
 }
@@ -42,12 +48,25 @@ def model_presets() -> dict[str, dict[str, Any]]:
     return load_toml(PRESETS_FILE, "model presets file")
 
 
+def pretrained_weights(preset: str, value: str, log: Callable[[str], None] | None = None) -> ResolvedWeights | None:
+    """The checked weights file that `model.pretrained = value` means for `preset` (None for none).
+
+    "imagenet" is the preset's `weights` entry; "auto" is that when the preset has one, else none.
+    """
+    spec = model_presets().get(preset, {})
+    known = str(spec.get("weights", ""))
+    if value in ("", "none") or (value == "auto" and not known):
+        return None
+    return resolve_pretrained("imagenet" if value == "auto" else value, known, preset, log or (lambda s: None))
+
+
 def build_model(preset: str, step_sizes: list[int], output_stride: int | None = None,
                 pretrained: str | Path | None = None) -> DeepLabV3:
     """A fresh DeepLabV3 with one head per entry of `step_sizes` (background counted in step 0).
 
     `output_stride` None takes the preset's default. `pretrained` (None or "" for none) is a local
-    file with torchvision-named ImageNet weights for the backbone; nothing is ever downloaded.
+    file with ImageNet weights in the backbone's key names (`ciss.weights.resolve_pretrained` finds
+    or fetches a known one).
     """
     presets = model_presets()
     if preset not in presets:
@@ -77,12 +96,13 @@ def load_pretrained(backbone: nn.Module, path: str | Path, name: str = "backbone
     Accepts a raw state_dict or one under "state_dict"/"model"; a "module."/"backbone." prefix is
     stripped and entries the backbone lacks (a classifier's `fc.*`, `classifier.*`) are ignored.
     Every backbone tensor must be present with the right shape: a partial load would silently train
-    from a half-initialised network.
+    from a half-initialised network. A backbone whose checkpoint expects another input normalisation
+    has a `convert_pretrained(state) -> state` that folds it into its first layers.
     """
     path = Path(path)
     if not path.is_file():
-        raise CissError(f"pretrained weights file {path} does not exist; pass a local torchvision-style "
-                        "ImageNet checkpoint (ciss never downloads weights)")
+        raise CissError(f"pretrained weights file {path} does not exist; pass a local ImageNet checkpoint "
+                        "or --pretrained imagenet")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any failure to unpickle means the file is not a checkpoint we can use
@@ -95,6 +115,7 @@ def load_pretrained(backbone: nn.Module, path: str | Path, name: str = "backbone
         raise CissError(f"pretrained weights {path} hold a {type(obj).__name__}, not a state_dict")
     state = {k.removeprefix("module.").removeprefix("backbone."): v
              for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    convert = getattr(backbone, "convert_pretrained", None)
     own = backbone.state_dict()
     matched = {k: v for k, v in state.items() if k in own}
     if not matched:
@@ -108,7 +129,7 @@ def load_pretrained(backbone: nn.Module, path: str | Path, name: str = "backbone
     if missing:
         raise CissError(f"pretrained weights {path} lack {len(missing)} of the {name} backbone's tensors "
                         f"(e.g. {missing[0]}); pass complete ImageNet weights of that architecture")
-    backbone.load_state_dict(matched, strict=False)
+    backbone.load_state_dict(convert(matched) if convert else matched, strict=False)
     log.info("loaded %d backbone tensors from %s (%d other entries ignored)", len(matched), path,
              len(obj) - len(matched))
     return len(matched)

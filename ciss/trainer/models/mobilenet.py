@@ -14,15 +14,12 @@ stage3 = features.12 (stride 16, 112 ch), stage4 = features.16 (stride 16 dilate
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ciss.errors import CissError
-
-_BatchNorm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.1)
 
 
 class BlockSpec(NamedTuple):
@@ -65,13 +62,17 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 
 
 class ConvBNAct(nn.Sequential):
-    """conv (no bias) -> BN -> optional activation, indexed 0/1/2 like torchvision's Conv2dNormActivation."""
+    """conv (no bias) -> BN -> optional activation, indexed 0/1/2 like torchvision's Conv2dNormActivation.
+
+    BN momentum is 0.1 (see the module docstring); `eps` is the reference network's (V3 0.001,
+    V2 1e-5), so ImageNet statistics load unchanged.
+    """
 
     def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, dilation: int = 1,
-                 groups: int = 1, activation: type[nn.Module] | None = None):
+                 groups: int = 1, activation: type[nn.Module] | None = None, eps: float = 0.001):
         layers: list[nn.Module] = [
             nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2 * dilation, dilation, groups, bias=False),
-            _BatchNorm(cout)]
+            nn.BatchNorm2d(cout, eps=eps, momentum=0.1)]
         if activation is not None:
             layers.append(activation(inplace=True))
         super().__init__(*layers)
