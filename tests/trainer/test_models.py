@@ -47,8 +47,8 @@ def test_presets_and_unknown_preset():
         build_model("nope", [3])
 
 
-@pytest.mark.parametrize("preset", ["tiny", "mobilenet_v2", "efficientnet_lite0", "mobilenet_v3_large", "resnet50",
-                                    "resnet101"])
+@pytest.mark.parametrize("preset", ["tiny", "mobilenet_v2", "mobilenet_v2_lraspp", "efficientnet_lite0",
+                                    "mobilenet_v3_large", "mobilenet_v3_lraspp", "resnet50", "resnet101"])
 def test_forward_shapes(preset):
     model = build_model(preset, [3, 2]).eval()
     assert model.num_classes == 5
@@ -61,7 +61,8 @@ def test_forward_shapes(preset):
     assert isinstance(out, Outputs) and torch.equal(out.logits, logits)
     assert set(out.features) == {*STAGES, "aspp", "logits_lowres"}
     assert out.features["aspp"].shape[1] == model.head.in_channels
-    assert out.features["logits_lowres"].shape == (1, 5, 5, 5)
+    side = 9 if preset.endswith("lraspp") else 5  # LR-ASPP classifies at stride 8
+    assert out.features["logits_lowres"].shape == (1, 5, side, side)
 
 
 def test_stage_strides():
@@ -288,12 +289,13 @@ def test_load_step_model_round_trip():
         load_step_model({"preset": "tiny"}, model.state_dict())
 
 
-@pytest.mark.parametrize("preset", ["tiny", "mobilenet_v3_large"])
+@pytest.mark.parametrize("preset", ["tiny", "mobilenet_v3_large", "mobilenet_v2_lraspp"])
 def test_batch_size_one_in_train_mode(preset):
     model = build_model(preset, [3]).train()
     out = model(torch.randn(1, 3, 64, 64), features=True)
     out.logits.mean().backward()
-    assert model.aspp.pool[0].weight.grad is not None
+    pooling = model.aspp.gate[0] if preset.endswith("lraspp") else model.aspp.pool[0]
+    assert pooling.weight.grad is not None
 
 
 # --- BatchNorm ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Model presets: build a DeepLabV3 by name, optionally on local ImageNet weights, and rebuild saved steps.
+"""Model presets: build a segmentation model (DeepLabV3 or LR-ASPP decoder) by name, optionally on local ImageNet weights, and rebuild saved steps.
 
 Presets live in `configs/models.toml`. A model's `.config` holds exactly the arguments of
 `build_model` (preset, output stride, step sizes), so a step's checkpoint rebuilds with
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PRESETS_FILE = config_dir() / "models.toml"
 DEFAULT_ASPP_RATES = (6, 12, 18)  # at output stride 16; doubled at 8
+DECODERS = ("aspp", "lraspp")
 
 BACKBONES: dict[str, Callable[[int], nn.Module]] = {
     "tiny": TinyNet,
@@ -76,6 +77,9 @@ def build_model(preset: str, step_sizes: list[int], output_stride: int | None = 
     if make_backbone is None:
         raise CissError(f"preset '{preset}' in {PRESETS_FILE} names backbone {spec.get('backbone')!r}; "
                         f"use one of {', '.join(BACKBONES)}")
+    decoder = spec.get("decoder", "aspp")
+    if decoder not in DECODERS:
+        raise CissError(f"preset '{preset}' in {PRESETS_FILE} names decoder {decoder!r}; use one of {', '.join(DECODERS)}")
     try:
         channels = int(spec["aspp_channels"])
         rates = [int(r) for r in spec.get("aspp_rates", DEFAULT_ASPP_RATES)]
@@ -86,8 +90,8 @@ def build_model(preset: str, step_sizes: list[int], output_stride: int | None = 
     backbone = make_backbone(output_stride)
     if pretrained:
         load_pretrained(backbone, pretrained, preset)
-    rates = [r * 16 // backbone.output_stride for r in rates]
-    return DeepLabV3(backbone, list(step_sizes), channels, rates, preset)
+    scaled = [r * 16 // backbone.output_stride for r in rates] if decoder == "aspp" else None
+    return DeepLabV3(backbone, list(step_sizes), channels, scaled, preset)
 
 
 def load_pretrained(backbone: nn.Module, path: str | Path, name: str = "backbone") -> int:

@@ -1,7 +1,17 @@
-"""DeepLabV3: backbone -> ASPP -> 3x3 refinement -> per-step classifier, logits at input resolution.
+"""The segmentation model: backbone -> decoder -> per-step classifier, logits at input resolution.
 
-No dropout anywhere, so a resumed run replays bit for bit. The image-pooling branch has no
-BatchNorm (its map is 1x1 per image, which BN cannot normalise at batch size 1), and only
+Two decoders, chosen by the preset's `decoder`:
+- "aspp": DeepLabV3's atrous spatial pyramid pooling plus a 3x3 refinement, on stage4 (stride 16).
+- "lraspp": the light head of MobileNetV3's paper (Howard et al. 2019, LR-ASPP): stage4 through a
+  1x1 conv gated by its global context, upsampled to stride 8 and added to a 1x1 projection of
+  stage2. The paper adds two classifiers' outputs; projecting stage2 into the same width and
+  classifying the sum with one head is the same function with the low-level classifier factored
+  through that projection, and keeps one per-step head for the methods and MiB's initialisation.
+The decoder's output is the feature named "aspp" in `Outputs` (the name PLOP gave it) whichever
+decoder made it, and it is what the heads classify.
+
+No dropout anywhere, so a resumed run replays bit for bit. The pooling branches have no
+BatchNorm (their map is 1x1 per image, which BN cannot normalise at batch size 1), and only
 shape-agnostic ops are used (mean over H,W, expand, interpolate to the input's size) so the model
 exports to ONNX with dynamic height and width.
 """
@@ -42,20 +52,47 @@ class ASPP(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = feats["stage4"]
         pooled = self.pool(x.mean(dim=(2, 3), keepdim=True)).expand(-1, -1, x.shape[2], x.shape[3])
         y = torch.cat([b(x) for b in self.branches] + [pooled], dim=1)
         return self.refine(self.project(y))
 
 
+class LRASPP(nn.Module):
+    """Lite R-ASPP: gated 1x1 on stage4 plus a 1x1 projection of stage2, at stage2's resolution."""
+
+    def __init__(self, high_channels: int, low_channels: int, channels: int):
+        super().__init__()
+        self.high = conv_bn_relu(high_channels, channels, 1)
+        self.gate = nn.Sequential(nn.Conv2d(high_channels, channels, 1), nn.Sigmoid())
+        self.low = nn.Conv2d(low_channels, channels, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        x, low = feats["stage4"], feats["stage2"]
+        y = self.high(x) * self.gate(x.mean(dim=(2, 3), keepdim=True))
+        y = F.interpolate(y, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return y + self.low(low)
+
+
 class DeepLabV3(nn.Module):
-    """The segmentation model of every preset. Build it with `ciss.trainer.models.build_model`."""
+    """The segmentation model of every preset. Build it with `ciss.trainer.models.build_model`.
+
+    `aspp_rates` None selects the LR-ASPP decoder; the attribute keeps the name `aspp` either way,
+    so checkpoints and the methods' feature names do not depend on the decoder.
+    """
 
     def __init__(self, backbone: nn.Module, step_sizes: list[int], aspp_channels: int,
-                 aspp_rates: Sequence[int], preset: str):
+                 aspp_rates: Sequence[int] | None, preset: str):
         super().__init__()
         self.backbone = backbone
-        self.aspp = ASPP(backbone.out_channels, aspp_channels, aspp_rates)
+        self.aspp: nn.Module = (LRASPP(backbone.out_channels, backbone.stage_channels[1], aspp_channels)
+                                if aspp_rates is None else ASPP(backbone.out_channels, aspp_channels, aspp_rates))
         self.head: nn.Module = IncrementalHead(aspp_channels, list(step_sizes))
         self.preset = preset
         self.output_stride: int = backbone.output_stride
@@ -72,7 +109,7 @@ class DeepLabV3(nn.Module):
 
     def forward(self, x: torch.Tensor, features: bool = False) -> torch.Tensor | Outputs:
         feats = self.backbone(x)
-        aspp = self.aspp(feats["stage4"])
+        aspp = self.aspp(feats)
         low = self.head(aspp)
         logits = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if not features:
