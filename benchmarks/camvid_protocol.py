@@ -10,8 +10,12 @@ seeds. `--reuse DIR` copies step 0 and the joint run of each seed from another -
 dataset and base classes (6-5 and 6-1 share both).
 
 Written to --out: results.md (old/new/all mIoU after the last step, mean ± sample std over seeds;
-per-class IoU; the ablation table), results.json, the exact commands, the config, and for the
-first seed each run's per-step table (steps-<run>.csv) and forgetting plot (forgetting-<run>.png).
+new mIoU also over only the classes the joint bound learns; each method against the best and GSC/IDEC
+against every baseline, a difference under two standard deviations called a tie; the reference row
+"mib-init" (the step-0 model grown by MiB's initialisation alone, no training, new biases +1e-3);
+the median logit margin new - background on each new class's pixels; per-class IoU; wall time; the
+ablation table), results.json, the exact commands, the config, and for the first seed each run's
+per-step table (steps-<run>.csv) and forgetting plot (forgetting-<run>.png).
 
     python benchmarks/camvid_protocol.py --data ../shared/data/camvid --task camvid:6-1 \
         --methods ft,mib,plop,gsc,idec --joint --ablate gsc,idec \
@@ -34,6 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cil_probe import mib_init_reference, new_class_margins
 from ciss.trainer.data import open_dataset
 from ciss.trainer.data.tasks import load_protocol
 
@@ -42,7 +47,10 @@ COMPONENTS = {
     "gsc": ("compensation", "soft", "sharp", "relation", "pseudo", "pod"),
     "idec": ("pseudo", "feature_kd", "logit_kd", "contrast"),
 }
-ORDER = ("ft", "mib", "plop", "gsc", "idec", "joint")
+ORDER = ("mib-init", "ft", "mib", "plop", "gsc", "idec", "joint")
+BASELINES, PROPOSED = ("ft", "mib", "plop"), ("gsc", "idec")
+REFERENCE = "mib-init"
+LEARNABLE_IOU = 0.10  # a new class counts as learnable when the joint bound's mean IoU on it exceeds this
 
 
 @dataclass
@@ -77,6 +85,34 @@ def summarise(per_class: dict[str, float], old: list[str], new: list[str]) -> di
         vals = [per_class[n] for n in names if n in per_class]
         return sum(vals) / len(vals) if vals else None
     return {"old": mean(old), "new": mean(new), "all": mean(old + new)}
+
+
+def stats(results: dict[str, list[dict]], name: str, key: str) -> tuple[float, float]:
+    """Mean and sample std (0 for one seed) of a metric over a run's seeds."""
+    vals = [r[key] for r in results[name] if r.get(key) is not None]
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def compare(results: dict[str, list[dict]], a: str, b: str) -> str:
+    """a against b on all-mIoU: the mean difference, called a tie under two standard deviations."""
+    (ma, sa), (mb, sb) = stats(results, a, "all"), stats(results, b, "all")
+    diff, band = ma - mb, 2 * max(sa, sb)
+    if min(len(results[a]), len(results[b])) < 2:
+        return f"{100 * diff:+.1f} (one seed: no verdict)"
+    word = "tie" if abs(diff) <= band else ("ahead" if diff > 0 else "behind")
+    return f"{100 * diff:+.1f}, {word} (2σ = {100 * band:.1f})"
+
+
+def learnable_classes(results: dict[str, list[dict]], new: list[str]) -> list[str]:
+    """New classes the joint bound learns (mean IoU over seeds above LEARNABLE_IOU)."""
+    if "joint" not in results:
+        return []
+    out = []
+    for c in new:
+        vals = [r["per_class"].get(c) for r in results["joint"] if r["per_class"].get(c) is not None]
+        if vals and statistics.mean(vals) > LEARNABLE_IOU:
+            out.append(c)
+    return out
 
 
 def pct(v: float | None) -> str:
@@ -135,7 +171,8 @@ def main() -> None:
     def record(v: Variant, seed: int, target: Path, wall: float | None) -> None:
         metrics = last_metrics(target, 1 if v.method == "joint" else len(steps))
         assert metrics is not None, target
-        row = {"seed": seed, **summarise(metrics["per_class"], old, new), "per_class": metrics["per_class"]}
+        row = {"seed": seed, **summarise(metrics["per_class"], old, new), "per_class": metrics["per_class"],
+               "margins": new_class_margins(target, new)}
         with lock:
             rows = [r for r in results.get(v.name, []) if r["seed"] != seed]
             if wall is None:  # read back from an earlier invocation: keep its wall time
@@ -178,11 +215,21 @@ def main() -> None:
                     "--seed", str(seed), *common])
         record(v, seed, target, wall)
 
+    def reference(seed: int, base: Future) -> None:
+        metrics = mib_init_reference(base.result(), steps)
+        row = {"seed": seed, **summarise(metrics["per_class"], old, new), "per_class": metrics["per_class"],
+               "wall_s": 0.0}
+        with lock:
+            results[REFERENCE] = sorted([r for r in results.get(REFERENCE, []) if r["seed"] != seed] + [row],
+                                        key=lambda r: r["seed"])
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool, ThreadPoolExecutor(max_workers=args.jobs) as bases:
         base_of = {s: bases.submit(train_base, s) for s in seeds}
         futures = [pool.submit(train, v, s, base_of[s]) for v in todo for s in seeds]
+        futures += [pool.submit(reference, s, base_of[s]) for s in seeds if len(steps) > 1]
         for f in futures:
             f.result()
+    results_file.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(args, results, old, new, commands)
 
 
@@ -199,14 +246,42 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
 
     main_rows = sorted((n for n in results if "-no-" not in n), key=lambda n: ORDER.index(n) if n in ORDER else 99)
     seeds = sorted({r["seed"] for rows in results.values() for r in rows})
+    learnable = learnable_classes(results, new)
+    for rows in results.values():
+        for r in rows:
+            r["new_learnable"] = summarise(r["per_class"], [], learnable)["new"] if learnable else None
+    trained = [n for n in main_rows if n != REFERENCE]
+    best = max(trained, key=lambda n: stats(results, n, "all")[0]) if trained else None
     lines = [f"# {args.task} on {args.data.name}", "",
              f"mIoU (%) after the last step on the test split, mean ± sample std over seeds {seeds}; "
-             f"old = step-0 classes ({', '.join(old)}), new = {', '.join(new)}.", "",
-             "| method | seeds | old | new | all | wall (s, steps > 0) |", "|---|---|---|---|---|---|"]
+             f"old = step-0 classes ({', '.join(old)}), new = {', '.join(new)}; new* = only the new classes "
+             f"the joint bound learns (IoU > {100 * LEARNABLE_IOU:.0f}: {', '.join(learnable) or 'none'}). "
+             f"`{REFERENCE}`: the step-0 model grown by MiB's initialisation alone (no training, new biases "
+             "+1e-3). vs best: the all-mIoU difference to the best method, a tie when under two standard "
+             "deviations (the larger of the two).", "",
+             "| method | seeds | old | new | new* | all | vs best (all) | wall (s) |", "|---|---|---|---|---|---|---|---|"]
     for n in main_rows:
         walls = [r["wall_s"] for r in results[n] if r.get("wall_s")]
         wall = f"{statistics.mean(walls):.0f}" if walls else "-"
-        lines.append(f"| {n} | {len(results[n])} | {agg(n, 'old')} | {agg(n, 'new')} | {agg(n, 'all')} | {wall} |")
+        verdict = "best" if n == best else compare(results, n, best) if best and n != REFERENCE else ""
+        lines.append(f"| {n} | {len(results[n])} | {agg(n, 'old')} | {agg(n, 'new')} | {agg(n, 'new_learnable')} | "
+                     f"{agg(n, 'all')} | {verdict} | {wall} |")
+    pairs = [(p, b) for p in PROPOSED for b in BASELINES if p in results and b in results]
+    if pairs:
+        lines += ["", "GSC and IDEC against every baseline (all-mIoU, mean difference; ahead or behind only "
+                  "beyond two standard deviations):", ""]
+        lines += [f"- {p} vs {b}: {compare(results, p, b)}" for p, b in pairs]
+    margin_rows = [n for n in main_rows if any(r.get("margins") for r in results[n])]
+    if margin_rows:
+        lines += ["", "Median logit margin (new class minus background) on each new class's test pixels, after "
+                  "the last step, mean over seeds: > 0 means the class wins over background on its typical pixel.",
+                  "", "| method | " + " | ".join(new) + " |", "|---|" + "---|" * len(new)]
+        for n in margin_rows:
+            cells = []
+            for c in new:
+                vals = [r["margins"][c] for r in results[n] if r.get("margins") and r["margins"].get(c) is not None]
+                cells.append(f"{statistics.mean(vals):+.2f}" if vals else "-")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
     first = seeds[0]
     lines += ["", f"Per-class IoU (%) after the last step, seed {first}:", "",
               "| method | " + " | ".join(old + new) + " |", "|---|" + "---|" * len(old + new)]
