@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ciss.errors import CissError
 from ciss.runtime.render import class_lut, hud, legend, overlay
 from ciss.runtime.segmenter import Result, Segmenter
 from ciss.runtime.sinks import Display, MaskSink, StatsSink, VideoSink, pixel_shares
@@ -33,6 +34,10 @@ class LiveOptions:
     stats: Path | None = None         # JSONL, one record per frame
     max_frames: int | None = None
     alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:  # also refuses NaN; outside [0, 1] the overlay wraps around
+            raise CissError(f"--alpha {self.alpha:g} is not an opacity; give a value from 0 to 1")
 
 
 def _percentile(values: list[float], q: float) -> float | None:

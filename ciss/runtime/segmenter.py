@@ -9,6 +9,7 @@ the first frame that finds it there swaps, so every frame is produced by exactly
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -159,6 +160,10 @@ class Segmenter:
         `version`, new versions are taken only when check_updates() is called.
         """
         check_kind(backend)
+        if not (math.isfinite(poll_s) and poll_s > 0):  # 0 would re-check the repository in a busy loop
+            raise CissError(f"--poll {poll_s:g} is not a positive number of seconds; give e.g. --poll 0.5")
+        if threads < 0:
+            raise CissError(f"--threads {threads} is negative; give 0 (the backend's default) or more")
         log = log or _LOG.info
         root = Path(repo)
         if not root.is_dir():

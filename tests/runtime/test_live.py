@@ -138,6 +138,17 @@ def test_cli_mistakes_are_one_line_with_exit_2(models: Exported, tmp_path: Path)
         assert message in lines[-1], (args, out.stderr)
 
 
+@pytest.mark.parametrize("flag,value", [("--poll", "0"), ("--poll", "nan"), ("--alpha", "7"), ("--threads", "-3")])
+def test_out_of_range_options_are_refused_in_one_line(models: Exported, tmp_path: Path, flag: str, value: str):
+    """--poll 0 re-checked the repository in a busy loop; --alpha 7 and --threads -3 were taken as given."""
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    out = cli("live", "--source", "synthetic", "--repo", str(repo), "--name", NAME, "--headless", "--max-frames", "1",
+              flag, value)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and lines == [lines[-1]] and lines[-1].startswith(f"error: {flag} {value}"), out.stderr
+
+
 def test_the_robot_example_acts_on_a_class_once_a_version_knows_it(models: Exported, tmp_path: Path):
     repo = tmp_path / "models"
     publish(repo, models.v2)
