@@ -53,13 +53,15 @@ def check_name(name: str) -> str:
     return name
 
 
-def verify_version(path: Path) -> dict[str, Any]:
-    """The manifest of the version folder `path`, once every file it lists has its size and sha256.
+def verify_version(path: Path, root: Path | None = None) -> dict[str, Any]:
+    """The manifest of the version folder `path`, once every file a backend may open is listed with its
+    size and sha256 and matches them, and the folder lies inside the repository `root` (by default
+    the folder two levels up, as in `<root>/<name>/<version>`).
 
     The runtime calls this before swapping to a version, so a corrupt copy is refused with one line.
     """
     path = Path(path)
-    manifest, problems = _check(path)
+    manifest, problems = _check(path, path.parent.parent if root is None else Path(root))
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise CissError(f"model version {path} is corrupt: {problems[0]}{more}; publish it again")
@@ -81,8 +83,12 @@ def _load_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check(folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
-    """The manifest (None if unreadable) and what is wrong with the version in `folder`."""
+def _check(folder: Path, root: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The manifest (None if unreadable) and what is wrong with the version in `folder` of the
+    repository at `root`."""
+    real = folder.resolve()
+    if not real.is_relative_to(root.resolve()):  # a link to a folder nobody published or hashed here
+        return None, [f"{folder} links to {real}, outside the repository {root}"]
     try:
         manifest = _load_manifest(folder)
     except CissError as e:
@@ -91,13 +97,21 @@ def _check(folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
     if _VERSION.fullmatch(folder.name) and manifest.get("version") != int(folder.name):
         problems.append(f"manifest says version {manifest.get('version')!r} but the folder is {folder.name}")
     files = manifest.get("files")
-    if not isinstance(files, dict):
-        return manifest, problems + ["manifest has no 'files' table"]
+    if not isinstance(files, dict) or not files:
+        return manifest, problems + ["manifest lists no files (each file needs its sha256 and size)"]
+    for rel in _used_files(manifest):
+        if not isinstance(rel, str) or not _is_relative(rel):
+            problems.append(f"{rel!r} is not a file name inside the version folder")
+        elif rel not in files:
+            problems.append(f"{rel} is used by the model but not listed with its sha256 and size")
     for rel, entry in files.items():
         if not _is_relative(rel):
-            problems.append(f"{rel!r} is not a path inside the version")
+            problems.append(f"{rel!r} is not a file name inside the version folder")
             continue
         target = folder / rel
+        if not target.resolve().is_relative_to(real):
+            problems.append(f"{rel} links to {target.resolve()}, outside the version folder")
+            continue
         try:
             size = target.stat().st_size
             if size != entry["size"]:
@@ -111,6 +125,25 @@ def _check(folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
         except (KeyError, TypeError):
             problems.append(f"{rel} has no size and sha256 in the manifest")
     return manifest, problems
+
+
+def _used_files(manifest: dict[str, Any]) -> list[Any]:
+    """Every file a backend may open: model.onnx, each ONNX variant, and each engine with its sidecar
+    and source graph (malformed entries come back as they are, to be refused)."""
+    used: list[Any] = ["model.onnx"]
+    variants, engines = manifest.get("variants") or {}, manifest.get("engines") or []
+    used += [v.get("file") if isinstance(v, dict) else v for v in (variants.values() if isinstance(variants, dict)
+                                                                  else [variants])]
+    for e in engines if isinstance(engines, list) else [engines]:
+        used += [e.get(k) for k in ("file", "manifest", "onnx") if k in e] if isinstance(e, dict) else [e]
+    return used
+
+
+def member(folder: Path, rel: Any) -> Path:
+    """`folder / rel` for a file name a manifest gives; anything that could leave the folder is refused."""
+    if not isinstance(rel, str) or not _is_relative(rel):
+        raise CissError(f"{rel!r} is not a file name inside the version folder {folder}")
+    return Path(folder) / rel
 
 
 def _is_relative(rel: str) -> bool:
@@ -264,7 +297,7 @@ class ModelRepository:
                     raise CissError(f"model '{n}' has no version {version}")
                 versions = [version]
             for v in versions:
-                problems += [Problem(n, v, p) for p in _check(self.root / n / str(v))[1]]
+                problems += [Problem(n, v, p) for p in _check(self.root / n / str(v), self.root)[1]]
         return problems
 
     def describe(self, name: str | None = None) -> str:

@@ -281,7 +281,7 @@ def published(tmp_path: Path) -> Path:
     files = model_files(tmp_path / "src")
     metrics = {"miou_all": 0.712, "miou_old": 0.75, "miou_new": 0.5}
     repo.publish("camvid", files, model_manifest(metrics=metrics))
-    engine = model_files(tmp_path / "src", engine=True)
+    engine = model_files(tmp_path / "src", engine=True) | {"model.int8.onnx": files["model.onnx"]}
     repo.publish("camvid", engine, model_manifest(
         BASE + ["car"], input={"size": None, "dynamic": True}, metrics=metrics,
         variants={"int8": {"file": "model.int8.onnx"}},
