@@ -8,7 +8,9 @@ it: frames in and out, drops, latency, and for each swap the longest gap between
 
 from __future__ import annotations
 
+import random
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
@@ -40,8 +42,27 @@ class LiveOptions:
             raise CissError(f"--alpha {self.alpha:g} is not an opacity; give a value from 0 to 1")
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
+class _Reservoir:
+    """A fixed-size uniform sample of a stream (Vitter's algorithm R) and its exact maximum, so a run
+    of any length reports percentiles in constant memory; exact while it has at most `size` values."""
+
+    def __init__(self, size: int = 4096, seed: int = 0):
+        self._sample = np.empty(size)
+        self._rng = random.Random(seed)
+        self.count = 0
+        self.max: float | None = None
+
+    def add(self, value: float) -> None:
+        if self.count < len(self._sample):
+            self._sample[self.count] = value
+        elif (j := self._rng.randrange(self.count + 1)) < len(self._sample):
+            self._sample[j] = value
+        self.count += 1
+        self.max = value if self.max is None or value > self.max else self.max
+
+    def percentile(self, q: float) -> float | None:
+        n = min(self.count, len(self._sample))
+        return float(np.percentile(self._sample[:n], q)) if n else None
 
 
 class _Rate:
@@ -71,9 +92,9 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
     """Run until the source ends, `max_frames`, or `q` in the window; returns the run's report."""
     luts: dict[int, np.ndarray] = {}
     rate = _Rate()
-    latencies: list[float] = []
-    out_times: list[float] = []
-    versions: list[int] = []
+    latencies, gaps = _Reservoir(), _Reservoir()
+    swaps = _SwapGaps()
+    last_out: float | None = None
     frames = 0
     started = time.monotonic()
     with ExitStack() as stack:
@@ -89,9 +110,12 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
             now = time.monotonic()
             latency_ms = 1e3 * (now - frame.time)
             fps = rate.tick(now)
-            latencies.append(latency_ms)
-            out_times.append(now)
-            versions.append(result.version)
+            latencies.add(latency_ms)
+            gap_ms = None if last_out is None else 1e3 * (now - last_out)
+            if gap_ms is not None:
+                gaps.add(gap_ms)
+            swaps.add(frames, result.version, gap_ms)
+            last_out = now
             frames += 1
             if display is not None or options.save:
                 image = annotate(frame.image, result, luts, fps, latency_ms, options.alpha)
@@ -114,25 +138,43 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
                              "shares": pixel_shares(result.mask, result.classmap.names)})
             if on_frame is not None:
                 on_frame(result)
-    return _report(source, segmenter, frames, time.monotonic() - started, latencies, out_times, versions)
+    return _report(source, segmenter, frames, time.monotonic() - started, latencies, gaps, swaps)
 
 
-def _report(source: Source, segmenter: Segmenter, frames: int, wall_s: float, latencies: list[float],
-            out_times: list[float], versions: list[int]) -> dict[str, Any]:
-    gaps = np.diff(out_times) * 1e3 if len(out_times) > 1 else np.zeros(0)
-    swaps = []
-    for s in segmenter.swaps:
-        k = next((i for i, v in enumerate(versions) if v == s["version"]), None)
-        around = gaps[max(0, (k or 0) - 2):(k or 0) + 1] if k is not None else np.zeros(0)
-        swaps.append({**s, "first_frame": k, "max_gap_ms": float(around.max()) if around.size else None})
+class _SwapGaps:
+    """Each version's first frame and the longest gap between output frames around it (the two gaps
+    before that frame and the one after): what a swap cost the stream, kept per version, not per frame."""
+
+    def __init__(self) -> None:
+        self.first_frame: dict[int, int] = {}
+        self.max_gap_ms: dict[int, float | None] = {}
+        self._recent: deque[float] = deque(maxlen=2)
+        self._waiting: int | None = None  # a version whose first frame's following gap is still to come
+
+    def add(self, frame: int, version: int, gap_ms: float | None) -> None:
+        if gap_ms is not None:
+            self._recent.append(gap_ms)
+            if self._waiting is not None:
+                before = self.max_gap_ms[self._waiting]
+                self.max_gap_ms[self._waiting] = gap_ms if before is None else max(before, gap_ms)
+                self._waiting = None
+        if version not in self.first_frame:
+            self.first_frame[version] = frame
+            self.max_gap_ms[version] = max(self._recent, default=None)
+            self._waiting = version
+
+
+def _report(source: Source, segmenter: Segmenter, frames: int, wall_s: float, latencies: _Reservoir,
+            gaps: _Reservoir, served: _SwapGaps) -> dict[str, Any]:
+    swaps = [{**s, "first_frame": served.first_frame.get(s["version"]),
+              "max_gap_ms": served.max_gap_ms.get(s["version"])} for s in segmenter.swaps]
     source_stats = source.stats
     return {
         "frames": frames, "wall_s": wall_s, "fps": frames / wall_s if wall_s > 0 else None,
         "dropped": int(source_stats.get("dropped", 0)), "source": source.describe(), "source_stats": source_stats,
-        "latency_ms": {"p50": _percentile(latencies, 50), "p95": _percentile(latencies, 95),
-                       "max": max(latencies) if latencies else None},
-        "frame_gap_ms": {"p50": _percentile(list(gaps), 50), "max": float(gaps.max()) if gaps.size else None},
-        "versions": sorted(set(versions)), "swaps": swaps, "backend": segmenter.backend,
+        "latency_ms": {"p50": latencies.percentile(50), "p95": latencies.percentile(95), "max": latencies.max},
+        "frame_gap_ms": {"p50": gaps.percentile(50), "max": gaps.max},
+        "versions": sorted(served.first_frame), "swaps": swaps, "backend": segmenter.backend,
     }
 
 

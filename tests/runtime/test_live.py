@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import cv2
@@ -66,6 +67,31 @@ def test_a_version_published_mid_file_flips_at_one_frame_and_loses_none(models: 
     assert new_class_pixels > 0 and not old_names & {"water", "sand"}
     capture = cv2.VideoCapture(str(tmp_path / "out.mp4"))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 30
+
+
+def test_memory_stays_flat_however_long_it_runs(models: Exported, tmp_path: Path):
+    """run_live kept per-frame lists for its end report (about 100 bytes a frame, without bound)."""
+    video = write_video(tmp_path / "clip.mp4", 10, size=(48, 64))
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    first, last, held = 300, 3300, {}
+
+    def on_frame(result: Result) -> None:
+        if result.seq in (first, last):
+            held[result.seq] = tracemalloc.get_traced_memory()[0]
+
+    with Segmenter.from_repository(repo, NAME, watch=False, log=lambda s: None) as segmenter, \
+            open_source(str(video), loop=True) as source:
+        tracemalloc.start()
+        try:
+            report = run_live(source, segmenter, LiveOptions(max_frames=last + 1), log=lambda s: None,
+                              on_frame=on_frame)
+        finally:
+            tracemalloc.stop()
+    assert report["frames"] == last + 1 and report["versions"] == [1]
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p95"] <= report["latency_ms"]["max"]
+    assert 0 < report["frame_gap_ms"]["p50"] <= report["frame_gap_ms"]["max"]
+    assert held[last] - held[first] < 16 * (last - first), held  # no per-frame record (the FPS window is noise)
 
 
 class PacedVideo(VideoCaptureProducer):
