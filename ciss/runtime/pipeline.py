@@ -9,12 +9,15 @@ it: frames in and out, drops, latency, and for each swap the longest gap between
 from __future__ import annotations
 
 import random
+import signal
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from contextlib import ExitStack, closing
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -87,9 +90,35 @@ def annotate(frame: np.ndarray, result: Result, luts: dict[int, np.ndarray], fps
     return image
 
 
+@contextmanager
+def stop_on_signals(log: Log = print) -> Iterator[threading.Event]:
+    """An event that SIGINT (Ctrl-C) and SIGTERM set instead of killing the process, so run_live ends
+    after the frame in progress with its files whole and its report made; a second signal stops at
+    once (KeyboardInterrupt). Handlers can only be installed from the main thread; elsewhere the
+    event is simply never set by a signal."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handle(signum: int, _: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log(f"{signal.Signals(signum).name}: stopping after this frame (send it again to stop at once)")
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Log = print,
-             on_frame: Callable[[Result], None] | None = None) -> dict[str, Any]:
-    """Run until the source ends, `max_frames`, or `q` in the window; returns the run's report."""
+             on_frame: Callable[[Result], None] | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run until the source ends, `max_frames`, `q` in the window, or `stop` is set (see
+    stop_on_signals); returns the run's report."""
     luts: dict[int, np.ndarray] = {}
     rate = _Rate()
     latencies, gaps = _Reservoir(), _Reservoir()
@@ -102,7 +131,7 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
         masks = MaskSink(options.save_masks) if options.save_masks else None
         stats = stack.enter_context(StatsSink(options.stats)) if options.stats else None
         video: VideoSink | None = None
-        while options.max_frames is None or frames < options.max_frames:
+        while (options.max_frames is None or frames < options.max_frames) and not (stop and stop.is_set()):
             frame = source.read()
             if frame is None:
                 break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -173,6 +174,33 @@ def test_out_of_range_options_are_refused_in_one_line(models: Exported, tmp_path
               flag, value)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and lines == [lines[-1]] and lines[-1].startswith(f"error: {flag} {value}"), out.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_looped_run_cleanly(models: Exported, tmp_path: Path, signum: int):
+    """Ctrl-C or SIGTERM used to print "Aborted!" (or just kill), exit 1 and lose the report and the video."""
+    video = write_video(tmp_path / "clip.mp4", 12)
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    stats, saved = tmp_path / "stats.jsonl", tmp_path / "out.mp4"
+    process = subprocess.Popen([*CISS, "live", "--source", str(video), "--loop", "--fps", "50", "--repo", str(repo),
+                                "--name", NAME, "--headless", "--save", str(saved), "--stats", str(stats)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (not stats.exists() or len(stats.read_text().splitlines()) < 20) and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.1)
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "Aborted" not in err and f"{signal.Signals(signum).name}: stopping" in err
+    frames = int(out.split(" frames in ")[0].split()[-1])
+    records = [json.loads(line) for line in stats.read_text().splitlines()]
+    assert frames >= 20 and [r["seq"] for r in records] == list(range(frames))
+    assert int(cv2.VideoCapture(str(saved)).get(cv2.CAP_PROP_FRAME_COUNT)) == frames
 
 
 def test_the_robot_example_acts_on_a_class_once_a_version_knows_it(models: Exported, tmp_path: Path):
