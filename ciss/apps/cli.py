@@ -217,7 +217,7 @@ def live(camera: int | None, source: str | None, repo: Path, name: str, backend:
     options = LiveOptions(display=display, save=save, save_masks=save_masks, stats=stats, max_frames=max_frames,
                           alpha=alpha)
     with Segmenter.from_repository(repo, name, backend=backend, version=pin, poll_s=poll_s, threads=threads,
-                                   on_error=lambda e: echo(f"version refused: {e}"), log=echo) as segmenter:
+                                   log=echo) as segmenter:
         # Opened after the model is ready, so a live source does not count start-up frames as dropped.
         with open_source(f"camera:{camera}" if camera is not None else source, loop=loop, fps=fps, log=echo) as src, \
                 stop_on_signals(echo) as stop:  # Ctrl-C and SIGTERM end the run cleanly: files whole, report printed

@@ -156,7 +156,7 @@ class Segmenter:
 
         `on_swap(old, new)` gets the two version numbers, on the frame thread, once the first frame of
         `new` is segmented (before it is returned); `on_error(exc)` gets a CissError for each refused
-        version, on the watcher thread (or in check_updates' caller). With `watch=False` and no
+        version, on the watcher thread (or in check_updates' caller), instead of `log`. With `watch=False` and no
         `version`, new versions are taken only when check_updates() is called.
         """
         check_kind(backend)

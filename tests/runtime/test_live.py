@@ -203,6 +203,32 @@ def test_a_signal_stops_a_looped_run_cleanly(models: Exported, tmp_path: Path, s
     assert int(cv2.VideoCapture(str(saved)).get(cv2.CAP_PROP_FRAME_COUNT)) == frames
 
 
+def test_a_version_refused_mid_run_is_reported_once(models: Exported, tmp_path: Path):
+    """The watcher logged each refusal and the CLI's on_error printed it again."""
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    stats = tmp_path / "stats.jsonl"
+    process = subprocess.Popen([*CISS, "live", "--source", "synthetic", "--fps", "50", "--poll", "0.1", "--repo",
+                                str(repo), "--name", NAME, "--headless", "--stats", str(stats)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (not stats.exists() or not stats.read_text()) and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.1)
+        truncated = tmp_path / "truncated.onnx"
+        truncated.write_bytes((models.v2 / "model.onnx").read_bytes()[:5000])
+        assert publish(repo, models.v2, files={"model.onnx": truncated}) == 2
+        time.sleep(3)  # inotify, or at worst one 0.1 s poll, then a load that fails at once
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "versions served: 1" in out, err
+    refusals = [line for line in err.splitlines() if "version 2 refused" in line]
+    assert len(refusals) == 1 and "still serving version 1" in refusals[0], err
+
+
 def test_the_robot_example_acts_on_a_class_once_a_version_knows_it(models: Exported, tmp_path: Path):
     repo = tmp_path / "models"
     publish(repo, models.v2)
