@@ -1,8 +1,9 @@
 """The model repository: `models/<name>/<version>/`, each version whole, hashed and never changed.
 
-A version is assembled in a hidden `.staging-*` folder next to the versions, fsynced, and renamed to
-the next integer in one step, so a reader (the live runtime, polling for new models) sees either a
-complete version or nothing. Two exporters racing for the same number both succeed: renaming a
+A version is assembled in a hidden `.staging-<host>-<pid>-*` folder next to the versions, fsynced,
+and renamed to the next integer in one step, so a reader (the live runtime, polling for new models)
+sees either a complete version or nothing; the next publish removes staging folders whose process
+died. Two exporters racing for the same number both succeed: renaming a
 folder onto an existing non-empty one fails on Linux (ENOTEMPTY/EEXIST, see rename(2)), and the
 loser takes the next number. Only the standard library and ciss's own plain modules are imported,
 because the runtime reads the repository on robots that have no torch.
@@ -11,11 +12,13 @@ because the runtime reads the repository on robots that have no torch.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ MODEL_FORMAT = "ciss.model/1"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _VERSION = re.compile(r"[1-9][0-9]*")
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # staging folders name host and pid
+_STAGING = re.compile(r"\.staging-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -227,7 +232,8 @@ class ModelRepository:
         folder = self.root / name
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            staging = folder / f".staging-{uuid.uuid4().hex}"
+            _remove_dead_staging(folder)
+            staging = folder / f".staging-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}"
             staging.mkdir()
         except OSError as e:
             raise _write_error(folder, e) from None
@@ -342,6 +348,28 @@ class ModelRepository:
     def _highest_entry(self, name: str) -> int:
         """The largest integer name in use, with or without a manifest, so no number is ever reused."""
         return max((int(p.name) for p in (self.root / name).iterdir() if _VERSION.fullmatch(p.name)), default=0)
+
+
+def _remove_dead_staging(folder: Path) -> None:
+    """Remove the staging folders of publishers on this host that died mid-publish (killed, out of
+    memory): nobody will ever rename them into versions. A folder of another host sharing the
+    repository is left alone, since its process cannot be asked about; so is one of a live process."""
+    if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
+        return
+    for path in folder.iterdir():
+        owner = _STAGING.fullmatch(path.name)
+        if owner and owner["host"] == _HOST and not _alive(int(owner["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _seal(path: Path) -> dict[str, Any]:
