@@ -203,7 +203,7 @@ def live(camera: int | None, source: str | None, repo: Path, name: str, backend:
          threads: int, headless: bool, save: Path | None, save_masks: Path | None, stats: Path | None,
          max_frames: int | None, loop: bool, fps: float | None, alpha: float) -> None:
     """Segment live video with the newest model version, hot-swapping as new versions are published."""
-    from ciss.runtime.pipeline import LiveOptions, describe_report, run_live
+    from ciss.runtime.pipeline import LiveOptions, describe_report, run_live, stop_on_signals
     from ciss.runtime.segmenter import Segmenter
     from ciss.runtime.sinks import check_target, has_display
     from ciss.runtime.sources import open_source
@@ -222,10 +222,11 @@ def live(camera: int | None, source: str | None, repo: Path, name: str, backend:
     options = LiveOptions(display=display, save=save, save_masks=save_masks, stats=stats, max_frames=max_frames,
                           alpha=alpha)
     with Segmenter.from_repository(repo, name, backend=backend, version=pin, poll_s=poll_s, threads=threads,
-                                   on_error=lambda e: echo(f"version refused: {e}"), log=echo) as segmenter:
+                                   log=echo) as segmenter:
         # Opened after the model is ready, so a live source does not count start-up frames as dropped.
-        with open_source(f"camera:{camera}" if camera is not None else source, loop=loop, fps=fps, log=echo) as src:
-            report = run_live(src, segmenter, options, log=echo)
+        with open_source(f"camera:{camera}" if camera is not None else source, loop=loop, fps=fps, log=echo) as src, \
+                stop_on_signals(echo) as stop:  # Ctrl-C and SIGTERM end the run cleanly: files whole, report printed
+            report = run_live(src, segmenter, options, log=echo, stop=stop)
     click.echo(describe_report(report))
 
 

@@ -25,6 +25,9 @@ from torch import nn
 from ciss.errors import CissError
 
 OPSET = 20
+# torch.onnx implements opsets from 18 up (lower ones go through onnx's version converter, which fails
+# on common ops and then keeps 18) to 23 (torch.onnx._constants.ONNX_MAX_OPSET).
+MIN_OPSET, MAX_OPSET = 18, 23
 INPUT = "images"
 LOGITS = "logits"
 OUTPUT_CHOICES = ("mask", "mask+confidence", "logits")
@@ -76,6 +79,16 @@ def _quiet_exporter() -> Iterator[None]:
         log.setLevel(level)
 
 
+def check_opset(opset: int) -> None:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise CissError(f"--opset {opset} is not supported; choose --opset {MIN_OPSET} to {MAX_OPSET}")
+
+
+def graph_opset(model: onnx.ModelProto) -> int:
+    """The default-domain opset the graph really imports (what a runtime must support)."""
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def export_logits(model: nn.Module, size: tuple[int, int], dynamic: bool, opset: int = OPSET) -> onnx.ModelProto:
     """The fused model as an ONNX graph from `images` (1×3×H×W, normalised RGB) to `logits` (1×C×H×W)."""
     model = model.eval()
@@ -91,6 +104,9 @@ def export_logits(model: nn.Module, size: tuple[int, int], dynamic: bool, opset:
         program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT],
                                     output_names=[LOGITS], external_data=False, verbose=False, **kwargs)
     proto = program.model_proto
+    if graph_opset(proto) != opset:
+        raise CissError(f"the exporter made an opset {graph_opset(proto)} graph, not the {opset} asked for; "
+                        f"choose --opset {graph_opset(proto)}")
     if proto.ByteSize() > ONNX_LIMIT:
         raise CissError("the model is larger than 2 GB, which one ONNX file cannot hold")
     return proto

@@ -82,6 +82,7 @@ def _resolve_step(store: RunStore, step: int | None) -> int:
 
 def _check_options(options: ExportOptions) -> None:
     onnx_export.output_names(options.outputs)
+    onnx_export.check_opset(options.opset)
     if options.precision not in PRECISIONS:
         raise CissError(f"unknown --precision '{options.precision}'; choose one of {', '.join(PRECISIONS)}")
     if options.precision == "fp16" and not options.trt:
@@ -127,7 +128,7 @@ def export_step(run: Path, repo: Path, name: str, options: ExportOptions,
     source = {"run": str(store.root.resolve()), "step": step, "weights_sha256": step_manifest["weights"]["sha256"],
               "method": step_manifest.get("method"), "model": step_manifest["model"]}
     metadata = {"classes": classmap.to_json(), "step": step, "input": input_spec, "source": source,
-                "exporter": onnx_export.exporter_versions(options.opset)}
+                "exporter": onnx_export.exporter_versions(onnx_export.graph_opset(logits))}
 
     with tempfile.TemporaryDirectory(prefix="ciss-export-") as tmp:
         work = Path(tmp)

@@ -1,8 +1,9 @@
 """The model repository: `models/<name>/<version>/`, each version whole, hashed and never changed.
 
-A version is assembled in a hidden `.staging-*` folder next to the versions, fsynced, and renamed to
-the next integer in one step, so a reader (the live runtime, polling for new models) sees either a
-complete version or nothing. Two exporters racing for the same number both succeed: renaming a
+A version is assembled in a hidden `.staging-<host>-<pid>-*` folder next to the versions, fsynced,
+and renamed to the next integer in one step, so a reader (the live runtime, polling for new models)
+sees either a complete version or nothing; the next publish removes staging folders whose process
+died. Two exporters racing for the same number both succeed: renaming a
 folder onto an existing non-empty one fails on Linux (ENOTEMPTY/EEXIST, see rename(2)), and the
 loser takes the next number. Only the standard library and ciss's own plain modules are imported,
 because the runtime reads the repository on robots that have no torch.
@@ -11,11 +12,13 @@ because the runtime reads the repository on robots that have no torch.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ MODEL_FORMAT = "ciss.model/1"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _VERSION = re.compile(r"[1-9][0-9]*")
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # staging folders name host and pid
+_STAGING = re.compile(r"\.staging-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -53,13 +58,15 @@ def check_name(name: str) -> str:
     return name
 
 
-def verify_version(path: Path) -> dict[str, Any]:
-    """The manifest of the version folder `path`, once every file it lists has its size and sha256.
+def verify_version(path: Path, root: Path | None = None) -> dict[str, Any]:
+    """The manifest of the version folder `path`, once every file a backend may open is listed with its
+    size and sha256 and matches them, and the folder lies inside the repository `root` (by default
+    the folder two levels up, as in `<root>/<name>/<version>`).
 
     The runtime calls this before swapping to a version, so a corrupt copy is refused with one line.
     """
     path = Path(path)
-    manifest, problems = _check(path)
+    manifest, problems = _check(path, path.parent.parent if root is None else Path(root))
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise CissError(f"model version {path} is corrupt: {problems[0]}{more}; publish it again")
@@ -81,8 +88,12 @@ def _load_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check(folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
-    """The manifest (None if unreadable) and what is wrong with the version in `folder`."""
+def _check(folder: Path, root: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The manifest (None if unreadable) and what is wrong with the version in `folder` of the
+    repository at `root`."""
+    real = folder.resolve()
+    if not real.is_relative_to(root.resolve()):  # a link to a folder nobody published or hashed here
+        return None, [f"{folder} links to {real}, outside the repository {root}"]
     try:
         manifest = _load_manifest(folder)
     except CissError as e:
@@ -91,13 +102,21 @@ def _check(folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
     if _VERSION.fullmatch(folder.name) and manifest.get("version") != int(folder.name):
         problems.append(f"manifest says version {manifest.get('version')!r} but the folder is {folder.name}")
     files = manifest.get("files")
-    if not isinstance(files, dict):
-        return manifest, problems + ["manifest has no 'files' table"]
+    if not isinstance(files, dict) or not files:
+        return manifest, problems + ["manifest lists no files (each file needs its sha256 and size)"]
+    for rel in _used_files(manifest):
+        if not isinstance(rel, str) or not _is_relative(rel):
+            problems.append(f"{rel!r} is not a file name inside the version folder")
+        elif rel not in files:
+            problems.append(f"{rel} is used by the model but not listed with its sha256 and size")
     for rel, entry in files.items():
         if not _is_relative(rel):
-            problems.append(f"{rel!r} is not a path inside the version")
+            problems.append(f"{rel!r} is not a file name inside the version folder")
             continue
         target = folder / rel
+        if not target.resolve().is_relative_to(real):
+            problems.append(f"{rel} links to {target.resolve()}, outside the version folder")
+            continue
         try:
             size = target.stat().st_size
             if size != entry["size"]:
@@ -111,6 +130,25 @@ def _check(folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
         except (KeyError, TypeError):
             problems.append(f"{rel} has no size and sha256 in the manifest")
     return manifest, problems
+
+
+def _used_files(manifest: dict[str, Any]) -> list[Any]:
+    """Every file a backend may open: model.onnx, each ONNX variant, and each engine with its sidecar
+    and source graph (malformed entries come back as they are, to be refused)."""
+    used: list[Any] = ["model.onnx"]
+    variants, engines = manifest.get("variants") or {}, manifest.get("engines") or []
+    used += [v.get("file") if isinstance(v, dict) else v for v in (variants.values() if isinstance(variants, dict)
+                                                                  else [variants])]
+    for e in engines if isinstance(engines, list) else [engines]:
+        used += [e.get(k) for k in ("file", "manifest", "onnx") if k in e] if isinstance(e, dict) else [e]
+    return used
+
+
+def member(folder: Path, rel: Any) -> Path:
+    """`folder / rel` for a file name a manifest gives; anything that could leave the folder is refused."""
+    if not isinstance(rel, str) or not _is_relative(rel):
+        raise CissError(f"{rel!r} is not a file name inside the version folder {folder}")
+    return Path(folder) / rel
 
 
 def _is_relative(rel: str) -> bool:
@@ -194,7 +232,8 @@ class ModelRepository:
         folder = self.root / name
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            staging = folder / f".staging-{uuid.uuid4().hex}"
+            _remove_dead_staging(folder)
+            staging = folder / f".staging-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}"
             staging.mkdir()
         except OSError as e:
             raise _write_error(folder, e) from None
@@ -264,7 +303,7 @@ class ModelRepository:
                     raise CissError(f"model '{n}' has no version {version}")
                 versions = [version]
             for v in versions:
-                problems += [Problem(n, v, p) for p in _check(self.root / n / str(v))[1]]
+                problems += [Problem(n, v, p) for p in _check(self.root / n / str(v), self.root)[1]]
         return problems
 
     def describe(self, name: str | None = None) -> str:
@@ -309,6 +348,28 @@ class ModelRepository:
     def _highest_entry(self, name: str) -> int:
         """The largest integer name in use, with or without a manifest, so no number is ever reused."""
         return max((int(p.name) for p in (self.root / name).iterdir() if _VERSION.fullmatch(p.name)), default=0)
+
+
+def _remove_dead_staging(folder: Path) -> None:
+    """Remove the staging folders of publishers on this host that died mid-publish (killed, out of
+    memory): nobody will ever rename them into versions. A folder of another host sharing the
+    repository is left alone, since its process cannot be asked about; so is one of a live process."""
+    if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
+        return
+    for path in folder.iterdir():
+        owner = _STAGING.fullmatch(path.name)
+        if owner and owner["host"] == _HOST and not _alive(int(owner["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _seal(path: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ciss.errors import CissError
+from ciss.export.repository import member
 from ciss.manifest import read_json
 
 KINDS = ("auto", "tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "ort-int8", "torch")
@@ -211,7 +212,7 @@ def _load_ort(version_dir: Path, manifest: dict[str, Any], kind: str, threads: i
         if not variant:
             raise CissError(f"cannot use backend ort-int8: version {manifest.get('version')} has no int8 variant "
                             "(export it with --precision int8)")
-        path, precision = version_dir / variant["file"], "int8"
+        path, precision = member(version_dir, variant.get("file")), "int8"
     else:
         path, precision = version_dir / "model.onnx", str(manifest.get("precision", "fp32"))
     try:
@@ -242,8 +243,8 @@ def _load_tensorrt(version_dir: Path, manifest: dict[str, Any]) -> Backend:
     refusals = []
     for entry in engines:
         try:
-            sidecar = read_json(version_dir / entry["manifest"], "engine manifest")
-            engine = trt_export.load_engine(version_dir / entry["file"], sidecar,
+            sidecar = read_json(member(version_dir, entry.get("manifest")), "engine manifest")
+            engine = trt_export.load_engine(member(version_dir, entry.get("file")), sidecar,
                                             onnx_sha256=(files.get(entry.get("onnx")) or {}).get("sha256"),
                                             classmap_version=len(manifest["classes"]))
             return TensorRTBackend(engine, str(entry.get("precision", sidecar.get("precision"))))

@@ -4,8 +4,8 @@ The protocol is DeepStream's on-the-fly model update (runtime.md §2.3) as adapt
 background thread notices a new version, checks it (manifest and sha256s, a class map that only
 appends), loads it, warms it up and validates its outputs on the last live frame, then parks it in
 the Segmenter's one-slot `pending`; the frame loop swaps to it between two frames. A version that
-fails any step never serves: the error goes to the log and to `on_error`, the old model keeps
-serving, and the version is not tried again unless its files change (a copy that was still being
+fails any step never serves: the error goes to `on_error` (to the log when there is none), the
+old model keeps serving, and the version is not tried again unless its files change (a copy that was still being
 written), while any later version still is.
 
 New versions are noticed through inotify where Linux offers it (IN_MOVED_TO is the rename that
@@ -276,8 +276,9 @@ class HotSwap:
         error = CissError(f"model '{self.folder.name}' version {version} refused: {detail}; "
                           f"still serving version {serving}")
         error.__cause__ = e
-        self._log(str(error))
-        if self._on_error is not None:
+        if self._on_error is None:  # a caller that takes the error reports it (said once, not twice)
+            self._log(str(error))
+        else:
             try:
                 self._on_error(error)
             except Exception as callback_error:  # noqa: BLE001 - a failing callback must not stop the watcher

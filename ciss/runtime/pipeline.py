@@ -8,15 +8,21 @@ it: frames in and out, drops, latency, and for each swap the longest gap between
 
 from __future__ import annotations
 
+import random
+import signal
+import threading
 import time
-from collections.abc import Callable
-from contextlib import ExitStack, closing
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
 
+from ciss.errors import CissError
 from ciss.runtime.render import class_lut, hud, legend, overlay
 from ciss.runtime.segmenter import Result, Segmenter
 from ciss.runtime.sinks import Display, MaskSink, StatsSink, VideoSink, pixel_shares
@@ -34,9 +40,32 @@ class LiveOptions:
     max_frames: int | None = None
     alpha: float = 0.5
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:  # also refuses NaN; outside [0, 1] the overlay wraps around
+            raise CissError(f"--alpha {self.alpha:g} is not an opacity; give a value from 0 to 1")
 
-def _percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
+
+class _Reservoir:
+    """A fixed-size uniform sample of a stream (Vitter's algorithm R) and its exact maximum, so a run
+    of any length reports percentiles in constant memory; exact while it has at most `size` values."""
+
+    def __init__(self, size: int = 4096, seed: int = 0):
+        self._sample = np.empty(size)
+        self._rng = random.Random(seed)
+        self.count = 0
+        self.max: float | None = None
+
+    def add(self, value: float) -> None:
+        if self.count < len(self._sample):
+            self._sample[self.count] = value
+        elif (j := self._rng.randrange(self.count + 1)) < len(self._sample):
+            self._sample[j] = value
+        self.count += 1
+        self.max = value if self.max is None or value > self.max else self.max
+
+    def percentile(self, q: float) -> float | None:
+        n = min(self.count, len(self._sample))
+        return float(np.percentile(self._sample[:n], q)) if n else None
 
 
 class _Rate:
@@ -61,14 +90,40 @@ def annotate(frame: np.ndarray, result: Result, luts: dict[int, np.ndarray], fps
     return image
 
 
+@contextmanager
+def stop_on_signals(log: Log = print) -> Iterator[threading.Event]:
+    """An event that SIGINT (Ctrl-C) and SIGTERM set instead of killing the process, so run_live ends
+    after the frame in progress with its files whole and its report made; a second signal stops at
+    once (KeyboardInterrupt). Handlers can only be installed from the main thread; elsewhere the
+    event is simply never set by a signal."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handle(signum: int, _: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log(f"{signal.Signals(signum).name}: stopping after this frame (send it again to stop at once)")
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Log = print,
-             on_frame: Callable[[Result], None] | None = None) -> dict[str, Any]:
-    """Run until the source ends, `max_frames`, or `q` in the window; returns the run's report."""
+             on_frame: Callable[[Result], None] | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run until the source ends, `max_frames`, `q` in the window, or `stop` is set (see
+    stop_on_signals); returns the run's report."""
     luts: dict[int, np.ndarray] = {}
     rate = _Rate()
-    latencies: list[float] = []
-    out_times: list[float] = []
-    versions: list[int] = []
+    latencies, gaps = _Reservoir(), _Reservoir()
+    swaps = _SwapGaps()
+    last_out: float | None = None
     frames = 0
     started = time.monotonic()
     with ExitStack() as stack:
@@ -76,7 +131,7 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
         masks = MaskSink(options.save_masks) if options.save_masks else None
         stats = stack.enter_context(StatsSink(options.stats)) if options.stats else None
         video: VideoSink | None = None
-        while options.max_frames is None or frames < options.max_frames:
+        while (options.max_frames is None or frames < options.max_frames) and not (stop and stop.is_set()):
             frame = source.read()
             if frame is None:
                 break
@@ -84,9 +139,12 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
             now = time.monotonic()
             latency_ms = 1e3 * (now - frame.time)
             fps = rate.tick(now)
-            latencies.append(latency_ms)
-            out_times.append(now)
-            versions.append(result.version)
+            latencies.add(latency_ms)
+            gap_ms = None if last_out is None else 1e3 * (now - last_out)
+            if gap_ms is not None:
+                gaps.add(gap_ms)
+            swaps.add(frames, result.version, gap_ms)
+            last_out = now
             frames += 1
             if display is not None or options.save:
                 image = annotate(frame.image, result, luts, fps, latency_ms, options.alpha)
@@ -109,25 +167,43 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
                              "shares": pixel_shares(result.mask, result.classmap.names)})
             if on_frame is not None:
                 on_frame(result)
-    return _report(source, segmenter, frames, time.monotonic() - started, latencies, out_times, versions)
+    return _report(source, segmenter, frames, time.monotonic() - started, latencies, gaps, swaps)
 
 
-def _report(source: Source, segmenter: Segmenter, frames: int, wall_s: float, latencies: list[float],
-            out_times: list[float], versions: list[int]) -> dict[str, Any]:
-    gaps = np.diff(out_times) * 1e3 if len(out_times) > 1 else np.zeros(0)
-    swaps = []
-    for s in segmenter.swaps:
-        k = next((i for i, v in enumerate(versions) if v == s["version"]), None)
-        around = gaps[max(0, (k or 0) - 2):(k or 0) + 1] if k is not None else np.zeros(0)
-        swaps.append({**s, "first_frame": k, "max_gap_ms": float(around.max()) if around.size else None})
+class _SwapGaps:
+    """Each version's first frame and the longest gap between output frames around it (the two gaps
+    before that frame and the one after): what a swap cost the stream, kept per version, not per frame."""
+
+    def __init__(self) -> None:
+        self.first_frame: dict[int, int] = {}
+        self.max_gap_ms: dict[int, float | None] = {}
+        self._recent: deque[float] = deque(maxlen=2)
+        self._waiting: int | None = None  # a version whose first frame's following gap is still to come
+
+    def add(self, frame: int, version: int, gap_ms: float | None) -> None:
+        if gap_ms is not None:
+            self._recent.append(gap_ms)
+            if self._waiting is not None:
+                before = self.max_gap_ms[self._waiting]
+                self.max_gap_ms[self._waiting] = gap_ms if before is None else max(before, gap_ms)
+                self._waiting = None
+        if version not in self.first_frame:
+            self.first_frame[version] = frame
+            self.max_gap_ms[version] = max(self._recent, default=None)
+            self._waiting = version
+
+
+def _report(source: Source, segmenter: Segmenter, frames: int, wall_s: float, latencies: _Reservoir,
+            gaps: _Reservoir, served: _SwapGaps) -> dict[str, Any]:
+    swaps = [{**s, "first_frame": served.first_frame.get(s["version"]),
+              "max_gap_ms": served.max_gap_ms.get(s["version"])} for s in segmenter.swaps]
     source_stats = source.stats
     return {
         "frames": frames, "wall_s": wall_s, "fps": frames / wall_s if wall_s > 0 else None,
         "dropped": int(source_stats.get("dropped", 0)), "source": source.describe(), "source_stats": source_stats,
-        "latency_ms": {"p50": _percentile(latencies, 50), "p95": _percentile(latencies, 95),
-                       "max": max(latencies) if latencies else None},
-        "frame_gap_ms": {"p50": _percentile(list(gaps), 50), "max": float(gaps.max()) if gaps.size else None},
-        "versions": sorted(set(versions)), "swaps": swaps, "backend": segmenter.backend,
+        "latency_ms": {"p50": latencies.percentile(50), "p95": latencies.percentile(95), "max": latencies.max},
+        "frame_gap_ms": {"p50": gaps.percentile(50), "max": gaps.max},
+        "versions": sorted(served.first_frame), "swaps": swaps, "backend": segmenter.backend,
     }
 
 

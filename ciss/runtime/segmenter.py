@@ -9,6 +9,7 @@ the first frame that finds it there swaps, so every frame is produced by exactly
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -155,10 +156,14 @@ class Segmenter:
 
         `on_swap(old, new)` gets the two version numbers, on the frame thread, once the first frame of
         `new` is segmented (before it is returned); `on_error(exc)` gets a CissError for each refused
-        version, on the watcher thread (or in check_updates' caller). With `watch=False` and no
+        version, on the watcher thread (or in check_updates' caller), instead of `log`. With `watch=False` and no
         `version`, new versions are taken only when check_updates() is called.
         """
         check_kind(backend)
+        if not (math.isfinite(poll_s) and poll_s > 0):  # 0 would re-check the repository in a busy loop
+            raise CissError(f"--poll {poll_s:g} is not a positive number of seconds; give e.g. --poll 0.5")
+        if threads < 0:
+            raise CissError(f"--threads {threads} is negative; give 0 (the backend's default) or more")
         log = log or _LOG.info
         root = Path(repo)
         if not root.is_dir():

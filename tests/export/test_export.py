@@ -188,6 +188,19 @@ def test_bad_input_is_one_line_and_publishes_nothing(run: Path, tmp_path: Path):
     assert not repo.exists() or ModelRepository(repo).versions("robot") == []
 
 
+def test_an_unsupported_opset_is_refused_and_the_real_one_recorded(run: Path, tmp_path: Path):
+    """--opset 3 used to print a converter traceback and publish an opset-18 graph labelled opset 3."""
+    repo = tmp_path / "models"
+    for opset in ("3", "99"):
+        out = cli("export", "--run", str(run), "--repo", str(repo), "--name", "robot", "--size", "32x32", "--opset", opset)
+        assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+            f"error: --opset {opset} is not supported; choose --opset {ox.MIN_OPSET} to {ox.MAX_OPSET}"], out.stderr
+        assert not repo.exists()
+    result = export_step(run, repo, "robot", ExportOptions(size=(32, 32), opset=19), log=quiet)
+    graph = onnx.load_model(str(result.path / "model.onnx"))
+    assert ox.graph_opset(graph) == result.manifest["exporter"]["opset"] == 19
+
+
 @pytest.mark.skipif(find_spec("tensorrt") is not None, reason="TensorRT is installed here, so an engine is built")
 def test_trt_without_tensorrt_publishes_the_onnx_then_exits_2(run: Path, tmp_path: Path):
     repo = tmp_path / "models"

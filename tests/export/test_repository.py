@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -281,7 +282,7 @@ def published(tmp_path: Path) -> Path:
     files = model_files(tmp_path / "src")
     metrics = {"miou_all": 0.712, "miou_old": 0.75, "miou_new": 0.5}
     repo.publish("camvid", files, model_manifest(metrics=metrics))
-    engine = model_files(tmp_path / "src", engine=True)
+    engine = model_files(tmp_path / "src", engine=True) | {"model.int8.onnx": files["model.onnx"]}
     repo.publish("camvid", engine, model_manifest(
         BASE + ["car"], input={"size": None, "dynamic": True}, metrics=metrics,
         variants={"int8": {"file": "model.int8.onnx"}},
@@ -328,3 +329,37 @@ def test_cli_user_errors(published: Path, tmp_path: Path, args: list[str], fragm
     r = invoke(*(a.format(tmp=tmp_path) for a in args))
     assert r.exit_code == 2 and r.stderr.startswith("error: ") and fragment in r.stderr, r.output
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+DIES_MID_PUBLISH = """
+import os, signal, sys
+from pathlib import Path
+from ciss.classmap import ClassMap
+from ciss.export.repository import ModelRepository
+
+def stamp(staging, version):  # killed while the version is staged, before the rename
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ModelRepository(Path(sys.argv[1])).publish("m", {"model.onnx": Path(sys.argv[2])},
+                                           {"classes": ClassMap.initial(["a"]).to_json()}, stamp=stamp)
+"""
+
+
+def test_the_next_publish_removes_staging_folders_of_dead_processes(tmp_path: Path):
+    """A publisher killed mid-publish used to leave its staging folder (a whole model copy) forever."""
+    source = model_files(tmp_path / "src")["model.onnx"]
+    died = subprocess.Popen([sys.executable, "-c", DIES_MID_PUBLISH, str(tmp_path / "models"), str(source)])
+    assert died.wait(timeout=60) == -signal.SIGKILL
+    [stale] = entries(tmp_path / "models" / "m")
+    assert stale.startswith(".staging-") and f"-{died.pid}-" in stale  # the owner's pid is in the name
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # A publish in progress in a live process, and a staging folder named the old way, are kept.
+        in_progress = stale.replace(f"-{stale.split('-')[2]}-", f"-{alive.pid}-")
+        (tmp_path / "models" / "m" / in_progress).mkdir()
+        (tmp_path / "models" / "m" / ".staging-0123abcd").mkdir()
+        assert ModelRepository(tmp_path / "models").publish("m", {"model.onnx": source}, model_manifest(["a"])) == 1
+        assert entries(tmp_path / "models" / "m") == sorted([in_progress, ".staging-0123abcd", "1"])
+    finally:
+        alive.kill()
+        alive.wait()

@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from tiny_models import NAME, SIZE, Exported, exported, manifest_of, publish
 
+from ciss.apps.cli import main
 from ciss.errors import CissError
+from ciss.export.repository import ModelRepository
 from ciss.runtime.hotswap import watch_folder
 from ciss.runtime.segmenter import Result, Segmenter
 
@@ -228,3 +231,85 @@ def test_inotify_reports_a_published_version_and_ignores_dot_entries(tmp_path: P
     polling = watch_folder(tmp_path, inotify=False)
     assert polling.mode == "polling" and polling.wait(0.01) is False
     polling.close()
+
+
+def copy_as_next_version(repo: Path, source: Path, corrupt: bool = False, **manifest_changes) -> Path:
+    """A hand-made version folder (as a bad copy or a hostile writer would leave it), renamed in atomically."""
+    version = next_number(repo)
+    staging = repo / NAME / ".copy"
+    shutil.copytree(source, staging)
+    if corrupt:  # bit rot in the weights: the graph still loads, its masks are wrong
+        data = bytearray((staging / "model.onnx").read_bytes())
+        for i in range(len(data) // 2, len(data) // 2 + 4000, 4):
+            data[i] ^= 0x40
+        (staging / "model.onnx").write_bytes(bytes(data))
+    (staging / "manifest.json").write_text(json.dumps(manifest_of(staging) | {"version": version} | manifest_changes))
+    os.rename(staging, repo / NAME / str(version))
+    return repo / NAME / str(version)
+
+
+def test_a_manifest_that_lists_no_files_is_refused_and_not_verified(models: Exported, tmp_path: Path):
+    """`files: {}` used to skip every hash: a bit-rotted model.onnx was served and `models verify` passed."""
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    events = Events()
+    seg = serve(repo, events)
+    bad = copy_as_next_version(repo, models.v2, corrupt=True, files={})
+    assert seg.check_updates() is None and seg(FRAME).version == 1
+    (error,) = events.errors
+    assert "version 2 refused" in str(error) and "lists no files" in str(error)
+    seg.close()
+    with pytest.raises(CissError, match="lists no files"):
+        Segmenter.from_repository(repo, NAME, version=2, watch=False, log=lambda s: None)
+    out = CliRunner().invoke(main, ["models", "verify", str(repo)])
+    assert out.exit_code == 2 and out.stdout.splitlines() == [
+        f"{NAME}/2: manifest lists no files (each file needs its sha256 and size)"], out.output
+    # A file the backend opens but the manifest leaves out is refused the same way.
+    listed = manifest_of(models.v2)["files"]
+    (bad / "manifest.json").write_text(json.dumps(manifest_of(bad) | {"files": {"other.bin": listed["model.onnx"]}}))
+    with pytest.raises(CissError, match="model.onnx is used by the model but not listed with its sha256 and size"):
+        Segmenter.from_repository(repo, NAME, version=2, watch=False, log=lambda s: None)
+
+
+def test_a_model_file_outside_the_version_folder_is_refused(models: Exported, tmp_path: Path):
+    """An int8 path of ../../../outside/model.onnx was loaded, unhashed, by --backend ort-int8."""
+    repo = tmp_path / "models"
+    (tmp_path / "outside").mkdir()
+    shutil.copyfile(models.v1 / "model.onnx", tmp_path / "outside" / "model.onnx")
+    escape = "../../../outside/model.onnx"
+    version = publish(repo, models.v1, variants={"int8": {"file": escape}})
+    assert (repo / NAME / str(version) / escape).resolve() == (tmp_path / "outside" / "model.onnx").resolve()
+    with pytest.raises(CissError, match="'../../../outside/model.onnx' is not a file name inside the version folder"):
+        Segmenter.from_repository(repo, NAME, backend="ort-int8", watch=False, log=lambda s: None)
+    (problem,) = ModelRepository(repo).verify()
+    assert "is not a file name inside the version folder" in problem.message
+    # A listed file that is a link out of the folder is refused too.
+    link = copy_as_next_version(repo, models.v1)
+    (link / "model.onnx").unlink()
+    (link / "model.onnx").symlink_to(tmp_path / "outside" / "model.onnx")
+    with pytest.raises(CissError, match="model.onnx links to .*, outside the version folder"):
+        Segmenter.from_repository(repo, NAME, watch=False, log=lambda s: None)
+
+
+def test_a_version_folder_linked_outside_the_repository_is_refused(models: Exported, tmp_path: Path):
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    events = Events()
+    seg = serve(repo, events)
+    elsewhere = tmp_path / "elsewhere" / "2"
+    shutil.copytree(models.v2, elsewhere)
+    (elsewhere / "manifest.json").write_text(json.dumps(manifest_of(elsewhere) | {"version": 2}))
+    (repo / NAME / "2").symlink_to(elsewhere, target_is_directory=True)
+    assert seg.check_updates() is None and seg(FRAME).version == 1
+    (error,) = events.errors
+    assert "version 2 refused" in str(error) and "outside the repository" in str(error)
+    seg.close()
+    out = CliRunner().invoke(main, ["models", "verify", str(repo)])
+    assert out.exit_code == 2 and "2: " in out.stdout and "outside the repository" in out.stdout, out.output
+    # A link that stays inside the repository is followed.
+    (repo / NAME / "2").unlink()
+    inside = repo / "shelf" / "2"
+    shutil.copytree(elsewhere, inside)
+    (repo / NAME / "2").symlink_to(inside, target_is_directory=True)
+    with Segmenter.from_repository(repo, NAME, watch=False, log=lambda s: None) as seg:
+        assert seg.version == 2

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import cv2
@@ -66,6 +68,31 @@ def test_a_version_published_mid_file_flips_at_one_frame_and_loses_none(models: 
     assert new_class_pixels > 0 and not old_names & {"water", "sand"}
     capture = cv2.VideoCapture(str(tmp_path / "out.mp4"))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 30
+
+
+def test_memory_stays_flat_however_long_it_runs(models: Exported, tmp_path: Path):
+    """run_live kept per-frame lists for its end report (about 100 bytes a frame, without bound)."""
+    video = write_video(tmp_path / "clip.mp4", 10, size=(48, 64))
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    first, last, held = 300, 3300, {}
+
+    def on_frame(result: Result) -> None:
+        if result.seq in (first, last):
+            held[result.seq] = tracemalloc.get_traced_memory()[0]
+
+    with Segmenter.from_repository(repo, NAME, watch=False, log=lambda s: None) as segmenter, \
+            open_source(str(video), loop=True) as source:
+        tracemalloc.start()
+        try:
+            report = run_live(source, segmenter, LiveOptions(max_frames=last + 1), log=lambda s: None,
+                              on_frame=on_frame)
+        finally:
+            tracemalloc.stop()
+    assert report["frames"] == last + 1 and report["versions"] == [1]
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p95"] <= report["latency_ms"]["max"]
+    assert 0 < report["frame_gap_ms"]["p50"] <= report["frame_gap_ms"]["max"]
+    assert held[last] - held[first] < 16 * (last - first), held  # no per-frame record (the FPS window is noise)
 
 
 class PacedVideo(VideoCaptureProducer):
@@ -136,6 +163,70 @@ def test_cli_mistakes_are_one_line_with_exit_2(models: Exported, tmp_path: Path)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and lines and lines[-1].startswith("error: "), (args, out.stderr)
         assert message in lines[-1], (args, out.stderr)
+
+
+@pytest.mark.parametrize("flag,value", [("--poll", "0"), ("--poll", "nan"), ("--alpha", "7"), ("--threads", "-3")])
+def test_out_of_range_options_are_refused_in_one_line(models: Exported, tmp_path: Path, flag: str, value: str):
+    """--poll 0 re-checked the repository in a busy loop; --alpha 7 and --threads -3 were taken as given."""
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    out = cli("live", "--source", "synthetic", "--repo", str(repo), "--name", NAME, "--headless", "--max-frames", "1",
+              flag, value)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and lines == [lines[-1]] and lines[-1].startswith(f"error: {flag} {value}"), out.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_looped_run_cleanly(models: Exported, tmp_path: Path, signum: int):
+    """Ctrl-C or SIGTERM used to print "Aborted!" (or just kill), exit 1 and lose the report and the video."""
+    video = write_video(tmp_path / "clip.mp4", 12)
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    stats, saved = tmp_path / "stats.jsonl", tmp_path / "out.mp4"
+    process = subprocess.Popen([*CISS, "live", "--source", str(video), "--loop", "--fps", "50", "--repo", str(repo),
+                                "--name", NAME, "--headless", "--save", str(saved), "--stats", str(stats)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (not stats.exists() or len(stats.read_text().splitlines()) < 20) and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.1)
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "Aborted" not in err and f"{signal.Signals(signum).name}: stopping" in err
+    frames = int(out.split(" frames in ")[0].split()[-1])
+    records = [json.loads(line) for line in stats.read_text().splitlines()]
+    assert frames >= 20 and [r["seq"] for r in records] == list(range(frames))
+    assert int(cv2.VideoCapture(str(saved)).get(cv2.CAP_PROP_FRAME_COUNT)) == frames
+
+
+def test_a_version_refused_mid_run_is_reported_once(models: Exported, tmp_path: Path):
+    """The watcher logged each refusal and the CLI's on_error printed it again."""
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    stats = tmp_path / "stats.jsonl"
+    process = subprocess.Popen([*CISS, "live", "--source", "synthetic", "--fps", "50", "--poll", "0.1", "--repo",
+                                str(repo), "--name", NAME, "--headless", "--stats", str(stats)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (not stats.exists() or not stats.read_text()) and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.1)
+        truncated = tmp_path / "truncated.onnx"
+        truncated.write_bytes((models.v2 / "model.onnx").read_bytes()[:5000])
+        assert publish(repo, models.v2, files={"model.onnx": truncated}) == 2
+        time.sleep(3)  # inotify, or at worst one 0.1 s poll, then a load that fails at once
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "versions served: 1" in out, err
+    refusals = [line for line in err.splitlines() if "version 2 refused" in line]
+    assert len(refusals) == 1 and "still serving version 1" in refusals[0], err
 
 
 def test_the_robot_example_acts_on_a_class_once_a_version_knows_it(models: Exported, tmp_path: Path):
