@@ -78,9 +78,51 @@ def poly_lr(base: float, it: int, total: int, power: float) -> float:
     return base * (1 - it / total) ** power
 
 
+# Parameter groups, each with its own learning-rate multiplier (train.lr_mult / train.lr_mult_next).
+GROUPS = ("backbone", "decoder", "head_old", "head_new", "method")
+
+
+def lr_multipliers(cfg: dict[str, Any], step: int) -> dict[str, float]:
+    """The multiplier of every group at `step`, checked: step 0 reads train.lr_mult (a backbone
+    loaded from model.pretrained takes `backbone_pretrained`), later steps train.lr_mult_next."""
+    table = dict(cfg["train"]["lr_mult" if step == 0 else "lr_mult_next"])
+    key = "train.lr_mult" if step == 0 else "train.lr_mult_next"
+    for name, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise CissError(f"{key}.{name} must be a finite number >= 0; got {value!r}")
+    if step == 0:
+        pretrained = table.pop("backbone_pretrained")
+        if cfg["model"]["pretrained"]:
+            table["backbone"] = pretrained
+        table["head_old"] = 0.0  # no old head at step 0
+    return {g: float(table[g]) for g in GROUPS}
+
+
+def param_groups(model: DeepLabV3, method_params: list[nn.Parameter], step: int,
+                 mult: dict[str, float]) -> list[dict[str, Any]]:
+    """SGD parameter groups named after GROUPS (empty ones left out); every trainable parameter in one.
+
+    head_new is the classifier of this step's classes (every head at step 0), head_old the earlier
+    steps' (background included); decoder is whatever else the model trains (the ASPP).
+    """
+    heads = model.head.heads
+    new = list(heads.parameters()) if step == 0 else list(heads[-1].parameters())
+    old = [] if step == 0 else [p for h in heads[:-1] for p in h.parameters()]
+    backbone = list(model.backbone.parameters())
+    named = {id(p) for p in backbone + new + old}
+    members = {"backbone": backbone, "decoder": [p for p in model.parameters() if id(p) not in named],
+               "head_old": old, "head_new": new, "method": list(method_params)}
+    groups = []
+    for name in GROUPS:
+        params = [p for p in members[name] if p.requires_grad]
+        if params:
+            groups.append({"params": params, "name": name, "lr_mult": mult[name]})
+    return groups
+
+
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g["lr_mult"]
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -182,8 +224,8 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
 
     params = [p for p in unwrapped.parameters() if p.requires_grad]
     method_params = list(method.parameters())
-    optimizer = torch.optim.SGD([{"params": params}, {"params": method_params}] if method_params else params,
-                                lr=base_lr, momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"])
+    groups = param_groups(unwrapped, method_params, step, lr_multipliers(cfg, step))
+    optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"])
     use_amp = bool(tcfg["amp"]) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start_it = 0
