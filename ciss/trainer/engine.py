@@ -80,6 +80,9 @@ def poly_lr(base: float, it: int, total: int, power: float) -> float:
 
 # Parameter groups, each with its own learning-rate multiplier (train.lr_mult / train.lr_mult_next).
 GROUPS = ("backbone", "decoder", "head_old", "head_new", "method")
+# train.clip_grad_norm bounds each of these groups' gradient norm on its own. The classifiers are never
+# clipped: a distillation term's large gradient in the backbone must not shrink the head's update.
+CLIPPED = ("backbone", "decoder", "method")
 
 
 def lr_multipliers(cfg: dict[str, Any], step: int) -> dict[str, float]:
@@ -129,6 +132,39 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
     write_bytes_atomic(path, buf.getvalue())
+
+
+def _grad_norm(tensors: Iterable[torch.Tensor | None]) -> float:
+    norms = [torch.linalg.vector_norm(t.detach().float()) for t in tensors if t is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def term_grad_norms(terms: dict[str, torch.Tensor], params: list[nn.Parameter], scale: float = 1.0) -> dict[str, float]:
+    """The gradient norm of each loss term over `params`, before any clipping, as train-log columns.
+
+    `torch.autograd.grad` keeps the graph and writes no `.grad`, so the backward pass that follows, and
+    the weights, are the same as without it. Terms are scaled by `scale` (AMP's loss scale) and the
+    norms divided by it, so fp16 gradients neither underflow nor read as scaled.
+    """
+    out = {}
+    for name, term in terms.items():
+        grads = torch.autograd.grad(term * scale, params, retain_graph=True, allow_unused=True) \
+            if term.requires_grad else []
+        out[f"gradnorm_{name}"] = _grad_norm(grads) / scale
+    return out
+
+
+def clip_groups(optimizer: torch.optim.Optimizer, max_norm: float, measure: bool) -> dict[str, float]:
+    """Clip the gradient of each group in CLIPPED to `max_norm` on its own (0: none). With `measure`,
+    returns every group's norm before clipping as train-log columns gradnorm_<group> (reading them
+    stalls a GPU's queue, so only at logging points)."""
+    norms: dict[str, torch.Tensor | float] = {}
+    for g in optimizer.param_groups:
+        if max_norm > 0 and g["name"] in CLIPPED:
+            norms[g["name"]] = torch.nn.utils.clip_grad_norm_(g["params"], max_norm)
+        elif measure:
+            norms[g["name"]] = _grad_norm(p.grad for p in g["params"])
+    return {f"gradnorm_{k}": float(v) for k, v in norms.items()} if measure else {}
 
 
 def _average_grads(params: list[nn.Parameter], dist: Dist) -> None:
@@ -282,22 +318,26 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
                 values = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items())
                 raise CissError(f"training diverged at iteration {it} of step {step} (loss terms: {values}); "
                                 "lower the learning rate or set train.clip_grad_norm")
+            # Reading values back stalls a GPU's queue, so gradient norms only at logging points. Every
+            # process measures them: a synchronised BatchNorm's backward is a collective.
+            measure = (it + 1) % tcfg["log_every"] == 0 or it + 1 == total
             optimizer.zero_grad(set_to_none=True)
+            norms = term_grad_norms(terms, params + method_params, scaler.get_scale() if use_amp else 1.0) \
+                if measure else {}
             scaler.scale(loss).backward()
             if dist.active and method_params:
                 _average_grads(method_params, dist)
-            if clip > 0:
+            if clip > 0 or measure:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params + method_params, clip)
+                norms.update(clip_groups(optimizer, clip, measure))
             scaler.step(optimizer)
             scaler.update()
             it += 1
-            if dist.main and (it % tcfg["log_every"] == 0 or it == total):
-                # Reading values back stalls a GPU's queue, so only at logging points.
+            if dist.main and measure:
                 values = {k: float(v.detach()) for k, v in terms.items()}
                 progress.update(it, values, lr)
                 train_log.write({"iteration": it, "epoch": epoch, "lr": lr, "loss": sum(values.values()),
-                                 **values, "elapsed_s": round(time.perf_counter() - t0, 3)})
+                                 **values, **norms, "elapsed_s": round(time.perf_counter() - t0, 3)})
             if it % tcfg["checkpoint_every"] == 0 and it < total:
                 if dist.main:
                     _save_checkpoint(ckpt_path, {

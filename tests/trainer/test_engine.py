@@ -185,3 +185,41 @@ def test_a_group_with_multiplier_zero_stays_put(tmp_path: Path, fast_config: Pat
             assert torch.equal(after[k], v), k
     init = before["head.heads.0.weight"][:1]  # MiB: the new head starts as a copy of the background's
     assert not torch.equal(after["head.heads.1.weight"], init)
+
+
+def test_clipping_is_per_group_and_never_touches_the_heads():
+    from ciss.trainer.engine import clip_groups
+
+    params = {name: torch.nn.Parameter(torch.zeros(4)) for name in ("backbone", "decoder", "head_new")}
+    opt = torch.optim.SGD([{"params": [p], "name": k} for k, p in params.items()], lr=1.0)
+    for k, scale in (("backbone", 100.0), ("decoder", 0.5), ("head_new", 50.0)):
+        params[k].grad = torch.full((4,), scale / 2)  # norm = scale
+    norms = clip_groups(opt, 3.0, measure=True)
+    assert norms == {"gradnorm_backbone": 100.0, "gradnorm_decoder": 0.5, "gradnorm_head_new": 50.0}
+    assert float(params["backbone"].grad.norm()) == pytest.approx(3.0)  # clipped on its own
+    assert float(params["decoder"].grad.norm()) == pytest.approx(0.5)  # not scaled by the backbone's norm
+    assert float(params["head_new"].grad.norm()) == pytest.approx(50.0)  # heads are never clipped
+    assert clip_groups(opt, 3.0, measure=False) == {}
+
+
+def test_gradient_norm_logging_leaves_the_weights_unchanged(tmp_path: Path):
+    """Per-term gradient norms in the train log at every iteration, and bit-identical weights to a
+    run that logs only at its end."""
+    runs = {}
+    for every in (1, 1000):
+        cfg = write_config(tmp_path / f"c{every}.toml", size=16, epochs=2)
+        cfg.write_text(cfg.read_text().replace("log_every = 5", f"log_every = {every}\nclip_grad_norm = 1.0"))
+        run = tmp_path / f"log{every}"
+        learn(run, classes=["sky", "grass", "disk"], config_file=cfg, method="ft", log=lambda s: None)
+        learn(run, new_classes=["box"], config_file=cfg, method="plop", log=lambda s: None)
+        runs[every] = run
+    rows = [json.loads(line) for line in (runs[1] / "step-1" / "train_log.jsonl").read_text().splitlines()]
+    iterations = RunStore(runs[1]).manifest(1)["train"]["iterations"]
+    assert len(rows) == iterations > 1 and {"gradnorm_ce", "gradnorm_pod", "gradnorm_backbone", "gradnorm_head_new"} <= set(rows[0])
+    assert all(r["gradnorm_ce"] > 0 and r["gradnorm_pod"] >= 0 for r in rows)
+    assert len((runs[1000] / "step-1" / "train_log.jsonl").read_text().splitlines()) == 1
+    for step in (0, 1):
+        a = torch.load(runs[1] / f"step-{step}" / "model.pt", weights_only=True)
+        b = torch.load(runs[1000] / f"step-{step}" / "model.pt", weights_only=True)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (step, k)

@@ -237,3 +237,17 @@ def test_build_method_errors():
         build_method("plop", {"pod_schedule": 1})
     with pytest.raises(CissError, match="positive integers"):
         build_method("plop", {"pod_scales": [1, 0]})
+
+
+def test_plop_pod_preset_is_blind_to_the_feature_scale():
+    """The preset's Local POD compares L2-normalised embeddings: scaling both models' features by 10
+    leaves it unchanged (raw POD grows 100-fold, and its gradient with it)."""
+    m = build_method("plop", {})
+    m.prepare(context(step=1, old=FakeOld()))
+    out, old = outputs(N_TOTAL, False, 7), outputs(N_OLD, False, 8)
+
+    def scaled(o: Outputs, k: float) -> Outputs:
+        return Outputs(o.logits, {n: f * k for n, f in o.features.items()})
+
+    pod = [m.losses(TrainBatch(images(0), labels(), scaled(out, k), scaled(old, k)))["pod"].item() for k in (1, 10)]
+    assert pod[1] == pytest.approx(pod[0], rel=1e-4) and pod[0] > 0

@@ -9,7 +9,10 @@ Step 0: plain cross-entropy. Steps t > 0:
   plain CE on these labels, each image's loss scaled by ν = accepted / background pixels;
 - Local POD between old and new features: backbone stages 1-4 and ASPP (weight `pod_weight`) and
   the low-resolution logits (`pod_logits_weight`, new-class logits summed into background),
-  × √(n_total / n_new) when `pod_schedule`, divided by the number of layers.
+  × √(n_total / n_new) when `pod_schedule`, divided by the number of layers. By default each
+  image's embedding is L2-normalised (`pod_normalize`) and the weights are ten times PLOP's, so the
+  term's gradient is a fraction of the CE's whatever the feature scale (docs/methods.md); PLOP's
+  configuration is pod_normalize false, 0.01 and 0.0005.
 
 threshold_mode "plop" reproduces the released code: u = H / (n_old · ln n_old · ln n_total), a
 100-bin histogram and its approximate median with the bin-index running sum, floor 0.001 (needed to
@@ -50,13 +53,13 @@ class PLOP(Method):
         "threshold_quantile": 0.5,
         "adaptive_factor": True,
         "reduction": "all",
-        "pod_weight": 0.01,
-        "pod_logits_weight": 0.0005,
+        "pod_weight": 0.1,
+        "pod_logits_weight": 0.005,
         "pod_scales": [1, 2, 4],
         "pod_schedule": True,
         "pod_extra_channels": "sum",
         "pod_regions": "clean",
-        "pod_normalize": False,
+        "pod_normalize": True,
     }
     choices: dict[str, tuple[str, ...]] = {
         "threshold_mode": UNCERTAINTY_MODES,
