@@ -153,15 +153,6 @@ def _class_feature_sums(feats: torch.Tensor, pred: torch.Tensor, mask: torch.Ten
     return counts.to(feats.dtype) @ feats.permute(0, 2, 3, 1).reshape(n * h * w, d)
 
 
-def kept_fraction(labels: torch.Tensor, target: torch.Tensor, n_old: int, empty: float) -> torch.Tensor:
-    """PLOP's adaptive factor ν (N,): GT-background pixels not ignored after relabelling / all of them;
-    `empty` for an image without background."""
-    background = (labels < n_old) & (labels != IGNORE)
-    n_bg = background.flatten(1).sum(dim=1).float()
-    kept = (background & (target != IGNORE)).flatten(1).sum(dim=1).float()
-    return torch.where(n_bg > 0, kept / n_bg.clamp(min=1), torch.full_like(n_bg, empty))
-
-
 # --- the method ----------------------------------------------------------------------------------
 
 class GSC(PLOP):
@@ -267,7 +258,10 @@ class GSC(PLOP):
         if self._class_steps is None or self._class_steps.numel() != n_total:
             raise RuntimeError("GSC was not prepared for this step's classes: call prepare() before losses()")
         mode = o["threshold_mode"]
-        target, _ = pseudo_label(labels, old, self._tau(n_old, logits.device), n_total, mode)
+        # ν is PLOP's: the share of background pixels the entropy test accepts, before the prototype
+        # test; pixels that test rejects are ignored by the CE, and need not shrink the image's loss.
+        target, nu = pseudo_label(labels, old, self._tau(n_old, logits.device), n_total, mode,
+                                  empty_factor=1.0 if mode == "median" else 0.0)
         if o["pseudo"]:
             target = prototype_relabel(labels, target, old, self._old_feature(batch), self._protos(logits.device),
                                        o["proto_threshold"])
@@ -278,7 +272,6 @@ class GSC(PLOP):
             weights = (target != IGNORE).float()
         per_pixel = pixel_cross_entropy(logits, target) * weights
         if o["adaptive_factor"]:
-            nu = kept_fraction(labels, target, n_old, 1.0 if mode == "median" else 0.0)
             per_pixel = per_pixel * nu[:, None, None]
         terms = {"ce": reduce_pixels(per_pixel, target != IGNORE, o["reduction"])}
         if o["soft"]:
