@@ -437,3 +437,16 @@ def test_adaptive_factor_is_plops_and_ignores_the_prototype_test():
     assert not torch.allclose(kept.float(), nu)  # the prototype test rejected some accepted pixels
     per_pixel = pixel_cross_entropy(out.logits, target) * nu[:, None, None]
     assert ce.item() == pytest.approx(reduce_pixels(per_pixel, target != 255, "all").item(), rel=1e-6)
+
+
+def test_soft_and_sharp_keep_fbls_one_over_c():
+    """FBL's soft-label and entropy terms are averaged over the C channels; its weights assume it."""
+    m = build_method("gsc", {"proto_threshold": -1.0})
+    m.prepare(context())
+    out, old = outputs(N_TOTAL, True, 1), outputs(N_OLD, False, 2)
+    y = labels()
+    terms = m.losses(TrainBatch(images(0), y, out, old))
+    soft = soft_sharp_distillation(out.logits, old.logits, y)
+    sharp = entropy_sharpening(out.logits, y != 255)
+    assert terms["soft"].item() == pytest.approx(0.3 / N_TOTAL * soft.item(), rel=1e-6)
+    assert terms["sharp"].item() == pytest.approx(0.1 / N_TOTAL * sharp.item(), rel=1e-6)

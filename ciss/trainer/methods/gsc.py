@@ -15,7 +15,8 @@ Step 0: plain cross-entropy. Steps t > 0, every part switchable by an option:
   κ = n_old / n_total and divided by its mean over the pixels of classes from the same step
   (1 for this step's classes and, unless compensate_background, for background).
 - soft: CE towards a soft-sharp target (old softmax on old channels, one-hot on a GT new class);
-  sharp: entropy sharpening; relation: class-mean old-class distributions match the old model's.
+  sharp: entropy sharpening; both divided by the number of classes as FBL's are; relation:
+  class-mean old-class distributions match the old model's.
 - pod: PLOP's Local POD.
 """
 
@@ -274,10 +275,12 @@ class GSC(PLOP):
         if o["adaptive_factor"]:
             per_pixel = per_pixel * nu[:, None, None]
         terms = {"ce": reduce_pixels(per_pixel, target != IGNORE, o["reduction"])}
+        # FBL divides both by the number of channels C (methods.md 2.4); its weights 0.3 and 0.1 were
+        # tuned with that factor, so it stays with them.
         if o["soft"]:
-            terms["soft"] = o["soft_weight"] * soft_sharp_distillation(logits, old, labels)
+            terms["soft"] = o["soft_weight"] / n_total * soft_sharp_distillation(logits, old, labels)
         if o["sharp"]:
-            terms["sharp"] = o["sharp_weight"] * entropy_sharpening(logits, labels != IGNORE)
+            terms["sharp"] = o["sharp_weight"] / n_total * entropy_sharpening(logits, labels != IGNORE)
         if o["relation"]:
             terms["relation"] = o["relation_weight"] * relation_distillation(logits, old, target, weights)
         if self._pod_on:
