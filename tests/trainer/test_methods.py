@@ -251,3 +251,8 @@ def test_plop_pod_preset_is_blind_to_the_feature_scale():
 
     pod = [m.losses(TrainBatch(images(0), labels(), scaled(out, k), scaled(old, k)))["pod"].item() for k in (1, 10)]
     assert pod[1] == pytest.approx(pod[0], rel=1e-4) and pod[0] > 0
+
+
+def test_every_method_defaults_to_one_reduction():
+    """A comparison run averages every method's CE the same way (MiB/PLOP's mean over all pixels)."""
+    assert {name: build_method(name, {}).options["reduction"] for name in METHODS} == dict.fromkeys(METHODS, "all")

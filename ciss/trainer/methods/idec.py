@@ -156,7 +156,7 @@ class IDEC(Method):
     needs_old_model = True  # until `prepare` says otherwise (step 0 has no old model)
     init_new_heads = True  # MiB init: softmax head (SSUL's unknown-head transfer does not apply)
     defaults: dict[str, Any] = {
-        "reduction": "valid",
+        "reduction": "all",
         "pseudo": True,
         "feature_kd": True,
         "logit_kd": True,
