@@ -273,6 +273,9 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         start_it = int(state["iteration"])
         torch.set_rng_state(state["rng"])
         log(f"step {step}: resuming at iteration {start_it}/{total}")
+    report = method.report()
+    if report and dist.main:
+        log(f"step {step}: {method.name} {json.dumps(report)}")
 
     # --- the loop ------------------------------------------------------------------------------
     train_log = TrainLog(partial, enabled=dist.main)
@@ -369,6 +372,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         "train": {"iterations": total, "epochs": epochs, "wall_s": round(wall, 2), "processes": dist.world,
                   "device": str(device)},
         "metrics": metrics,
+        "method_report": report,
     }
     if dist.main:
         extra = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()}

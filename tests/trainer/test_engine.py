@@ -214,7 +214,10 @@ def test_gradient_norm_logging_leaves_the_weights_unchanged(tmp_path: Path):
         learn(run, new_classes=["box"], config_file=cfg, method="plop", log=lambda s: None)
         runs[every] = run
     rows = [json.loads(line) for line in (runs[1] / "step-1" / "train_log.jsonl").read_text().splitlines()]
-    iterations = RunStore(runs[1]).manifest(1)["train"]["iterations"]
+    manifest = RunStore(runs[1]).manifest(1)
+    assert manifest["method_report"]["thresholds_from"] in ("plop", "median")  # PLOP says which routine ran
+    assert RunStore(runs[1]).manifest(0)["method_report"] == {}
+    iterations = manifest["train"]["iterations"]
     assert len(rows) == iterations > 1 and {"gradnorm_ce", "gradnorm_pod", "gradnorm_backbone", "gradnorm_head_new"} <= set(rows[0])
     assert all(r["gradnorm_ce"] > 0 and r["gradnorm_pod"] >= 0 for r in rows)
     assert len((runs[1000] / "step-1" / "train_log.jsonl").read_text().splitlines()) == 1

@@ -223,7 +223,7 @@ class GSC(PLOP):
         old = ctx.old_model
         assert old is not None and self.thresholds is not None
         n_old, n_total = ctx.n_old, len(ctx.classmap)
-        name, mode = self.options["proto_feature"], self.options["threshold_mode"]
+        name, mode = self.options["proto_feature"], self.mode
         tau = self.thresholds.to(ctx.device)
         sums: torch.Tensor | None = None
         was_training = old.training
@@ -258,7 +258,7 @@ class GSC(PLOP):
         n_old, n_total = old.shape[1], logits.shape[1]
         if self._class_steps is None or self._class_steps.numel() != n_total:
             raise RuntimeError("GSC was not prepared for this step's classes: call prepare() before losses()")
-        mode = o["threshold_mode"]
+        mode = self.mode
         # ν is PLOP's: the share of background pixels the entropy test accepts, before the prototype
         # test; pixels that test rejects are ignored by the CE, and need not shrink the image's loss.
         target, nu = pseudo_label(labels, old, self._tau(n_old, logits.device), n_total, mode,
