@@ -78,15 +78,93 @@ def poly_lr(base: float, it: int, total: int, power: float) -> float:
     return base * (1 - it / total) ** power
 
 
+# Parameter groups, each with its own learning-rate multiplier (train.lr_mult / train.lr_mult_next).
+GROUPS = ("backbone", "decoder", "head_old", "head_new", "method")
+# train.clip_grad_norm bounds each of these groups' gradient norm on its own. The classifiers are never
+# clipped: a distillation term's large gradient in the backbone must not shrink the head's update.
+CLIPPED = ("backbone", "decoder", "method")
+
+
+def lr_multipliers(cfg: dict[str, Any], step: int) -> dict[str, float]:
+    """The multiplier of every group at `step`, checked: step 0 reads train.lr_mult (a backbone
+    loaded from model.pretrained takes `backbone_pretrained`), later steps train.lr_mult_next."""
+    table = dict(cfg["train"]["lr_mult" if step == 0 else "lr_mult_next"])
+    key = "train.lr_mult" if step == 0 else "train.lr_mult_next"
+    for name, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise CissError(f"{key}.{name} must be a finite number >= 0; got {value!r}")
+    if step == 0:
+        pretrained = table.pop("backbone_pretrained")
+        if cfg["model"]["pretrained"]:
+            table["backbone"] = pretrained
+        table["head_old"] = 0.0  # no old head at step 0
+    return {g: float(table[g]) for g in GROUPS}
+
+
+def param_groups(model: DeepLabV3, method_params: list[nn.Parameter], step: int,
+                 mult: dict[str, float]) -> list[dict[str, Any]]:
+    """SGD parameter groups named after GROUPS (empty ones left out); every trainable parameter in one.
+
+    head_new is the classifier of this step's classes (every head at step 0), head_old the earlier
+    steps' (background included); decoder is whatever else the model trains (the ASPP).
+    """
+    heads = model.head.heads
+    new = list(heads.parameters()) if step == 0 else list(heads[-1].parameters())
+    old = [] if step == 0 else [p for h in heads[:-1] for p in h.parameters()]
+    backbone = list(model.backbone.parameters())
+    named = {id(p) for p in backbone + new + old}
+    members = {"backbone": backbone, "decoder": [p for p in model.parameters() if id(p) not in named],
+               "head_old": old, "head_new": new, "method": list(method_params)}
+    groups = []
+    for name in GROUPS:
+        params = [p for p in members[name] if p.requires_grad]
+        if params:
+            groups.append({"params": params, "name": name, "lr_mult": mult[name]})
+    return groups
+
+
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g["lr_mult"]
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
     write_bytes_atomic(path, buf.getvalue())
+
+
+def _grad_norm(tensors: Iterable[torch.Tensor | None]) -> float:
+    norms = [torch.linalg.vector_norm(t.detach().float()) for t in tensors if t is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def term_grad_norms(terms: dict[str, torch.Tensor], params: list[nn.Parameter], scale: float = 1.0) -> dict[str, float]:
+    """The gradient norm of each loss term over `params`, before any clipping, as train-log columns.
+
+    `torch.autograd.grad` keeps the graph and writes no `.grad`, so the backward pass that follows, and
+    the weights, are the same as without it. Terms are scaled by `scale` (AMP's loss scale) and the
+    norms divided by it, so fp16 gradients neither underflow nor read as scaled.
+    """
+    out = {}
+    for name, term in terms.items():
+        grads = torch.autograd.grad(term * scale, params, retain_graph=True, allow_unused=True) \
+            if term.requires_grad else []
+        out[f"gradnorm_{name}"] = _grad_norm(grads) / scale
+    return out
+
+
+def clip_groups(optimizer: torch.optim.Optimizer, max_norm: float, measure: bool) -> dict[str, float]:
+    """Clip the gradient of each group in CLIPPED to `max_norm` on its own (0: none). With `measure`,
+    returns every group's norm before clipping as train-log columns gradnorm_<group> (reading them
+    stalls a GPU's queue, so only at logging points)."""
+    norms: dict[str, torch.Tensor | float] = {}
+    for g in optimizer.param_groups:
+        if max_norm > 0 and g["name"] in CLIPPED:
+            norms[g["name"]] = torch.nn.utils.clip_grad_norm_(g["params"], max_norm)
+        elif measure:
+            norms[g["name"]] = _grad_norm(p.grad for p in g["params"])
+    return {f"gradnorm_{k}": float(v) for k, v in norms.items()} if measure else {}
 
 
 def _average_grads(params: list[nn.Parameter], dist: Dist) -> None:
@@ -185,8 +263,8 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
 
     params = [p for p in unwrapped.parameters() if p.requires_grad]
     method_params = list(method.parameters())
-    optimizer = torch.optim.SGD([{"params": params}, {"params": method_params}] if method_params else params,
-                                lr=base_lr, momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"])
+    groups = param_groups(unwrapped, method_params, step, lr_multipliers(cfg, step))
+    optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"])
     use_amp = bool(tcfg["amp"]) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start_it = 0
@@ -198,6 +276,9 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         start_it = int(state["iteration"])
         torch.set_rng_state(state["rng"])
         log(f"step {step}: resuming at iteration {start_it}/{total}")
+    report = method.report()
+    if report and dist.main:
+        log(f"step {step}: {method.name} {json.dumps(report)}")
 
     # --- the loop ------------------------------------------------------------------------------
     train_log = TrainLog(partial, enabled=dist.main)
@@ -243,22 +324,26 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
                 values = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items())
                 raise CissError(f"training diverged at iteration {it} of step {step} (loss terms: {values}); "
                                 "lower the learning rate or set train.clip_grad_norm")
+            # Reading values back stalls a GPU's queue, so gradient norms only at logging points. Every
+            # process measures them: a synchronised BatchNorm's backward is a collective.
+            measure = (it + 1) % tcfg["log_every"] == 0 or it + 1 == total
             optimizer.zero_grad(set_to_none=True)
+            norms = term_grad_norms(terms, params + method_params, scaler.get_scale() if use_amp else 1.0) \
+                if measure else {}
             scaler.scale(loss).backward()
             if dist.active and method_params:
                 _average_grads(method_params, dist)
-            if clip > 0:
+            if clip > 0 or measure:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params + method_params, clip)
+                norms.update(clip_groups(optimizer, clip, measure))
             scaler.step(optimizer)
             scaler.update()
             it += 1
-            if dist.main and (it % tcfg["log_every"] == 0 or it == total):
-                # Reading values back stalls a GPU's queue, so only at logging points.
+            if dist.main and measure:
                 values = {k: float(v.detach()) for k, v in terms.items()}
                 progress.update(it, values, lr)
                 train_log.write({"iteration": it, "epoch": epoch, "lr": lr, "loss": sum(values.values()),
-                                 **values, "elapsed_s": round(time.perf_counter() - t0, 3)})
+                                 **values, **norms, "elapsed_s": round(time.perf_counter() - t0, 3)})
             if it % tcfg["checkpoint_every"] == 0 and it < total:
                 if dist.main:
                     _save_checkpoint(ckpt_path, {
@@ -291,6 +376,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         "train": {"iterations": total, "epochs": epochs, "wall_s": round(wall, 2), "processes": dist.world,
                   "device": str(device)},
         "metrics": metrics,
+        "method_report": report,
     }
     if dist.main:
         extra = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()}

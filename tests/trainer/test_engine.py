@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ciss.classmap import ClassMap
+from ciss.errors import CissError
 from ciss.trainer.learn import learn
 from ciss.trainer.store import RunStore, load_step
 from conftest import CISS, REPO, write_config
@@ -136,3 +137,92 @@ def test_gradient_clipping_bounds_the_update(tmp_path: Path, fast_config: Path):
         moved[clip] = sum(float((after[k] - v).abs().sum()) for k, v in before.items()
                           if k.startswith("backbone") and v.is_floating_point())
     assert moved[0.0] > 0 and moved[1e-9] < 1e-3 * moved[0.0], moved
+
+
+def test_parameter_groups_and_their_learning_rates():
+    """Every trainable parameter sits in one named group whose lr is the base lr times its multiplier."""
+    from ciss.trainer import config as configlib
+    from ciss.trainer.engine import _set_lr, lr_multipliers, param_groups
+    from ciss.trainer.models import build_model
+
+    cfg = configlib.defaults()
+    assert lr_multipliers(cfg, 1) == {"backbone": 1.0, "decoder": 1.0, "head_old": 1.0, "head_new": 10.0,
+                                      "method": 1.0}
+    assert lr_multipliers(cfg, 0)["backbone"] == 1.0
+    cfg["model"]["pretrained"] = "weights.pt"
+    assert lr_multipliers(cfg, 0)["backbone"] == 0.1 and lr_multipliers(cfg, 0)["head_new"] == 1.0
+    cfg["train"]["lr_mult_next"]["decoder"] = -1
+    with pytest.raises(CissError, match="lr_mult_next.decoder"):
+        lr_multipliers(cfg, 1)
+
+    model = build_model("tiny", [3])
+    extra = torch.nn.Parameter(torch.zeros(2))
+    groups = param_groups(model, [extra], 0, lr_multipliers(configlib.defaults(), 0))
+    assert [g["name"] for g in groups] == ["backbone", "decoder", "head_new", "method"]
+    model.add_step(2, init_from_background=True)
+    groups = param_groups(model, [], 1, lr_multipliers(configlib.defaults(), 1))
+    assert [g["name"] for g in groups] == ["backbone", "decoder", "head_old", "head_new"]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
+    assert {id(p) for p in groups[3]["params"]} == {id(p) for p in model.head.heads[1].parameters()}
+    opt = torch.optim.SGD(groups, lr=1.0)
+    _set_lr(opt, 0.001)
+    assert [g["lr"] for g in opt.param_groups] == [0.001, 0.001, 0.001, pytest.approx(0.01)]
+
+
+def test_a_group_with_multiplier_zero_stays_put(tmp_path: Path, fast_config: Path):
+    """lr_mult_next trains only the groups it gives a rate: here the new head alone moves."""
+    learn(tmp_path / "r", classes=["sky", "grass"], config_file=fast_config, method="ft", log=lambda s: None)
+    before = load_step(tmp_path / "r" / "step-0")[0].state_dict()
+    mult = {"backbone": 0.0, "decoder": 0.0, "head_old": 0.0, "head_new": 10.0, "method": 0.0}
+    learn(tmp_path / "r", new_classes=["disk"], method="mib", log=lambda s: None,
+          overrides={"train": {"lr_mult_next": mult, "weight_decay": 0.0}})
+    after = load_step(tmp_path / "r" / "step-1")[0].state_dict()
+    for k, v in before.items():
+        if k == "head.heads.0.bias":  # MiB's initialisation lowers the background bias, training does not
+            assert torch.equal(after[k][1:], v[1:]), k
+        elif v.is_floating_point():
+            assert torch.equal(after[k], v), k
+    init = before["head.heads.0.weight"][:1]  # MiB: the new head starts as a copy of the background's
+    assert not torch.equal(after["head.heads.1.weight"], init)
+
+
+def test_clipping_is_per_group_and_never_touches_the_heads():
+    from ciss.trainer.engine import clip_groups
+
+    params = {name: torch.nn.Parameter(torch.zeros(4)) for name in ("backbone", "decoder", "head_new")}
+    opt = torch.optim.SGD([{"params": [p], "name": k} for k, p in params.items()], lr=1.0)
+    for k, scale in (("backbone", 100.0), ("decoder", 0.5), ("head_new", 50.0)):
+        params[k].grad = torch.full((4,), scale / 2)  # norm = scale
+    norms = clip_groups(opt, 3.0, measure=True)
+    assert norms == {"gradnorm_backbone": 100.0, "gradnorm_decoder": 0.5, "gradnorm_head_new": 50.0}
+    assert float(params["backbone"].grad.norm()) == pytest.approx(3.0)  # clipped on its own
+    assert float(params["decoder"].grad.norm()) == pytest.approx(0.5)  # not scaled by the backbone's norm
+    assert float(params["head_new"].grad.norm()) == pytest.approx(50.0)  # heads are never clipped
+    assert clip_groups(opt, 3.0, measure=False) == {}
+
+
+def test_gradient_norm_logging_leaves_the_weights_unchanged(tmp_path: Path):
+    """Per-term gradient norms in the train log at every iteration, and bit-identical weights to a
+    run that logs only at its end."""
+    runs = {}
+    for every in (1, 1000):
+        cfg = write_config(tmp_path / f"c{every}.toml", size=16, epochs=2)
+        cfg.write_text(cfg.read_text().replace("log_every = 5", f"log_every = {every}\nclip_grad_norm = 1.0"))
+        run = tmp_path / f"log{every}"
+        learn(run, classes=["sky", "grass", "disk"], config_file=cfg, method="ft", log=lambda s: None)
+        learn(run, new_classes=["box"], config_file=cfg, method="plop", log=lambda s: None)
+        runs[every] = run
+    rows = [json.loads(line) for line in (runs[1] / "step-1" / "train_log.jsonl").read_text().splitlines()]
+    manifest = RunStore(runs[1]).manifest(1)
+    assert manifest["method_report"]["thresholds_from"] in ("plop", "median")  # PLOP says which routine ran
+    assert RunStore(runs[1]).manifest(0)["method_report"] == {}
+    iterations = manifest["train"]["iterations"]
+    assert len(rows) == iterations > 1 and {"gradnorm_ce", "gradnorm_pod", "gradnorm_backbone", "gradnorm_head_new"} <= set(rows[0])
+    assert all(r["gradnorm_ce"] > 0 and r["gradnorm_pod"] >= 0 for r in rows)
+    assert len((runs[1000] / "step-1" / "train_log.jsonl").read_text().splitlines()) == 1
+    for step in (0, 1):
+        a = torch.load(runs[1] / f"step-{step}" / "model.pt", weights_only=True)
+        b = torch.load(runs[1000] / f"step-{step}" / "model.pt", weights_only=True)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (step, k)

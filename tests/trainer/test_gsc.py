@@ -18,9 +18,9 @@ from ciss.errors import CissError
 from ciss.trainer.learn import learn
 from ciss.trainer.methods import build_method
 from ciss.trainer.methods.base import Outputs, StepContext, TrainBatch
-from ciss.trainer.methods.gsc import (_class_feature_sums, compensation_weights, entropy_sharpening, kept_fraction,
+from ciss.trainer.methods.gsc import (_class_feature_sums, compensation_weights, entropy_sharpening,
                                       prototype_relabel, relation_distillation, soft_sharp_distillation)
-from ciss.trainer.methods.losses import cross_entropy, pixel_cross_entropy, pseudo_label
+from ciss.trainer.methods.losses import cross_entropy, pixel_cross_entropy, pseudo_label, reduce_pixels
 from conftest import write_config
 
 E = math.e
@@ -178,13 +178,6 @@ def test_prototype_relabel_only_touches_background():
     assert torch.equal(out[~bg], gt[~bg])  # new classes and 255 kept
     assert set(out[bg].unique().tolist()) <= {0, 1, 2, 255}
     assert (out[bg] == old.argmax(1)[bg]).sum() > 0  # something was re-labelled
-
-
-def test_kept_fraction():
-    gt = torch.tensor([[[0, 0, 0, 3]], [[3, 3, 255, 255]]])
-    target = torch.tensor([[[1, 255, 0, 3]], [[3, 3, 255, 255]]])
-    assert kept_fraction(gt, target, 3, 1.0).tolist() == pytest.approx([2 / 3, 1.0])
-    assert kept_fraction(gt, target, 3, 0.0).tolist() == pytest.approx([2 / 3, 0.0])
 
 
 def test_class_feature_sums_map_pixels_to_their_cell():
@@ -425,3 +418,35 @@ def test_gsc_keeps_old_classes_where_ft_forgets(tmp_path: Path):
     print(f"old-class mIoU: step 0 {step0:.3f}, after step 1 FT {old_miou['ft']:.3f}, GSC {old_miou['gsc']:.3f}")
     assert old_miou["gsc"] > old_miou["ft"] + 0.2
     assert old_miou["gsc"] > 0.6 * step0
+
+
+def test_adaptive_factor_is_plops_and_ignores_the_prototype_test():
+    """ν is the share of background pixels PLOP's entropy test accepts (FBL/PLOP); the pixels the
+    prototype test then rejects are ignored by the CE but do not lower the image's factor."""
+    opts = {"compensation": False, "soft": False, "sharp": False, "relation": False, "pod": False,
+            "proto_threshold": 0.9}
+    m = build_method("gsc", opts)
+    m.prepare(context())
+    out, old = outputs(N_TOTAL, True, 1), outputs(N_OLD, False, 2)
+    y = labels()
+    ce = m.losses(TrainBatch(images(0), y, out, old))["ce"]
+    plop_target, nu = pseudo_label(y, old.logits, m.thresholds, N_TOTAL, "median", empty_factor=1.0)
+    target = prototype_relabel(y, plop_target, old.logits, old.features["stage4"], m.prototypes, 0.9)
+    background = (y < N_OLD) & (y != 255)
+    kept = (background & (target != 255)).flatten(1).sum(1) / background.flatten(1).sum(1)
+    assert not torch.allclose(kept.float(), nu)  # the prototype test rejected some accepted pixels
+    per_pixel = pixel_cross_entropy(out.logits, target) * nu[:, None, None]
+    assert ce.item() == pytest.approx(reduce_pixels(per_pixel, target != 255, "all").item(), rel=1e-6)
+
+
+def test_soft_and_sharp_keep_fbls_one_over_c():
+    """FBL's soft-label and entropy terms are averaged over the C channels; its weights assume it."""
+    m = build_method("gsc", {"proto_threshold": -1.0})
+    m.prepare(context())
+    out, old = outputs(N_TOTAL, True, 1), outputs(N_OLD, False, 2)
+    y = labels()
+    terms = m.losses(TrainBatch(images(0), y, out, old))
+    soft = soft_sharp_distillation(out.logits, old.logits, y)
+    sharp = entropy_sharpening(out.logits, y != 255)
+    assert terms["soft"].item() == pytest.approx(0.3 / N_TOTAL * soft.item(), rel=1e-6)
+    assert terms["sharp"].item() == pytest.approx(0.1 / N_TOTAL * sharp.item(), rel=1e-6)

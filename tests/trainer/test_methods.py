@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 
 import pytest
@@ -129,7 +131,7 @@ def test_plop_prepare_losses_and_resume():
         calls.append(t.clone())
         return t
 
-    m = build_method("plop", {})
+    m = build_method("plop", {"threshold_mode": "plop"})  # the released routine, whatever it gives
     ctx = context(step=1, old=FakeOld(), all_reduce=all_reduce)
     m.prepare(ctx)
     assert m.needs_old_model and m.init_new_heads
@@ -157,7 +159,7 @@ def test_plop_prepare_losses_and_resume():
     # resume: thresholds travel in state_dict as tensors; prepare then makes no pass over the data
     state = m.state_dict()
     assert all(isinstance(v, torch.Tensor) for k, v in state.items() if k != "modules")
-    m2 = build_method("plop", {})
+    m2 = build_method("plop", {"threshold_mode": "plop"})
     m2.load_state_dict(state)
 
     def no_pass():
@@ -237,3 +239,54 @@ def test_build_method_errors():
         build_method("plop", {"pod_schedule": 1})
     with pytest.raises(CissError, match="positive integers"):
         build_method("plop", {"pod_scales": [1, 0]})
+
+
+def test_plop_pod_preset_is_blind_to_the_feature_scale():
+    """The preset's Local POD compares L2-normalised embeddings: scaling both models' features by 10
+    leaves it unchanged (raw POD grows 100-fold, and its gradient with it)."""
+    m = build_method("plop", {})
+    m.prepare(context(step=1, old=FakeOld()))
+    out, old = outputs(N_TOTAL, False, 7), outputs(N_OLD, False, 8)
+
+    def scaled(o: Outputs, k: float) -> Outputs:
+        return Outputs(o.logits, {n: f * k for n, f in o.features.items()})
+
+    pod = [m.losses(TrainBatch(images(0), labels(), scaled(out, k), scaled(old, k)))["pod"].item() for k in (1, 10)]
+    assert pod[1] == pytest.approx(pod[0], rel=1e-4) and pod[0] > 0
+
+
+def test_every_method_defaults_to_one_reduction():
+    """A comparison run averages every method's CE the same way (MiB/PLOP's mean over all pixels)."""
+    assert {name: build_method(name, {}).options["reduction"] for name in METHODS} == dict.fromkeys(METHODS, "all")
+
+
+def test_plop_auto_thresholds_fall_back_to_the_median_where_the_released_routine_breaks():
+    """On the fake old model the released routine gives every class the 0.001 floor (all background
+    rejected); the default "auto" mode detects it, runs the median routine and says so."""
+    from ciss.trainer.methods.plop import degenerate_classes
+
+    plop = build_method("plop", {"threshold_mode": "plop"})
+    plop.prepare(context(step=1, old=FakeOld()))
+    assert plop.report()["thresholds_from"] == "plop" and plop.report()["degenerate_classes"] == []
+    auto = build_method("plop", {})
+    auto.prepare(context(step=1, old=FakeOld()))
+    median = build_method("plop", {"threshold_mode": "median"})
+    median.prepare(context(step=1, old=FakeOld()))
+    report = auto.report()
+    assert report["threshold_mode"] == "auto" and report["thresholds_from"] == "median"
+    assert report["degenerate_classes"] == [c for c in range(N_OLD) if auto.histogram[c].sum() > 0]
+    assert torch.equal(auto.thresholds, median.thresholds) and auto.mode == "median"
+    assert json.loads(json.dumps(report)) == report
+    # the CE now trains: part of the background is accepted
+    out, old = outputs(N_TOTAL, True, 5), outputs(N_OLD, False, 6)
+    assert auto.losses(TrainBatch(images(0), labels(), out, old))["ce"].item() > 0
+    # resume keeps the routine that ran
+    again = build_method("plop", {})
+    again.load_state_dict(auto.state_dict())
+    again.prepare(context(step=1, old=FakeOld(), batches=lambda: iter(())))
+    assert again.report() == report
+    # what counts as degenerate: inf, the floor, above every possible u; classes without pixels never
+    top = 1 / (4 * math.log(6))
+    t = torch.tensor([float("inf"), 0.001, top, top / 2])
+    assert degenerate_classes(t, torch.tensor([5, 5, 5, 5]), 4, 6, 0.001) == [0, 1, 2]
+    assert degenerate_classes(t, torch.tensor([0, 5, 0, 5]), 4, 6, 0.001) == [1]

@@ -127,14 +127,15 @@ def test_luts_with_native_background():
     assert lut[:5].tolist() == [0, 0, 0, 3, 0] and lut[255] == 255 and lut.dtype == np.uint8
     assert tasks.train_lut(WITH_BG, cm, 0)[:5].tolist() == [0, 1, 2, 0, 0]
     test = tasks.test_lut(WITH_BG, cm)
-    assert test[:5].tolist() == [0, 1, 2, 3, 255] and test[255] == 255 and test[200] == 255
+    # the unseen class 'd' is background, as in training (PLOP's evaluation)
+    assert test[:5].tolist() == [0, 1, 2, 3, 0] and test[255] == 255 and test[200] == 255
 
 
 def test_luts_without_background_and_order_from_classmap():
     cm = ClassMap.initial(["c", "a"]).extend(["d"])
     assert tasks.train_lut(NO_BG, cm, 0)[:4].tolist() == [2, 0, 1, 0]
     assert tasks.train_lut(NO_BG, cm, 1)[:4].tolist() == [0, 0, 0, 3]
-    assert tasks.test_lut(NO_BG, cm)[:4].tolist() == [2, 255, 1, 3]
+    assert tasks.test_lut(NO_BG, cm)[:4].tolist() == [2, 0, 1, 3] and tasks.test_lut(NO_BG, cm)[4] == 255
     with pytest.raises(CissError, match="class 'zebra'"):
         tasks.test_lut(NO_BG, cm.extend(["zebra"]))
 

@@ -187,10 +187,11 @@ def train_lut(info: DatasetInfo, classmap: ClassMap, step: int) -> np.ndarray:
 
 
 def test_lut(info: DatasetInfo, classmap: ClassMap) -> np.ndarray:
-    """Native id -> evaluation label: known classes keep their ids, not-yet-seen classes are ignored."""
+    """Native id -> evaluation label: known classes keep their ids, every other class of the dataset
+    (not seen yet) is background, as training labels it and PLOP's evaluation does; 255 and ids
+    outside the dataset's vocabulary are ignored."""
     lut = np.full(256, IGNORE, np.uint8)
-    if info.background is not None:
-        lut[info.background] = 0
+    lut[:len(info.class_names)] = 0
     for c in classmap.classes[1:]:
         lut[_native(info, c.name)] = c.id
     return lut

@@ -74,6 +74,11 @@ class Method:
     def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def report(self) -> dict[str, Any]:
+        """What the method decided for this step (after `prepare`), JSON-able: the engine logs it and
+        writes it into the step manifest under `method_report`. Empty when there is nothing to say."""
+        return {}
+
     def modules(self) -> nn.ModuleDict:
         """Training-only modules with parameters (optimised with the model, never exported)."""
         return nn.ModuleDict()

@@ -15,7 +15,8 @@ Step 0: plain cross-entropy. Steps t > 0, every part switchable by an option:
   κ = n_old / n_total and divided by its mean over the pixels of classes from the same step
   (1 for this step's classes and, unless compensate_background, for background).
 - soft: CE towards a soft-sharp target (old softmax on old channels, one-hot on a GT new class);
-  sharp: entropy sharpening; relation: class-mean old-class distributions match the old model's.
+  sharp: entropy sharpening; both divided by the number of classes as FBL's are; relation:
+  class-mean old-class distributions match the old model's.
 - pod: PLOP's Local POD.
 """
 
@@ -153,15 +154,6 @@ def _class_feature_sums(feats: torch.Tensor, pred: torch.Tensor, mask: torch.Ten
     return counts.to(feats.dtype) @ feats.permute(0, 2, 3, 1).reshape(n * h * w, d)
 
 
-def kept_fraction(labels: torch.Tensor, target: torch.Tensor, n_old: int, empty: float) -> torch.Tensor:
-    """PLOP's adaptive factor ν (N,): GT-background pixels not ignored after relabelling / all of them;
-    `empty` for an image without background."""
-    background = (labels < n_old) & (labels != IGNORE)
-    n_bg = background.flatten(1).sum(dim=1).float()
-    kept = (background & (target != IGNORE)).flatten(1).sum(dim=1).float()
-    return torch.where(n_bg > 0, kept / n_bg.clamp(min=1), torch.full_like(n_bg, empty))
-
-
 # --- the method ----------------------------------------------------------------------------------
 
 class GSC(PLOP):
@@ -231,7 +223,7 @@ class GSC(PLOP):
         old = ctx.old_model
         assert old is not None and self.thresholds is not None
         n_old, n_total = ctx.n_old, len(ctx.classmap)
-        name, mode = self.options["proto_feature"], self.options["threshold_mode"]
+        name, mode = self.options["proto_feature"], self.mode
         tau = self.thresholds.to(ctx.device)
         sums: torch.Tensor | None = None
         was_training = old.training
@@ -266,8 +258,11 @@ class GSC(PLOP):
         n_old, n_total = old.shape[1], logits.shape[1]
         if self._class_steps is None or self._class_steps.numel() != n_total:
             raise RuntimeError("GSC was not prepared for this step's classes: call prepare() before losses()")
-        mode = o["threshold_mode"]
-        target, _ = pseudo_label(labels, old, self._tau(n_old, logits.device), n_total, mode)
+        mode = self.mode
+        # ν is PLOP's: the share of background pixels the entropy test accepts, before the prototype
+        # test; pixels that test rejects are ignored by the CE, and need not shrink the image's loss.
+        target, nu = pseudo_label(labels, old, self._tau(n_old, logits.device), n_total, mode,
+                                  empty_factor=1.0 if mode == "median" else 0.0)
         if o["pseudo"]:
             target = prototype_relabel(labels, target, old, self._old_feature(batch), self._protos(logits.device),
                                        o["proto_threshold"])
@@ -278,13 +273,14 @@ class GSC(PLOP):
             weights = (target != IGNORE).float()
         per_pixel = pixel_cross_entropy(logits, target) * weights
         if o["adaptive_factor"]:
-            nu = kept_fraction(labels, target, n_old, 1.0 if mode == "median" else 0.0)
             per_pixel = per_pixel * nu[:, None, None]
         terms = {"ce": reduce_pixels(per_pixel, target != IGNORE, o["reduction"])}
+        # FBL divides both by the number of channels C (methods.md 2.4); its weights 0.3 and 0.1 were
+        # tuned with that factor, so it stays with them.
         if o["soft"]:
-            terms["soft"] = o["soft_weight"] * soft_sharp_distillation(logits, old, labels)
+            terms["soft"] = o["soft_weight"] / n_total * soft_sharp_distillation(logits, old, labels)
         if o["sharp"]:
-            terms["sharp"] = o["sharp_weight"] * entropy_sharpening(logits, labels != IGNORE)
+            terms["sharp"] = o["sharp_weight"] / n_total * entropy_sharpening(logits, labels != IGNORE)
         if o["relation"]:
             terms["relation"] = o["relation_weight"] * relation_distillation(logits, old, target, weights)
         if self._pod_on:

@@ -9,9 +9,9 @@ Step 0: plain cross-entropy. Steps t > 0, each part switchable by its option:
   τ_c = max(floor, EMA over batches of the mean s of the background pixels the old model assigns to c)
   (summed over processes); the other background pixels are unknown (255 in the CE). New-class ground
   truth is never overwritten.
-- feature_kd: DADA, a distance between old and new features of stage1..3 (the student's through
-  identity-initialised training-only 1x1 adapters) and of the ASPP output, per-layer weights, the stage
-  weights times feature_decay ** progress.
+- feature_kd: DADA, a distance between the old and the new model's raw features of stage1..3 and of
+  the ASPP output (no trainable adapter in between, which could absorb the drift), per-layer weights,
+  the stage weights times feature_decay ** progress.
 - logit_kd: MiB's unbiased KD on the old channels, teacher logits times kd_alpha.
 - contrast: ARCL, an InfoNCE between region embeddings (mean of projected ASPP features over each
   pseudo-label region of each image, unknown regions included): anchors from the frozen old model
@@ -44,12 +44,12 @@ class LateConv1x1(nn.Module):
     The engine hands `Method.parameters()` to the optimizer before `prepare` sees the model, so the
     parameters are created uninitialised and materialised in place (the optimizer keeps the same
     objects). At step 0, where nothing is distilled, they are materialised empty so checkpoints hold them.
+    Initialised as nn.Conv2d's default.
     """
 
-    def __init__(self, out_channels: int | None = None, identity: bool = False):
+    def __init__(self, out_channels: int | None = None):
         super().__init__()
         self.out_channels = out_channels  # None: as wide as the input
-        self.identity = identity  # start as the identity (adapters), else nn.Conv2d's default init
         self.weight = nn.UninitializedParameter()
         self.bias = nn.UninitializedParameter()
 
@@ -62,11 +62,8 @@ class LateConv1x1(nn.Module):
             return
         self.weight.materialize(shape, device=device)
         self.bias.materialize((out,), device=device)
-        with torch.no_grad():
-            if self.identity:
-                self.weight.copy_(torch.eye(out, in_channels, device=device)[:, :, None, None])
-                self.bias.zero_()
-            elif out:
+        if out:
+            with torch.no_grad():
                 nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
                 nn.init.uniform_(self.bias, -1 / math.sqrt(in_channels), 1 / math.sqrt(in_channels))
 
@@ -159,7 +156,7 @@ class IDEC(Method):
     needs_old_model = True  # until `prepare` says otherwise (step 0 has no old model)
     init_new_heads = True  # MiB init: softmax head (SSUL's unknown-head transfer does not apply)
     defaults: dict[str, Any] = {
-        "reduction": "valid",
+        "reduction": "all",
         "pseudo": True,
         "feature_kd": True,
         "logit_kd": True,
@@ -194,8 +191,7 @@ class IDEC(Method):
             _require(o[key] > 0, key, "must be positive", o[key])
         self.layer_weights = {k: o[f"{k}_weight"] for k in FEATURE_LAYERS
                               if o["feature_kd"] and o[f"{k}_weight"] > 0}
-        projections: dict[str, nn.Module] = {f"kd_{k}": LateConv1x1(identity=True)
-                                             for k in STAGES if k in self.layer_weights}
+        projections: dict[str, nn.Module] = {}
         if o["contrast"]:
             projections["contrast"] = nn.Sequential(LateConv1x1(), nn.ReLU(), LateConv1x1(o["contrast_dim"]))
         self.projections = nn.ModuleDict(projections)
@@ -211,13 +207,9 @@ class IDEC(Method):
         self.needs_old_model = incremental
         if incremental and ctx.old_model is None:
             raise CissError(f"method 'idec' needs the model of step {ctx.step - 1} to train step {ctx.step}")
-        width = dict(zip(STAGES, ctx.model.backbone.stage_channels))
-        width["aspp"] = ctx.model.head.in_channels
-        for key, module in self.projections.items():
-            source = key.removeprefix("kd_") if key.startswith("kd_") else "aspp"
-            for conv in module.modules():
-                if isinstance(conv, LateConv1x1):  # the contrast head's hidden layer is as wide as its input
-                    conv.build(width[source] if incremental else 0, ctx.device)
+        for conv in self.projections.modules():
+            if isinstance(conv, LateConv1x1):  # the contrast head reads the ASPP output; its hidden layer is as wide
+                conv.build(ctx.model.head.in_channels if incremental else 0, ctx.device)
         wanted = set(self.layer_weights) | ({"aspp"} if o["contrast"] else set())
         self.feature_names = tuple(k for k in FEATURE_LAYERS if k in wanted) if incremental else ()
         use_thresholds = incremental and (o["pseudo"] or o["contrast"])
@@ -272,7 +264,7 @@ class IDEC(Method):
         for layer, weight in self.layer_weights.items():
             new, old = batch.out.features[layer], batch.old.features[layer]
             if layer in STAGES:
-                new, weight = self.projections[f"kd_{layer}"](new), weight * decay
+                weight = weight * decay
             total = total + weight * feature_distance(new, old, o["feature_distance"], o["kd_alpha"])
         return total
 

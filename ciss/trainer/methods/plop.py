@@ -9,9 +9,14 @@ Step 0: plain cross-entropy. Steps t > 0:
   plain CE on these labels, each image's loss scaled by ν = accepted / background pixels;
 - Local POD between old and new features: backbone stages 1-4 and ASPP (weight `pod_weight`) and
   the low-resolution logits (`pod_logits_weight`, new-class logits summed into background),
-  × √(n_total / n_new) when `pod_schedule`, divided by the number of layers.
+  × √(n_total / n_new) when `pod_schedule`, divided by the number of layers. By default each
+  image's embedding is L2-normalised (`pod_normalize`) and the weights are ten times PLOP's, so the
+  term's gradient is a fraction of the CE's whatever the feature scale (docs/methods.md); PLOP's
+  configuration is pod_normalize false, 0.01 and 0.0005.
 
-threshold_mode "plop" reproduces the released code: u = H / (n_old · ln n_old · ln n_total), a
+threshold_mode "auto" (the default) runs the released routine and falls back to "median" for the whole
+step when it breaks (see `degenerate_classes`); which one ran is in `report()`. "plop" reproduces the
+released code: u = H / (n_old · ln n_old · ln n_total), a
 100-bin histogram and its approximate median with the bin-index running sum, floor 0.001 (needed to
 compare with published PLOP numbers). "median" is the clean version: u = H / ln n_old, the per-class
 quantile `threshold_quantile` (0.5 = median) from counts, floor `threshold_floor`; there an image
@@ -35,7 +40,21 @@ from ciss.trainer.methods.losses import (IGNORE, REDUCTIONS, UNCERTAINTY_MODES, 
 from ciss.trainer.methods.options import resolve_options
 
 POD_FEATURES = ("stage1", "stage2", "stage3", "stage4", "aspp")
+THRESHOLD_MODES = ("auto",) + UNCERTAINTY_MODES
 POD_LOGITS = "logits_lowres"
+
+
+def degenerate_classes(thresholds: torch.Tensor, counts: torch.Tensor, n_old: int, n_total: int,
+                       floor: float) -> list[int]:
+    """Old classes with pixels whose released-routine threshold cannot be a median of their
+    uncertainties: not finite, at the floor (the walk found nothing above it: all rejected), or at
+    least the largest u the "plop" formula can give, 1 / (n_old · ln n_total) (all accepted). A weak old
+    model's flat histograms produce these (+inf and 0.001 were seen)."""
+    if n_old < 2:
+        return []
+    top = 1 / (n_old * math.log(n_total))
+    bad = ~torch.isfinite(thresholds) | (thresholds <= floor) | (thresholds >= top)
+    return [c for c in range(n_old) if bool(bad[c]) and counts[c] > 0]
 
 
 class PLOP(Method):
@@ -44,22 +63,22 @@ class PLOP(Method):
     init_new_heads = True
     feature_names: tuple[str, ...] = POD_FEATURES + (POD_LOGITS,)
     defaults: dict[str, Any] = {
-        "threshold_mode": "plop",
+        "threshold_mode": "auto",
         "threshold_floor": 0.001,
         "threshold_bins": 100,
         "threshold_quantile": 0.5,
         "adaptive_factor": True,
         "reduction": "all",
-        "pod_weight": 0.01,
-        "pod_logits_weight": 0.0005,
+        "pod_weight": 0.1,
+        "pod_logits_weight": 0.005,
         "pod_scales": [1, 2, 4],
         "pod_schedule": True,
         "pod_extra_channels": "sum",
         "pod_regions": "clean",
-        "pod_normalize": False,
+        "pod_normalize": True,
     }
     choices: dict[str, tuple[str, ...]] = {
-        "threshold_mode": UNCERTAINTY_MODES,
+        "threshold_mode": THRESHOLD_MODES,
         "reduction": REDUCTIONS,
         "pod_extra_channels": ("sum", "trim"),
         "pod_regions": ("clean", "plop"),
@@ -80,7 +99,9 @@ class PLOP(Method):
         self.histogram: torch.Tensor | None = None  # (n_old, bins) counts of the last estimation
         self._step = -1
         self._n_old = 0
-        self._restored: tuple[int, int, torch.Tensor] | None = None
+        self.mode = "median" if self.options["threshold_mode"] == "median" else "plop"  # the routine in use
+        self.degenerate: list[int] = []  # classes whose released threshold was degenerate (auto mode)
+        self._restored: tuple[int, int, torch.Tensor, str, list[int]] | None = None
         self._tau_cache: torch.Tensor | None = None
 
     # --- once per step -------------------------------------------------------------------------
@@ -99,18 +120,23 @@ class PLOP(Method):
             raise CissError(f"method '{self.name}' needs the model of step {ctx.step - 1} to train step {ctx.step}")
         restored, self._restored = self._restored, None
         if restored is not None and restored[0] == ctx.step and restored[1] == ctx.n_old:
-            self.thresholds = restored[2]
+            self.thresholds, self.mode, self.degenerate = restored[2:]
             return
         self.thresholds = self.estimate_thresholds(ctx)
 
     @torch.no_grad()
     def estimate_thresholds(self, ctx: StepContext) -> torch.Tensor:
-        """One pass of the old model over `ctx.batches()`: per-class thresholds (n_old,) on the CPU."""
+        """One pass of the old model over `ctx.batches()`: per-class thresholds (n_old,) on the CPU.
+
+        Sets `mode` to the routine whose thresholds are returned ("plop" or "median") and, in "auto"
+        mode, `degenerate` to the classes for which the released routine broke.
+        """
         old = ctx.old_model
         assert old is not None
         n_old, n_total = ctx.n_old, len(ctx.classmap)
-        mode, bins = self.options["threshold_mode"], self.options["threshold_bins"]
-        hist = torch.zeros(n_old, bins, dtype=torch.long, device=ctx.device)
+        option, bins = self.options["threshold_mode"], self.options["threshold_bins"]
+        modes = UNCERTAINTY_MODES if option == "auto" else (option,)
+        hists = {m: torch.zeros(n_old, bins, dtype=torch.long, device=ctx.device) for m in modes}
         was_training = old.training
         old.eval()
         try:
@@ -120,21 +146,42 @@ class PLOP(Method):
                     raise RuntimeError(f"old model has {logits.shape[1]} outputs, the step context says {n_old}")
                 if logits.shape[-2:] != labels.shape[-2:]:
                     logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-                u = plop_uncertainty(logits, n_total, mode)
                 mask = (labels < n_old) & (labels != IGNORE)
-                hist += uncertainty_histogram(u, logits.argmax(dim=1), mask, n_old, bins).to(hist.device)
+                pred = logits.argmax(dim=1)
+                for m, hist in hists.items():
+                    hist += uncertainty_histogram(plop_uncertainty(logits, n_total, m), pred, mask, n_old,
+                                                  bins).to(hist.device)
         finally:
             old.train(was_training)
-        reduced = ctx.all_reduce(hist)
-        hist = hist if reduced is None else reduced
-        self.histogram = hist.cpu()
-        return self.thresholds_from_histogram(self.histogram)
+        for m, hist in hists.items():
+            reduced = ctx.all_reduce(hist)
+            hists[m] = (hist if reduced is None else reduced).cpu()
+        self.mode = "median" if option == "median" else "plop"
+        self.degenerate = []
+        if option == "auto":
+            plop = self.thresholds_from_histogram(hists["plop"], "plop")
+            self.degenerate = degenerate_classes(plop, hists["plop"].sum(dim=1), n_old, n_total,
+                                                 self.options["threshold_floor"])
+            if not self.degenerate:
+                self.histogram = hists["plop"]
+                return plop
+            self.mode = "median"
+        self.histogram = hists[self.mode]
+        return self.thresholds_from_histogram(self.histogram, self.mode)
 
-    def thresholds_from_histogram(self, hist: torch.Tensor) -> torch.Tensor:
+    def thresholds_from_histogram(self, hist: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         floor = self.options["threshold_floor"]
-        if self.options["threshold_mode"] == "plop":
+        if (mode or self.mode) == "plop":
             return plop_median_thresholds(hist, floor)
         return quantile_thresholds(hist, self.options["threshold_quantile"], floor)
+
+    def report(self) -> dict[str, Any]:
+        """Which threshold routine ran this step, for the log and the step manifest."""
+        if self.thresholds is None:
+            return {}
+        return {"threshold_mode": self.options["threshold_mode"], "thresholds_from": self.mode,
+                "degenerate_classes": list(self.degenerate),
+                "thresholds": [round(float(t), 6) for t in self.thresholds]}
 
     # --- every batch ---------------------------------------------------------------------------
     def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
@@ -147,7 +194,7 @@ class PLOP(Method):
         if n_total <= n_old:
             raise RuntimeError(f"the current model has {n_total} outputs, not more than the old model's {n_old}")
         tau = self._tau(n_old, logits.device)
-        mode = o["threshold_mode"]
+        mode = self.mode
         pseudo, nu = pseudo_label(labels, old, tau, n_total, mode, empty_factor=1.0 if mode == "median" else 0.0)
         per_pixel = pixel_cross_entropy(logits, pseudo)
         if o["adaptive_factor"]:
@@ -186,6 +233,8 @@ class PLOP(Method):
         state["thresholds"] = (self.thresholds if self.thresholds is not None else torch.zeros(0)).clone()
         state["step"] = torch.tensor(self._step)
         state["n_old"] = torch.tensor(self._n_old)
+        state["median"] = torch.tensor(self.mode == "median")
+        state["degenerate"] = torch.tensor(self.degenerate, dtype=torch.long)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -195,8 +244,10 @@ class PLOP(Method):
             return
         t = t.detach().float().cpu().clone()
         step, n_old = int(state["step"]), int(state["n_old"])
+        mode = "median" if bool(state["median"]) else "plop"
+        degenerate = [int(c) for c in state["degenerate"]]
         # Works before or after `prepare`: prepare uses restored thresholds of its own step
         # instead of a new pass; after prepare they simply replace the estimated ones.
-        self._restored = (step, n_old, t)
+        self._restored = (step, n_old, t, mode, degenerate)
         if self._step == step and self._n_old == n_old:
-            self.thresholds, self._tau_cache = t, None
+            self.thresholds, self.mode, self.degenerate, self._tau_cache = t, mode, degenerate, None
