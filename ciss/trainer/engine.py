@@ -85,18 +85,18 @@ GROUPS = ("backbone", "decoder", "head_old", "head_new", "method")
 CLIPPED = ("backbone", "decoder", "method")
 
 
-def lr_multipliers(cfg: dict[str, Any], step: int) -> dict[str, float]:
+def lr_multipliers(cfg: dict[str, Any], step: int, pretrained: bool = False) -> dict[str, float]:
     """The multiplier of every group at `step`, checked: step 0 reads train.lr_mult (a backbone
-    loaded from model.pretrained takes `backbone_pretrained`), later steps train.lr_mult_next."""
+    that started from pretrained weights takes `backbone_pretrained`), later steps train.lr_mult_next."""
     table = dict(cfg["train"]["lr_mult" if step == 0 else "lr_mult_next"])
     key = "train.lr_mult" if step == 0 else "train.lr_mult_next"
     for name, value in table.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise CissError(f"{key}.{name} must be a finite number >= 0; got {value!r}")
     if step == 0:
-        pretrained = table.pop("backbone_pretrained")
-        if cfg["model"]["pretrained"]:
-            table["backbone"] = pretrained
+        backbone_pretrained = table.pop("backbone_pretrained")
+        if pretrained:
+            table["backbone"] = backbone_pretrained
         table["head_old"] = 0.0  # no old head at step 0
     return {g: float(table[g]) for g in GROUPS}
 
@@ -263,7 +263,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
 
     params = [p for p in unwrapped.parameters() if p.requires_grad]
     method_params = list(method.parameters())
-    groups = param_groups(unwrapped, method_params, step, lr_multipliers(cfg, step))
+    groups = param_groups(unwrapped, method_params, step, lr_multipliers(cfg, step, pretrained is not None))
     optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"])
     use_amp = bool(tcfg["amp"]) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

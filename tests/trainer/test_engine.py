@@ -149,8 +149,8 @@ def test_parameter_groups_and_their_learning_rates():
     assert lr_multipliers(cfg, 1) == {"backbone": 1.0, "decoder": 1.0, "head_old": 1.0, "head_new": 10.0,
                                       "method": 1.0}
     assert lr_multipliers(cfg, 0)["backbone"] == 1.0
-    cfg["model"]["pretrained"] = "weights.pt"
-    assert lr_multipliers(cfg, 0)["backbone"] == 0.1 and lr_multipliers(cfg, 0)["head_new"] == 1.0
+    assert lr_multipliers(cfg, 0, pretrained=True)["backbone"] == 0.1
+    assert lr_multipliers(cfg, 0, pretrained=True)["head_new"] == 1.0
     cfg["train"]["lr_mult_next"]["decoder"] = -1
     with pytest.raises(CissError, match="lr_mult_next.decoder"):
         lr_multipliers(cfg, 1)
