@@ -242,7 +242,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
             if not torch.isfinite(loss):
                 values = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items())
                 raise CissError(f"training diverged at iteration {it} of step {step} (loss terms: {values}); "
-                                "lower the learning rate or set train.clip_grad_norm")
+                                "lower the learning rate (--lr) or clip the gradient (--set train.clip_grad_norm=3)")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if dist.active and method_params:
