@@ -15,14 +15,25 @@ def _split(value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",")]
 
 
+# Modules of the `train` extra: the runtime-only install (`pip install ciss`) has none of them.
+TRAIN_EXTRA = ("torch", "torchvision", "onnx", "onnxscript")
+
+
 class CissGroup(click.Group):
-    """Turns every `CissError` into one line on stderr and exit code 2."""
+    """Turns every `CissError`, and a command run without the extra it needs, into one line on stderr
+    and exit code 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except CissError as e:
             click.echo(f"error: {one_line(str(e))}", err=True)
+            sys.exit(2)
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in TRAIN_EXTRA:
+                raise
+            click.echo(f"error: ciss {ctx.invoked_subcommand} needs the training extra ({e.name} is not "
+                       'installed): pip install "ciss[train]"', err=True)
             sys.exit(2)
 
 
@@ -40,7 +51,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--run", "run", type=click.Path(path_type=Path), required=True, help="Run folder (created if new).")
+@click.option("--run", "run", type=click.Path(path_type=Path),
+              help="Run folder (created if new). Default: a new runs/<dataset> for a base step, "
+                   "else the most recent run in runs/.")
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset in the folder format (classes.json, images/, labels/).")
 @click.option("--dataset", type=str, help="Standard dataset: voc, ade20k, cityscapes or synthetic.")
 @click.option("--root", type=click.Path(path_type=Path), help="Where --dataset lives on disk.")
@@ -57,63 +70,58 @@ def main() -> None:
 @click.option("--pretrained", type=str, metavar="imagenet|none|FILE",
               help="Backbone weights: the preset's ImageNet file (fetched and checked, see `ciss weights`), "
                    "none, or a local file. Default: imagenet where the preset has weights.")
-@click.option("--epochs", type=int, help="Epochs of every step trained by this call.")
-@click.option("--lr", type=float, help="Learning rate of every step trained by this call.")
-@click.option("--batch-size", type=int, help="Global batch size (split over torchrun processes).")
-@click.option("--crop", type=int, help="Training crop size in pixels.")
+@click.option("--epochs", type=int, help="Epochs of every step trained by this call (this call only).")
+@click.option("--lr", type=float, help="Learning rate of every step trained by this call (this call only).")
+@click.option("--batch-size", type=int, help="Global batch size, split over torchrun processes (this call only).")
+@click.option("--crop", type=int, help="Training crop size in pixels (this call only).")
 @click.option("--setting", type=click.Choice(["overlap", "disjoint"]), help="Training-image filter.")
-@click.option("--workers", type=int, help="Data-loading worker processes.")
+@click.option("--workers", type=int, help="Data-loading worker processes (this call only).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--seed", type=int, help="Random seed (default 0).")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML file overriding configs/defaults.toml.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Set any key of configs/defaults.toml, e.g. --set train.clip_grad_norm=3 (repeatable; TOML "
+                   "values). train.* and eval.* apply to this call only; data.*, model.* and seed stay with the run.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="TOML file overriding configs/defaults.toml; the run keeps it for its later steps.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted step from its last checkpoint.")
-def learn(run: Path, data: Path | None, dataset: str | None, root: Path | None, classes: str | None,
+def learn(run: Path | None, data: Path | None, dataset: str | None, root: Path | None, classes: str | None,
           new_classes: str | None, task: str | None, method: str | None, disabled: tuple[str, ...],
           method_opts: tuple[str, ...], model: str | None,
           pretrained: str | None, epochs: int | None, lr: float | None, batch_size: int | None,
           crop: int | None, setting: str | None, workers: int | None, device: str, seed: int | None,
-          config_file: Path | None, resume: bool) -> None:
-    """Learn classes: a base step, new classes on top of a run, or a whole protocol."""
-    from ciss.trainer.learn import learn as run_learn
+          settings: tuple[str, ...], config_file: Path | None, resume: bool) -> None:
+    """Learn classes: a base step, new classes on top of a run, or a whole protocol.
 
-    overrides: dict[str, Any] = {}
-    train = {k: v for k, v in {"epochs": epochs, "epochs_next": epochs, "lr": lr, "lr_next": lr,
-                               "batch_size": batch_size, "crop": crop, "workers": workers}.items() if v is not None}
-    if train:
-        overrides["train"] = train
+    Each later step prints the settings it carried over from the run; flags of one call apply to it only.
+    """
+    from ciss.api import Run
+
     if pretrained and Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser().resolve())
-    model_cfg = {k: v for k, v in {"preset": model, "pretrained": pretrained}.items() if v}
-    if model_cfg:
-        overrides["model"] = model_cfg
-    if setting:
-        overrides["data"] = {"setting": setting}
-    if seed is not None:
-        overrides["seed"] = seed
-    run_learn(run, data=data, dataset=dataset, root=root, classes=_split(classes), new_classes=_split(new_classes),
-              task=task, method=method, method_options=parse_method_options(disabled, method_opts),
-              config_file=config_file, overrides=overrides, device=device,
-              resume=resume, log=lambda s: click.echo(s, err=True))
+    named = {"train.epochs": epochs, "train.epochs_next": epochs, "train.lr": lr, "train.lr_next": lr,
+             "train.batch_size": batch_size, "train.crop": crop, "train.workers": workers,
+             "model.preset": model, "model.pretrained": pretrained, "data.setting": setting, "seed": seed}
+    values = {k: v for k, v in named.items() if v is not None}
+    values.update(parse_assignments(settings, "--set", "train.clip_grad_norm=3"))
+    target = Run(run, log=lambda s: click.echo(s, err=True))
+    target.learn(data, classes=classes, new_classes=new_classes, task=task, dataset=dataset, root=root,
+                 method=method, options=parse_method_options(disabled, method_opts), settings=values,
+                 config=config_file, device=device, resume=resume)
     from ciss.trainer.report import describe_run
     if _is_main_process():
-        click.echo(describe_run(run))
+        click.echo(describe_run(target.path))
+
+
+def parse_assignments(items: tuple[str, ...], flag: str, example: str) -> dict[str, Any]:
+    """Repeated `flag KEY=VALUE` as {KEY: value}, values read as TOML (3, 0.5, true, "s")."""
+    from ciss.trainer.config import parse_assignment
+
+    return dict(parse_assignment(item, flag, example) for item in items)
 
 
 def parse_method_options(disabled: tuple[str, ...], assignments: tuple[str, ...]) -> dict[str, Any]:
-    """`--no x.y` and `--opt x.y=v` as {"x.y": value}; values are read as TOML (3, 0.5, true, "s")."""
-    import tomllib
-
-    options: dict[str, Any] = {name: False for name in disabled}
-    for item in assignments:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise CissError(f"--opt {item!r} is not KEY=VALUE; e.g. --opt mib.kd_weight=100")
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()  # a bare word: a string choice such as median
-        options[key.strip()] = value
-    return options
+    """`--no x.y` and `--opt x.y=v` as {"x.y": value}."""
+    return {**{name: False for name in disabled}, **parse_assignments(assignments, "--opt", "mib.kd_weight=100")}
 
 
 def _is_main_process() -> bool:
@@ -122,36 +130,39 @@ def _is_main_process() -> bool:
 
 
 @main.command("eval")
-@click.option("--run", "run", type=click.Path(path_type=Path), required=True)
+@click.option("--run", "run", type=click.Path(path_type=Path), help="Run folder (default: the most recent in runs/).")
 @click.option("--step", type=int, help="Step to evaluate (default: the last).")
 @click.option("--data", type=click.Path(path_type=Path), help="Evaluate on another folder-format dataset.")
 @click.option("--split", help="Split to evaluate (default: the run's eval split).")
 @click.option("--protocol", type=click.Choice(["mib", "all"]), help="mib: images with a seen class; all: every image.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_cmd(run: Path, step: int | None, data: Path | None, split: str | None, protocol: str | None,
+def eval_cmd(run: Path | None, step: int | None, data: Path | None, split: str | None, protocol: str | None,
              device: str, as_json: bool) -> None:
     """Evaluate a stored step: mIoU over old, new and all seen classes, and per class."""
     import json
 
+    from ciss.api import Run
     from ciss.classmap import ClassMap
-    from ciss.trainer.report import evaluate_step, metrics_table
+    from ciss.trainer.report import metrics_table
     from ciss.trainer.store import RunStore
 
-    metrics = evaluate_step(run, step, data, split, protocol, device)
+    target = Run(run, log=lambda s: click.echo(s, err=True))
+    metrics = target.evaluate(step, data, split, protocol, device)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return
-    cmap = ClassMap.from_json(RunStore(run).manifest(metrics["step"])["classes"])
+    cmap = ClassMap.from_json(RunStore(target.path).manifest(metrics["step"])["classes"])
     click.echo(f"step {metrics['step']} on split '{metrics['split']}' ({metrics['protocol']} protocol)")
     click.echo(metrics_table(metrics, cmap))
 
 
 @main.command()
-@click.option("--run", "run", type=click.Path(path_type=Path), required=True, help="Run folder to export from.")
+@click.option("--run", "run", type=click.Path(path_type=Path),
+              help="Run folder to export from (default: the most recent in runs/).")
 @click.option("--step", default="latest", show_default=True, help="Step number, or 'latest'.")
-@click.option("--repo", type=click.Path(path_type=Path), required=True, help="Model repository folder (created if new).")
-@click.option("--name", required=True, help="Model name in the repository (letters, digits, . _ -).")
+@click.option("--repo", type=click.Path(path_type=Path), help="Model repository folder, created if new (default: models/).")
+@click.option("--name", help="Model name in the repository, letters, digits, . _ - (default: the run's folder name).")
 @click.option("--size", help="Input size HxW (default: the eval split's image size); with --dynamic, the typical size.")
 @click.option("--dynamic", is_flag=True, help="Variable height and width instead of a fixed size.")
 @click.option("--outputs", default="mask", show_default=True, type=click.Choice(["mask", "mask+confidence", "logits"]),
@@ -163,19 +174,18 @@ def eval_cmd(run: Path, step: int | None, data: Path | None, split: str | None, 
 @click.option("--workspace", "workspace_gb", default=4.0, show_default=True, type=float, help="TensorRT workspace in GB.")
 @click.option("--calib-images", default=32, show_default=True, type=int, help="Training images used to calibrate int8.")
 @click.option("--allow-class-change", is_flag=True, help="Publish even if the class map does not extend the previous version's.")
-def export(run: Path, step: str, repo: Path, name: str, size: str | None, dynamic: bool, outputs: str, opset: int,
+def export(run: Path | None, step: str, repo: Path | None, name: str | None, size: str | None, dynamic: bool, outputs: str, opset: int,
            trt: bool, precision: str, workspace_gb: float, calib_images: int, allow_class_change: bool) -> None:
     """Export a step to ONNX (and TensorRT), check it against PyTorch, publish it as a new version."""
+    from ciss.api import Run
     from ciss.export.onnx import parse_size
-    from ciss.export.pipeline import ExportOptions, export_step
 
     if step != "latest" and not step.isdigit():
         raise CissError(f"--step {step!r} is not a step number or 'latest'")
-    options = ExportOptions(step=None if step == "latest" else int(step), size=parse_size(size) if size else None,
-                            dynamic=dynamic, outputs=outputs, opset=opset, trt=trt, precision=precision,
-                            workspace_gb=workspace_gb, calib_images=calib_images,
-                            allow_class_change=allow_class_change)
-    result = export_step(run, repo, name, options, log=lambda s: click.echo(s, err=True))
+    result = Run(run, log=lambda s: click.echo(s, err=True)).export(
+        repo, name, step=None if step == "latest" else int(step), size=parse_size(size) if size else None,
+        dynamic=dynamic, outputs=outputs, opset=opset, trt=trt, precision=precision, workspace_gb=workspace_gb,
+        calib_images=calib_images, allow_class_change=allow_class_change)
     click.echo(f"{result.name} v{result.version}: {result.path}")
     if result.engine_error:
         raise CissError(f"no TensorRT engine built ({result.engine_error}); version {result.version} holds the ONNX model only")
@@ -184,8 +194,8 @@ def export(run: Path, step: str, repo: Path, name: str, size: str | None, dynami
 @main.command()
 @click.option("--camera", type=int, help="Camera index (V4L2 /dev/videoN on Linux).")
 @click.option("--source", help="Video file, rtsp:// or http:// URL, image folder or glob, or 'synthetic'.")
-@click.option("--repo", type=click.Path(path_type=Path), required=True, help="Model repository to serve from.")
-@click.option("--name", required=True, help="Model name in the repository.")
+@click.option("--repo", type=click.Path(path_type=Path), help="Model repository to serve from (default: models/).")
+@click.option("--name", help="Model name in the repository (default: the one published most recently).")
 @click.option("--backend", default="auto", show_default=True,
               help="auto, tensorrt, ort-trt, ort-cuda, ort-cpu, ort-int8 or torch (debug).")
 @click.option("--pin", type=int, help="Serve this version only (do not follow new versions).")
@@ -199,7 +209,7 @@ def export(run: Path, step: str, repo: Path, name: str, size: str | None, dynami
 @click.option("--loop", is_flag=True, help="Restart files and image folders at the end.")
 @click.option("--fps", type=float, help="Pace files and image folders at this rate (default: as fast as they run).")
 @click.option("--alpha", default=0.5, show_default=True, type=float, help="Overlay opacity.")
-def live(camera: int | None, source: str | None, repo: Path, name: str, backend: str, pin: int | None, poll_s: float,
+def live(camera: int | None, source: str | None, repo: Path | None, name: str | None, backend: str, pin: int | None, poll_s: float,
          threads: int, headless: bool, save: Path | None, save_masks: Path | None, stats: Path | None,
          max_frames: int | None, loop: bool, fps: float | None, alpha: float) -> None:
     """Segment live video with the newest model version, hot-swapping as new versions are published."""
@@ -207,6 +217,7 @@ def live(camera: int | None, source: str | None, repo: Path, name: str, backend:
     from ciss.runtime.segmenter import Segmenter
     from ciss.runtime.sinks import check_target, has_display
     from ciss.runtime.sources import open_source
+    from ciss.workspace import MODELS, latest_model
 
     if (camera is None) == (source is None):
         raise CissError("give exactly one of --camera N or --source (file, URL, folder, glob or 'synthetic')")
@@ -221,6 +232,8 @@ def live(camera: int | None, source: str | None, repo: Path, name: str, backend:
         echo("no display found: running headless")
     options = LiveOptions(display=display, save=save, save_masks=save_masks, stats=stats, max_frames=max_frames,
                           alpha=alpha)
+    repo = MODELS if repo is None else repo
+    name = name or latest_model(repo, log=echo)
     with Segmenter.from_repository(repo, name, backend=backend, version=pin, poll_s=poll_s, threads=threads,
                                    log=echo) as segmenter:
         # Opened after the model is ready, so a live source does not count start-up frames as dropped.
@@ -231,7 +244,7 @@ def live(camera: int | None, source: str | None, repo: Path, name: str, backend:
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path), default=Path("runs"))
 def runs(path: Path) -> None:
     """Steps, classes and metrics of a run (or of every run in a folder) at a glance."""
     from ciss.trainer.report import describe_run
@@ -249,16 +262,17 @@ def runs(path: Path) -> None:
 
 
 @main.command()
-@click.argument("args", nargs=-1, metavar="[verify] DIR [NAME]")
+@click.argument("args", nargs=-1, metavar="[verify] [DIR [NAME]]")
 def models(args: tuple[str, ...]) -> None:
-    """Published models and their versions; `verify` re-hashes every file of every version."""
+    """Published models and their versions (DIR: models/ if not given); `verify` re-hashes every file."""
     from ciss.export.repository import ModelRepository
+    from ciss.workspace import MODELS
 
-    verify = len(args) > 1 and args[0] == "verify"
+    verify = bool(args) and args[0] == "verify"
     args = args[1:] if verify else args
-    if not 1 <= len(args) <= 2:
-        raise click.UsageError("expected [verify] DIR [NAME]")
-    root, name = Path(args[0]), (args[1] if len(args) > 1 else None)
+    if len(args) > 2:
+        raise click.UsageError("expected [verify] [DIR [NAME]]")
+    root, name = (Path(args[0]) if args else MODELS), (args[1] if len(args) > 1 else None)
     if not root.is_dir():
         raise CissError(f"{root} is not a folder; give a model repository such as models/")
     repo = ModelRepository(root)

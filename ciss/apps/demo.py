@@ -355,8 +355,8 @@ def _learn_base(run: Path, data: Path | None, classes: list[str], method: str, c
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        overrides = {k: v for k, v in config.items() if k != "method"}
-        learn(run, data=data, classes=classes, method=method, overrides=overrides, log=log)
+        run_config = {k: v for k, v in config.items() if k != "method"}  # carried to the step learned live
+        learn(run, data=data, classes=classes, method=method, config_file=run_config, log=log)
     finally:
         torch.set_num_threads(before)
 

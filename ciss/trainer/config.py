@@ -7,14 +7,21 @@ typo in a config file cannot silently train something else.
 from __future__ import annotations
 
 import copy
+import difflib
+import json
+import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ciss.config_paths import config_dir, load_toml
 from ciss.errors import CissError
 
 
 FREE_FORM = ("method", "data.options")
+# What one call's `--set` (and --epochs, --lr, ...) changes for that call only; a run carries every
+# other key (data, model, seed) and its config file's values to its later steps.
+PER_CALL = ("train", "eval")
+CARRIED = "carried"  # a step config's record of the values its per-call flags replaced (dotted keys)
 
 
 def defaults() -> dict[str, Any]:
@@ -30,12 +37,99 @@ def merge(base: dict[str, Any], override: dict[str, Any], where: str = "") -> di
     for key, value in override.items():
         path = f"{where}.{key}" if where else key
         if key not in out and not where.startswith(FREE_FORM):
-            raise CissError(f"unknown config key '{path}'; valid keys here: {', '.join(sorted(out))}")
+            raise CissError(f"unknown config key '{path}'{_did_you_mean(key, out, where)}; "
+                            f"valid keys here: {', '.join(sorted(out))}")
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value, path)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _did_you_mean(key: str, section: Mapping[str, Any], where: str) -> str:
+    close = difflib.get_close_matches(key, list(section), n=1)
+    return f" (did you mean '{where + '.' if where else ''}{close[0]}'?)" if close else ""
+
+
+def toml_text(value: Any) -> str:
+    """A value as it is typed after `=` in `--set KEY=VALUE` (TOML: 3, 0.5, true, "s", [1, 2])."""
+    return json.dumps(value)
+
+
+def parse_assignment(item: str, flag: str, example: str) -> tuple[str, Any]:
+    """`KEY=VALUE` from `flag`, the value read as TOML; a bare word stays a string (median, cuda)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise CissError(f"{flag} {item!r} is not KEY=VALUE; e.g. {flag} {example}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip(), value
+
+
+def flatten(cfg: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """Nested config as {"train.epochs": 30, ...}; the free-form `data.options` stays one value."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        path = f"{where}.{key}" if where else key
+        if isinstance(value, dict) and path not in FREE_FORM:
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def _kind(default: Any) -> tuple[str, tuple[type, ...]]:
+    if isinstance(default, bool):
+        return "true or false", (bool,)
+    if isinstance(default, int):
+        return "an integer", (int,)
+    if isinstance(default, float):
+        return "a number", (int, float)
+    if isinstance(default, list):
+        return "a list", (list,)
+    return "a string", (str,)
+
+
+def check_setting(key: str, value: Any, known: Mapping[str, Any]) -> Any:
+    """`value` for the dotted config key `key`, refused with the flag to type when the key or type is wrong."""
+    if key == "method" or key.startswith("method."):
+        raise CissError(f"--set {key}: choose the method with --method NAME and set its options with "
+                        "--opt METHOD.KEY=VALUE, e.g. --opt gsc.kd_weight=10")
+    if key.startswith("data.options."):
+        return value  # the dataset reader checks its own options
+    if key not in known:
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+        hint = f"did you mean --set {close[0]}={toml_text(value)}?" if close else \
+            "the keys are in configs/defaults.toml, e.g. --set train.clip_grad_norm=3"
+        raise CissError(f"unknown setting '{key}' in --set {key}={toml_text(value)}; {hint}")
+    kind, types = _kind(known[key])
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise CissError(f"--set {key}={toml_text(value)}: {key} takes {kind}, "
+                        f"e.g. --set {key}={toml_text(known[key])}")
+    return float(value) if isinstance(known[key], float) else value
+
+
+def settings_overrides(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted settings ({"train.clip_grad_norm": 3}) as nested overrides, every key and type checked."""
+    known = flatten(defaults())
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        value = check_setting(key, value, known)
+        *sections, leaf = key.split(".")
+        node = out
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return out
+
+
+def split_per_call(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the run carries, what applies to this call only) of nested overrides; see PER_CALL."""
+    carried = {k: copy.deepcopy(v) for k, v in overrides.items() if k not in PER_CALL}
+    per_call = {k: copy.deepcopy(v) for k, v in overrides.items() if k in PER_CALL}
+    return carried, per_call
 
 
 def resolve(config_file: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:

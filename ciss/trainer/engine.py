@@ -323,7 +323,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
             if not torch.isfinite(loss):
                 values = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items())
                 raise CissError(f"training diverged at iteration {it} of step {step} (loss terms: {values}); "
-                                "lower the learning rate or set train.clip_grad_norm")
+                                "lower the learning rate (--lr) or clip the gradient (--set train.clip_grad_norm=3)")
             # Reading values back stalls a GPU's queue, so gradient norms only at logging points. Every
             # process measures them: a synchronised BatchNorm's backward is a collective.
             measure = (it + 1) % tcfg["log_every"] == 0 or it + 1 == total

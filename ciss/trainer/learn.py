@@ -1,7 +1,8 @@
 """`ciss learn` as a library call: turn class lists or a protocol into step plans and run them.
 
-The run remembers its data, model and schedule in each step's manifest, so adding classes later
-needs only the new class names; flags and config files override what was saved.
+The run remembers its data, model, method and config file in each step's manifest, so adding classes
+later needs only the new class names. Training flags (`--epochs`, `--lr`, `--set train.*`) apply to
+the call that gives them; each later step prints what it carried over.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import copy
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
@@ -109,32 +110,70 @@ def history(store: RunStore) -> list[dict[str, Any]]:
     return out
 
 
+def carried_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A step's config as its run carries it to the next step: the step's own per-call flags undone."""
+    cfg = copy.deepcopy(dict(config))
+    for key, value in cfg.pop(configlib.CARRIED, {}).items():
+        *sections, leaf = key.split(".")
+        node = cfg
+        for section in sections:
+            node = node[section]
+        node[leaf] = value
+    return cfg
+
+
+def describe_carried(store: RunStore, step: int, cfg: Mapping[str, Any], method: Mapping[str, Any]) -> str:
+    """One line: what the run brings from `step` to this call (the settings that differ from the defaults)."""
+    defaults = configlib.flatten(configlib.defaults())
+    items = [f"{k}={configlib.toml_text(v)}" for k, v in configlib.flatten(cfg).items() if defaults.get(k) != v]
+    options = ", ".join(f"{k}={configlib.toml_text(v)}" for k, v in method.get("options", {}).items())
+    items.append(f"method={method['name']}" + (f" ({options})" if options else ""))
+    return f"carried over from step {step} of {store.root}: {', '.join(items)}"
+
+
 def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, root: Path | None = None,
           classes: Sequence[str] | None = None, new_classes: Sequence[str] | None = None,
           task: str | None = None, method: str | None = None, method_options: dict[str, Any] | None = None,
-          config_file: Path | None = None,
+          config_file: Path | Mapping[str, Any] | None = None,
           overrides: dict[str, Any] | None = None, device: str = "auto", resume: bool = False,
           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Train the requested steps into `run`; returns the manifests of the steps trained."""
+    """Train the requested steps into `run`; returns the manifests of the steps trained.
+
+    `config_file` (a TOML file, or its contents as a dict) and the `data`, `model` and `seed` parts of
+    `overrides` become the run's settings, carried to its later steps; the `train` and `eval` parts of
+    `overrides` are this call's flags and apply to this call only.
+    """
     store = RunStore(run)
     last = store.last_step()
-    stored = copy.deepcopy(store.manifest(last)["config"]) if last is not None else {}
+    stored = carried_config(store.manifest(last)["config"]) if last is not None else {}
     base_method = stored.pop("method", None) or {"name": DEFAULT_METHOD, "options": {}}
     # Keys added to the defaults since the run began take their default values.
     base = configlib.merge(configlib.defaults(), stored)
-    file_cfg = configlib.load_toml(Path(config_file)) if config_file else {}
+    if last is not None:
+        log(describe_carried(store, last, base, base_method))
+    if isinstance(config_file, Mapping):
+        file_cfg = copy.deepcopy(dict(config_file))
+    else:
+        file_cfg = configlib.load_toml(Path(config_file)) if config_file else {}
     file_method = file_cfg.pop("method", {})
-    cli: dict[str, Any] = copy.deepcopy(overrides or {})
+    carried, per_call = configlib.split_per_call(overrides or {})
     data_cli = dataset_overrides(data, dataset, root)
     if data_cli:
-        cli.setdefault("data", {}).update(data_cli)
-    cfg = configlib.resolve_model(configlib.merge(configlib.merge(base, file_cfg), cli))
+        carried.setdefault("data", {}).update(data_cli)
+    run_cfg = configlib.resolve_model(configlib.merge(configlib.merge(base, file_cfg), carried))
+    cfg = configlib.merge(run_cfg, per_call)
+    # The values this call's flags replaced; the next step starts from them, not from the flags.
+    flags = configlib.flatten(per_call)
+    cfg[configlib.CARRIED] = {k: v for k, v in configlib.flatten(run_cfg).items() if k in flags}
     # The method: flag > config file > the run's; its options carry over only while it is unchanged.
     name = method or file_method.get("name") or base_method["name"]
     options = dict(base_method.get("options", {})) if name == base_method["name"] else {}
     options.update(file_method.get("options", {}))
     for key, value in (method_options or {}).items():
         prefix, _, option = key.rpartition(".")
+        if prefix.split(".")[0] in base:
+            raise CissError(f"'{key}' is a setting, not a method option; set it with "
+                            f"--set {key}={configlib.toml_text(value)}")
         if prefix and prefix != name:
             raise CissError(f"option '{key}' belongs to method '{prefix}', but this step uses '{name}'")
         options[option] = value

@@ -91,3 +91,52 @@ def test_run_older_than_a_config_key_continues(tmp_path: Path, fast_config: Path
     manifest.write_text(json.dumps(m))
     learn(run, new_classes=["water"], method="mib", log=lambda s: None)
     assert RunStore(run).manifest(1)["config"]["train"]["clip_grad_norm"] == 0.0
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from ciss.apps.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_flags_apply_to_their_call_only(tmp_path: Path, fast_config: Path):
+    """--epochs, --lr and --set train.* shape the call that gives them; the run carries its data, model,
+    seed, method and config file, and a later step says so in one line."""
+    run = tmp_path / "r"
+    r = _cli("learn", "--run", str(run), "--classes", "sky,grass", "--config", str(fast_config), "--method", "ft",
+             "--epochs", "2", "--lr", "0.05", "--seed", "3", "--set", "train.clip_grad_norm=3")
+    assert r.exit_code == 0, r.output
+    step0 = RunStore(run).manifest(0)["config"]
+    assert (step0["train"]["epochs"], step0["train"]["lr"], step0["train"]["clip_grad_norm"]) == (2, 0.05, 3.0)
+    r = _cli("learn", "--run", str(run), "--new-classes", "water")
+    assert r.exit_code == 0, r.output
+    carried = [ln for ln in r.stderr.splitlines() if ln.startswith("carried over from step 0")]
+    assert len(carried) == 1 and "seed=3" in carried[0] and "train.epochs_next=1" in carried[0], r.stderr
+    assert "method=ft" in carried[0] and "lr" not in carried[0] and "clip_grad_norm" not in carried[0]
+    step1 = RunStore(run).manifest(1)["config"]
+    defaults = configlib.defaults()["train"]
+    assert step1["train"]["lr_next"] == defaults["lr_next"] and step1["train"]["clip_grad_norm"] == 0.0
+    assert step1["train"]["epochs_next"] == 1 and step1["seed"] == 3  # the config file and --seed stay
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--set", "train.clip_grad_nrom=3"], "did you mean --set train.clip_grad_norm=3?"),
+    (["--set", "train.epochs=many"], 'train.epochs takes an integer, e.g. --set train.epochs=30'),
+    (["--set", "method.kd_weight=1"], "--opt METHOD.KEY=VALUE"),
+    (["--set", "train.epochs"], "is not KEY=VALUE; e.g. --set train.clip_grad_norm=3"),
+    (["--opt", "train.clip_grad_norm=3"], "set it with --set train.clip_grad_norm=3"),
+])
+def test_setting_errors_name_the_flag(tmp_path: Path, fast_config: Path, args: list[str], fragment: str):
+    run = tmp_path / "r"
+    r = _cli("learn", "--run", str(run), "--classes", "sky", "--config", str(fast_config), *args)
+    assert r.exit_code == 2 and fragment in r.stderr, r.stderr
+    assert not run.exists()
+
+
+def test_config_file_typo_suggests_the_key(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nclip_grad = 3\n")
+    with pytest.raises(CissError, match="did you mean 'train.clip_grad_norm'"):
+        configlib.resolve(bad, {})
