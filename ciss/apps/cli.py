@@ -95,13 +95,18 @@ def learn(run: Path | None, data: Path | None, dataset: str | None, root: Path |
     Each later step prints the settings it carried over from the run; flags of one call apply to it only.
     """
     from ciss.api import Run
+    from ciss.trainer.config import check_setting
 
     if pretrained and Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser().resolve())
-    named = {"train.epochs": epochs, "train.epochs_next": epochs, "train.lr": lr, "train.lr_next": lr,
-             "train.batch_size": batch_size, "train.crop": crop, "train.workers": workers,
-             "model.preset": model, "model.pretrained": pretrained, "data.setting": setting, "seed": seed}
-    values = {k: v for k, v in named.items() if v is not None}
+    flags = {"--epochs": (epochs, "train.epochs", "train.epochs_next"), "--lr": (lr, "train.lr", "train.lr_next"),
+             "--batch-size": (batch_size, "train.batch_size"), "--crop": (crop, "train.crop"),
+             "--workers": (workers, "train.workers"), "--model": (model, "model.preset"),
+             "--pretrained": (pretrained, "model.pretrained"), "--setting": (setting, "data.setting"),
+             "--seed": (seed, "seed")}
+    # Checked here, not only in Run.learn, so that a refusal names the flag the user typed.
+    values = {key: check_setting(key, value, flag)
+              for flag, (value, *keys) in flags.items() if value is not None for key in keys}
     values.update(parse_assignments(settings, "--set", "train.clip_grad_norm=3"))
     target = Run(run, log=lambda s: click.echo(s, err=True))
     target.learn(data, classes=classes, new_classes=new_classes, task=task, dataset=dataset, root=root,

@@ -18,14 +18,11 @@ from ciss.trainer import config as configlib
 from ciss.trainer.data import open_dataset
 from ciss.trainer.data.base import DatasetInfo
 from ciss.trainer.data.tasks import load_protocol
-from ciss.trainer.distributed import Dist, setup, teardown
+from ciss.trainer.distributed import Dist, setup, teardown, world_size
 from ciss.trainer.engine import StepPlan, train_step
 from ciss.trainer.evaluate import write_reports
 from ciss.trainer.methods import build_method
 from ciss.trainer.store import RunStore
-
-DEFAULT_METHOD = "mib"
-
 
 def dataset_overrides(data: Path | None, dataset: str | None, root: Path | None) -> dict[str, Any]:
     if data is not None and (dataset or root):
@@ -146,7 +143,7 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
     store = RunStore(run)
     last = store.last_step()
     stored = carried_config(store.manifest(last)["config"]) if last is not None else {}
-    base_method = stored.pop("method", None) or {"name": DEFAULT_METHOD, "options": {}}
+    base_method = stored.pop("method", None) or {"name": configlib.DEFAULT_METHOD, "options": {}}
     # Keys added to the defaults since the run began take their default values.
     base = configlib.merge(configlib.defaults(), stored)
     if last is not None:
@@ -155,6 +152,7 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
         file_cfg = copy.deepcopy(dict(config_file))
     else:
         file_cfg = configlib.load_toml(Path(config_file)) if config_file else {}
+    configlib.check_file(file_cfg, str(config_file) if isinstance(config_file, (str, Path)) else "the config")
     file_method = file_cfg.pop("method", {})
     carried, per_call = configlib.split_per_call(overrides or {})
     data_cli = dataset_overrides(data, dataset, root)
@@ -162,6 +160,7 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
         carried.setdefault("data", {}).update(data_cli)
     run_cfg = configlib.resolve_model(configlib.merge(configlib.merge(base, file_cfg), carried))
     cfg = configlib.merge(run_cfg, per_call)
+    configlib.check_resolved(cfg, world_size())  # before a dataset is opened or a file written
     # The values this call's flags replaced; the next step starts from them, not from the flags.
     flags = configlib.flatten(per_call)
     cfg[configlib.CARRIED] = {k: v for k, v in configlib.flatten(run_cfg).items() if k in flags}

@@ -123,7 +123,7 @@ def test_flags_apply_to_their_call_only(tmp_path: Path, fast_config: Path):
 
 @pytest.mark.parametrize("args,fragment", [
     (["--set", "train.clip_grad_nrom=3"], "did you mean --set train.clip_grad_norm=3?"),
-    (["--set", "train.epochs=many"], 'train.epochs takes an integer, e.g. --set train.epochs=30'),
+    (["--set", "train.epochs=many"], "train.epochs must be an integer, not a string; e.g. --set train.epochs=30"),
     (["--set", "method.kd_weight=1"], "--opt METHOD.KEY=VALUE"),
     (["--set", "train.epochs"], "is not KEY=VALUE; e.g. --set train.clip_grad_norm=3"),
     (["--opt", "train.clip_grad_norm=3"], "set it with --set train.clip_grad_norm=3"),
