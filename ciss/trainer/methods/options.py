@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ciss.errors import CissError
+from ciss.trainer.config import toml_text
+from ciss.trainer.schema import Flag, Number, Rule, Text
 
 
 def resolve_options(method: str, defaults: Mapping[str, Any], given: Mapping[str, Any],
-                    choices: Mapping[str, Sequence[Any]] | None = None) -> dict[str, Any]:
+                    choices: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """`defaults` overridden by `given`, each value checked against its default's type and `choices`."""
     choices = choices or {}
     unknown = sorted(set(given) - set(defaults))
@@ -17,38 +19,34 @@ def resolve_options(method: str, defaults: Mapping[str, Any], given: Mapping[str
                         f"for method '{method}'; valid options: {', '.join(sorted(defaults)) or '(none)'}")
     out = dict(defaults)
     for key, value in given.items():
-        out[key] = _coerce(method, key, value, defaults[key])
-        if key in choices and out[key] not in choices[key]:
-            raise CissError(f"option '{key}' of method '{method}' must be one of "
-                            f"{', '.join(map(repr, choices[key]))}; got {value!r}")
+        rule = _rule(defaults[key], tuple(choices.get(key, ())))
+        problem = rule.problem(value)
+        if problem:
+            raise CissError(f"--opt {method}.{key}={toml_text(value)}: option '{key}' of method '{method}' "
+                            f"{problem}; e.g. --opt {method}.{key}={toml_text(defaults[key])}")
+        out[key] = rule.clean(value)
     return out
 
 
-def _coerce(method: str, key: str, value: Any, default: Any) -> Any:
-    def bad(kind: str) -> CissError:
-        return CissError(f"option '{key}' of method '{method}' must be {kind}; got {value!r}")
-
+def _rule(default: Any, choices: tuple[str, ...]) -> Rule:
+    """The config schema's rule for an option of `default`'s type: strict TOML types, finite numbers."""
     if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
+        return Flag()
     if isinstance(default, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise bad("a finite number")
-        if isinstance(default, int):
-            if float(value) != int(value):
-                raise bad("an integer")
-            return int(value)
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
+        return Number(integer=isinstance(default, int))
     if isinstance(default, (list, tuple)):
+        return PositiveInts()
+    return Text(choices)
+
+
+class PositiveInts:
+    """A non-empty list of positive integers (PLOP's pyramid scales)."""
+
+    def problem(self, value: Any) -> str | None:
         if not isinstance(value, (list, tuple)) or not value \
                 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
-            raise bad("a non-empty list of positive integers")
+            return "must be a non-empty list of positive integers"
+        return None
+
+    def clean(self, value: Any) -> Any:
         return [int(v) for v in value]
-    return value
