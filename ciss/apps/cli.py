@@ -20,14 +20,18 @@ TRAIN_EXTRA = ("torch", "torchvision", "onnx", "onnxscript")
 
 
 class CissGroup(click.Group):
-    """Turns every `CissError`, and a command run without the extra it needs, into one line on stderr
-    and exit code 2."""
+    """Turns every `CissError`, a flag click cannot parse, and a command run without the extra it needs,
+    into one line on stderr and exit code 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except CissError as e:
             click.echo(f"error: {one_line(str(e))}", err=True)
+            sys.exit(2)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else ctx.command_path
+            click.echo(f"error: {one_line(e.format_message())} (see `{where} -h`)", err=True)
             sys.exit(2)
         except ModuleNotFoundError as e:
             if (e.name or "").split(".")[0] not in TRAIN_EXTRA:
