@@ -10,6 +10,7 @@ import copy
 import difflib
 import json
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
@@ -55,12 +56,18 @@ def _did_you_mean(key: str, section: Mapping[str, Any], where: str) -> str:
 
 
 def toml_text(value: Any) -> str:
-    """A value as it is typed after `=` in `--set KEY=VALUE` (TOML: 3, 0.5, true, "s", [1, 2], nan)."""
+    """A value as it is typed after `=` in `--set KEY=VALUE` (TOML: 3, 0.5, true, "s", [1, 2], nan, {a = 1})."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
     if isinstance(value, (list, tuple)):
         return f"[{', '.join(map(toml_text, value))}]"
+    if isinstance(value, dict):
+        return f"{{{', '.join(f'{_toml_key(k)} = {toml_text(v)}' for k, v in value.items())}}}"
     return json.dumps(value)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
 
 def parse_assignment(item: str, flag: str, example: str) -> tuple[str, Any]:
