@@ -24,6 +24,7 @@ from ciss.trainer.evaluate import write_reports
 from ciss.trainer.methods import build_method
 from ciss.trainer.store import RunStore
 
+
 def dataset_overrides(data: Path | None, dataset: str | None, root: Path | None) -> dict[str, Any]:
     if data is not None and (dataset or root):
         raise CissError("give either --data PATH (folder format) or --dataset NAME --root PATH, not both")
@@ -149,10 +150,10 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
     if last is not None:
         log(describe_carried(store, last, base, base_method))
     if isinstance(config_file, Mapping):
-        file_cfg = copy.deepcopy(dict(config_file))
+        file_cfg, source = copy.deepcopy(dict(config_file)), "the config"
     else:
-        file_cfg = configlib.load_toml(Path(config_file)) if config_file else {}
-    configlib.check_file(file_cfg, str(config_file) if isinstance(config_file, (str, Path)) else "the config")
+        file_cfg, source = configlib.load_toml(Path(config_file)) if config_file else {}, str(config_file)
+    configlib.check_file(file_cfg, source)
     file_method = file_cfg.pop("method", {})
     carried, per_call = configlib.split_per_call(overrides or {})
     data_cli = dataset_overrides(data, dataset, root)
