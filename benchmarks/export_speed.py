@@ -1,0 +1,109 @@
+"""Latency of every edge preset on the CPU: PyTorch eager, ONNX Runtime fp32 and int8, side by side.
+
+Each preset is built with 12 classes (CamVid's 11 and background) and random weights: latency does not
+depend on the values, except int8's calibration ranges, which come from a few random inputs here
+(the accuracy of int8 is measured on real data by export_int8.py). Every variant is timed in
+interleaved rounds in one process, so ratios survive a shared, noisy machine; medians are shown.
+Ratios: each backend against PyTorch eager of the same preset, and each preset against DeepLabV3 on
+the same backbone (the light-head question).
+
+    python benchmarks/export_speed.py --size 512x512 --threads 1 --rounds 5
+    python benchmarks/export_speed.py --size 360x480 --presets mobilenet_v2,mobilenet_v2_lraspp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from machine import cpu_description
+from ciss.export.onnx import export_logits, parse_size
+from ciss.export.quantize import quantize_int8
+from ciss.export.verify import cpu_session
+from ciss.trainer.models import build_model, model_presets
+
+PRESETS = "mobilenet_v2,mobilenet_v2_lraspp,efficientnet_lite0,mobilenet_v3_large,mobilenet_v3_lraspp"
+CLASSES = 12
+
+
+def median_ms(call, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call()
+        times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default=PRESETS)
+    ap.add_argument("--size", default="512x512", help="HxW of the exported input")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of ONNX Runtime and torch")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="runs per variant per round")
+    ap.add_argument("--out", type=Path, help="write speed.md and speed.json here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    h, w = parse_size(args.size)
+    x = np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
+    calibration = [np.random.default_rng(i).standard_normal((1, 3, h, w)).astype(np.float32) for i in range(4)]
+
+    variants: dict[tuple[str, str], object] = {}
+    params: dict[str, float] = {}
+    for preset in args.presets.split(","):
+        torch.manual_seed(0)
+        model = build_model(preset, [CLASSES]).eval().fused()
+        params[preset] = sum(p.numel() for p in model.parameters()) / 1e6
+        graph = export_logits(model, (h, w), dynamic=False)
+        tensor = torch.from_numpy(x)
+        variants[(preset, "torch")] = lambda m=model, t=tensor: m(t)
+        fp32 = cpu_session(graph.SerializeToString(), args.threads)
+        int8 = cpu_session(quantize_int8(graph, calibration).SerializeToString(), args.threads)
+        variants[(preset, "ort-fp32")] = lambda s=fp32: s.run(None, {"images": x})
+        variants[(preset, "ort-int8")] = lambda s=int8: s.run(None, {"images": x})
+    with torch.no_grad():
+        for call in variants.values():
+            median_ms(call, 2)  # warm-up
+        rounds = [{k: median_ms(call, args.repeats) for k, call in variants.items()} for _ in range(args.rounds)]
+    ms = {k: statistics.median(r[k] for r in rounds) for k in variants}
+
+    def ratio(a: tuple[str, str], b: tuple[str, str]) -> float:
+        return statistics.median(r[b] / r[a] for r in rounds)  # how many times faster a is than b
+
+    presets = model_presets()
+    lines = [f"# CPU latency at {h}x{w}, {args.threads} thread(s)", "", f"CPU: {cpu_description()}; "
+             f"torch {torch.__version__}; median of {args.rounds} interleaved rounds x {args.repeats} runs.", "",
+             "| preset | params (M) | torch eager ms | ORT fp32 ms (x eager) | ORT int8 ms (x fp32) | ORT fp32 x DeepLabV3 |",
+             "|---|---|---|---|---|---|"]
+    report = {"cpu": cpu_description(), "size": [h, w], "threads": args.threads, "ms": {}, "ratios": {}}
+    for preset in args.presets.split(","):
+        backbone = presets[preset]["backbone"]
+        deeplab = next((p for p in args.presets.split(",") if presets[p]["backbone"] == backbone
+                        and presets[p].get("decoder", "aspp") == "aspp"), None)
+        vs = f"{ratio((preset, 'ort-fp32'), (deeplab, 'ort-fp32')):.2f}x" if deeplab and deeplab != preset else "-"
+        lines.append(f"| {preset} | {params[preset]:.2f} | {ms[(preset, 'torch')]:.1f} | "
+                     f"{ms[(preset, 'ort-fp32')]:.1f} ({ratio((preset, 'ort-fp32'), (preset, 'torch')):.2f}x) | "
+                     f"{ms[(preset, 'ort-int8')]:.1f} ({ratio((preset, 'ort-int8'), (preset, 'ort-fp32')):.2f}x) | {vs} |")
+        report["ms"][preset] = {b: ms[(preset, b)] for b in ("torch", "ort-fp32", "ort-int8")}
+        report["ratios"][preset] = {"ort_vs_torch": ratio((preset, "ort-fp32"), (preset, "torch")),
+                                    "int8_vs_fp32": ratio((preset, "ort-int8"), (preset, "ort-fp32"))}
+    lines += ["", "x eager / x fp32 / x DeepLabV3: how many times faster than that reference (> 1 is faster).",
+              "int8 here is calibrated on random inputs (speed only); export_int8.py measures its accuracy."]
+    print("\n".join(lines))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "speed.md").write_text("\n".join(lines) + "\n\nCommand: `python benchmarks/export_speed.py "
+                                           f"--presets {args.presets} --size {args.size} --threads {args.threads} "
+                                           f"--rounds {args.rounds}`\n")
+        (args.out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
