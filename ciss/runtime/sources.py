@@ -44,6 +44,8 @@ class Frame:
     image: np.ndarray  # BGR uint8 HxWx3
     index: int  # position in the source, dropped frames included, so gaps show drops
     time: float  # time.monotonic() when the frame was captured (latency = now - time)
+    stamp: int | None = None  # header stamp (ns since the epoch) of a ROS message, carried to every sink
+    frame_id: str | None = None  # header frame_id of a ROS message
 
 
 class Source(ABC):
@@ -51,6 +53,7 @@ class Source(ABC):
 
     live: bool = False
     fps: float | None = None
+    topic: str | None = None  # the ROS topic of a recording, which names the topics of its outputs
 
     def __init__(self, name: str):
         self.name = name
