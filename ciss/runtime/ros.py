@@ -108,15 +108,20 @@ def to_bgr(msg: Any) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def mask_message(store: Typestore, mask: np.ndarray, stamp: int, frame_id: str) -> Any:
-    """Class ids as sensor_msgs/Image: mono8, or mono16 (native byte order, flagged) past 255 classes."""
+def mask_fields(mask: np.ndarray) -> dict[str, Any]:
+    """The sensor_msgs/Image fields of a class-id mask: mono8, or mono16 (native byte order, flagged) past
+    255 classes; shared by the bag sink and the ROS 2 node (examples/ros2_node.py)."""
     if mask.dtype not in (np.uint8, np.uint16) or mask.ndim != 2:
         raise ValueError(f"masks are HxW uint8 or uint16, not {mask.dtype} {mask.shape}")
-    encoding = "mono8" if mask.dtype == np.uint8 else "mono16"
     h, w = mask.shape
-    data = np.ascontiguousarray(mask).view(np.uint8).reshape(-1)
-    return store.types[IMAGE](header(store, stamp, frame_id), h, w, encoding, int(sys.byteorder == "big"),
-                              w * mask.itemsize, data)
+    return {"height": h, "width": w, "encoding": "mono8" if mask.dtype == np.uint8 else "mono16",
+            "is_bigendian": int(sys.byteorder == "big"), "step": w * mask.itemsize,
+            "data": np.ascontiguousarray(mask).view(np.uint8).reshape(-1)}
+
+
+def mask_message(store: Typestore, mask: np.ndarray, stamp: int, frame_id: str) -> Any:
+    """A class-id mask as a sensor_msgs/Image of `store` (see mask_fields)."""
+    return store.types[IMAGE](header=header(store, stamp, frame_id), **mask_fields(mask))
 
 
 def jpeg(image: np.ndarray, quality: int = 90) -> bytes:
