@@ -1,6 +1,6 @@
 # Two entry points on a fresh machine: `make demo` and `make test`. Both build .venv first,
 # installing the CPU build of torch before the project so pip never pulls the CUDA build, then the
-# project with the training extra (torch, onnx) and the test tools.
+# project with the training extra (torch, onnx), the ROS extra and the test tools.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +12,7 @@ $(BIN)/ciss: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[train,dev]'
+	$(BIN)/pip install --quiet -e '.[train,dev,ros]'
 	touch $(BIN)/ciss
 
 venv: $(BIN)/ciss

@@ -218,10 +218,22 @@ def export(run: Path | None, step: str, repo: Path | None, name: str | None, siz
 @click.option("--loop", is_flag=True, help="Restart files and image folders at the end.")
 @click.option("--fps", type=float, help="Pace files and image folders at this rate (default: as fast as they run).")
 @click.option("--alpha", default=0.5, show_default=True, type=float, help="Overlay opacity.")
+@click.option("--topic", help="Image topic of a ROS recording (.mcap, .db3, .bag or a folder of them); "
+                              "without it, the only one, else the list and exit 2.")
+@click.option("--realtime", is_flag=True, help="Play a recording at its recorded rate, dropping what the model "
+                                               "cannot keep up with (default: every message, as fast as it runs).")
+@click.option("--save-bag", type=click.Path(path_type=Path),
+              help="Write mask, overlay and class map messages, stamped like the input, to this .mcap file.")
+@click.option("--foxglove", is_flag=False, flag_value="127.0.0.1:8765", metavar="[HOST:PORT]",
+              help="Serve a live Foxglove view (default 127.0.0.1:8765; other hosts only when given).")
 def live(camera: int | None, source: str | None, repo: Path | None, name: str | None, backend: str, pin: int | None, poll_s: float,
          threads: int, headless: bool, save: Path | None, save_masks: Path | None, stats: Path | None,
-         max_frames: int | None, loop: bool, fps: float | None, alpha: float) -> None:
+         max_frames: int | None, loop: bool, fps: float | None, alpha: float, topic: str | None, realtime: bool,
+         save_bag: Path | None, foxglove: str | None) -> None:
     """Segment live video with the newest model version, hot-swapping as new versions are published."""
+    from contextlib import ExitStack
+
+    from ciss.runtime import ros
     from ciss.runtime.pipeline import LiveOptions, describe_report, run_live, stop_on_signals
     from ciss.runtime.segmenter import Segmenter
     from ciss.runtime.sinks import check_target, has_display
@@ -232,9 +244,18 @@ def live(camera: int | None, source: str | None, repo: Path | None, name: str | 
         raise CissError("give exactly one of --camera N or --source (file, URL, folder, glob or 'synthetic')")
     if max_frames is not None and max_frames < 1:
         raise CissError("--max-frames must be at least 1")
-    for target in (save, stats):
+    for target in (save, stats, save_bag):
         if target is not None:
             check_target(target)  # fail before minutes of model loading, not at the first frame
+    for flag, value in (("--save-bag", save_bag), ("--foxglove", foxglove)):
+        if value is not None:
+            ros.require_extra(flag)
+    if foxglove is not None:
+        from ciss.runtime.foxglove_server import parse_address
+
+        parse_address(foxglove)
+    if source is not None and ros.is_recording(Path(source).expanduser()):
+        open_source(source, topic=topic, realtime=realtime).close()  # the topic is known before the model loads
     echo = lambda s: click.echo(s, err=True)
     display = not headless and has_display()
     if not headless and not display:
@@ -246,10 +267,19 @@ def live(camera: int | None, source: str | None, repo: Path | None, name: str | 
     with Segmenter.from_repository(repo, name, backend=backend, version=pin, poll_s=poll_s, threads=threads,
                                    log=echo) as segmenter:
         # Opened after the model is ready, so a live source does not count start-up frames as dropped.
-        with open_source(f"camera:{camera}" if camera is not None else source, loop=loop, fps=fps, log=echo) as src, \
+        with open_source(f"camera:{camera}" if camera is not None else source, loop=loop, fps=fps, log=echo,
+                         topic=topic, realtime=realtime) as src, ExitStack() as outputs, \
                 stop_on_signals(echo) as stop:  # Ctrl-C and SIGTERM end the run cleanly: files whole, report printed
-            report = run_live(src, segmenter, options, log=echo, stop=stop)
+            bag = outputs.enter_context(ros.BagSink(save_bag, src.topic, name)) if save_bag else None
+            sinks = [bag] if bag else []
+            if foxglove is not None:
+                from ciss.runtime.foxglove_server import FoxgloveSink
+
+                sinks.append(outputs.enter_context(FoxgloveSink(foxglove, name, log=echo)))
+            report = run_live(src, segmenter, options, log=echo, stop=stop, sinks=sinks)
     click.echo(describe_report(report))
+    if bag is not None:
+        click.echo(f"bag: {bag.frames} frames to {save_bag} ({bag.prefix}/mask, overlay, classes)")
 
 
 @main.command()

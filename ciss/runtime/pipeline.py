@@ -13,12 +13,12 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,6 +29,13 @@ from ciss.runtime.sinks import Display, MaskSink, StatsSink, VideoSink, pixel_sh
 from ciss.runtime.sources import Source
 
 Log = Callable[[str], None]
+
+
+class FrameSink(Protocol):
+    """An output fed every frame: its result, the annotated overlay and the stats record (ciss.runtime.ros.BagSink,
+    ciss.runtime.foxglove_server.FoxgloveSink). The caller opens and closes it."""
+
+    def write(self, result: Result, overlay: np.ndarray, record: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -116,9 +123,11 @@ def stop_on_signals(log: Log = print) -> Iterator[threading.Event]:
 
 
 def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Log = print,
-             on_frame: Callable[[Result], None] | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
+             on_frame: Callable[[Result], None] | None = None, stop: threading.Event | None = None,
+             sinks: Sequence[FrameSink] = ()) -> dict[str, Any]:
     """Run until the source ends, `max_frames`, `q` in the window, or `stop` is set (see
-    stop_on_signals); returns the run's report."""
+    stop_on_signals); returns the run's report. A frame's stamp and frame_id (ROS sources) go into its
+    Result, its stats record and every sink."""
     luts: dict[int, np.ndarray] = {}
     rate = _Rate()
     latencies, gaps = _Reservoir(), _Reservoir()
@@ -135,7 +144,7 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
             frame = source.read()
             if frame is None:
                 break
-            result = segmenter(frame.image)
+            result = segmenter(frame.image, frame.stamp, frame.frame_id)
             now = time.monotonic()
             latency_ms = 1e3 * (now - frame.time)
             fps = rate.tick(now)
@@ -146,7 +155,8 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
             swaps.add(frames, result.version, gap_ms)
             last_out = now
             frames += 1
-            if display is not None or options.save:
+            image = None
+            if display is not None or options.save or sinks:
                 image = annotate(frame.image, result, luts, fps, latency_ms, options.alpha)
                 if options.save and video is None:
                     video = stack.enter_context(VideoSink(options.save, source.fps or 30.0,
@@ -160,11 +170,17 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
                         break
             if masks is not None:
                 masks.write(frame.index, result.mask)
-            if stats is not None:
-                stats.write({"seq": result.seq, "frame": frame.index, "version": result.version,
-                             "latency_ms": round(latency_ms, 2),
-                             "timings_ms": {k: round(v, 2) for k, v in result.timings.items()},
-                             "shares": pixel_shares(result.mask, result.classmap.names)})
+            if stats is not None or sinks:
+                record = {"seq": result.seq, "frame": frame.index, "version": result.version,
+                          "latency_ms": round(latency_ms, 2),
+                          "timings_ms": {k: round(v, 2) for k, v in result.timings.items()},
+                          "shares": pixel_shares(result.mask, result.classmap.names)}
+                if frame.stamp is not None:
+                    record |= {"stamp": frame.stamp, "frame_id": frame.frame_id}
+                if stats is not None:
+                    stats.write(record)
+                for sink in sinks:
+                    sink.write(result, image, record)
             if on_frame is not None:
                 on_frame(result)
     return _report(source, segmenter, frames, time.monotonic() - started, latencies, gaps, swaps)

@@ -42,6 +42,8 @@ class Result:
     timings: dict[str, float]        # milliseconds: preprocess, infer, postprocess, total
     new_classes: list[int] = field(default_factory=list)  # ids `version` added to the version served before
     backend: str = ""                # the backend that produced it, e.g. onnxruntime:CPUExecutionProvider
+    stamp: int | None = None         # the input's header stamp (ns) when it came from ROS, for the outputs' headers
+    frame_id: str | None = None      # the input's header frame_id when it came from ROS
 
 
 def input_size(spec: dict[str, Any], frame_hw: tuple[int, int]) -> tuple[int, int]:
@@ -191,7 +193,8 @@ class Segmenter:
         return segmenter
 
     # --- the frame path --------------------------------------------------------------------------
-    def __call__(self, frame_bgr: np.ndarray) -> Result:
+    def __call__(self, frame_bgr: np.ndarray, stamp: int | None = None, frame_id: str | None = None) -> Result:
+        """Segment one frame; `stamp` and `frame_id` (a ROS header's) are passed through to the Result."""
         start = time.perf_counter()
         _check_frame(frame_bgr)
         with self._lock:
@@ -205,7 +208,7 @@ class Segmenter:
             new_classes = self._new_classes
         timings["total"] = 1e3 * (time.perf_counter() - start)
         result = Result(mask, confidence, model.classmap, model.version, seq, timings, list(new_classes),
-                        model.backend.name)
+                        model.backend.name, stamp, frame_id)
         if retired is not None:
             retired.close()
             if self._on_swap is not None:

@@ -44,6 +44,8 @@ class Frame:
     image: np.ndarray  # BGR uint8 HxWx3
     index: int  # position in the source, dropped frames included, so gaps show drops
     time: float  # time.monotonic() when the frame was captured (latency = now - time)
+    stamp: int | None = None  # header stamp (ns since the epoch) of a ROS message, carried to every sink
+    frame_id: str | None = None  # header frame_id of a ROS message
 
 
 class Source(ABC):
@@ -51,6 +53,7 @@ class Source(ABC):
 
     live: bool = False
     fps: float | None = None
+    topic: str | None = None  # the ROS topic of a recording, which names the topics of its outputs
 
     def __init__(self, name: str):
         self.name = name
@@ -454,7 +457,8 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def open_source(spec: str, *, loop: bool = False, fps: float | None = None, reconnect: bool = True,
-                give_up_s: float = 30.0, timeout_s: float = 5.0, log: Log = print) -> Source:
+                give_up_s: float = 30.0, timeout_s: float = 5.0, log: Log = print, topic: str | None = None,
+                realtime: bool = False) -> Source:
     """The source `spec` names; every mistake is a one-line CissError.
 
     spec: "camera:N", "N" or "/dev/videoN" (camera N); "synthetic"; an rtsp/http(s) URL; a folder
@@ -462,7 +466,20 @@ def open_source(spec: str, *, loop: bool = False, fps: float | None = None, reco
     file. `loop` restarts files and images at the end. `fps` paces ordered sources (synthetic: 30
     when not given; files: as fast as read when not given) and is requested from cameras.
     `reconnect`, `give_up_s` and `log` apply to live sources; `timeout_s` bounds URL opens and reads.
+    A ROS recording (.mcap, .db3, .bag, or a folder of them; the ros extra) is read from its image
+    topic `topic` (needed when it has several), in order or, with `realtime`, at its recorded rate.
     """
+    from ciss.runtime import ros  # imports nothing of the ros extra until a recording is opened
+
+    path = Path(spec).expanduser()
+    if not spec.lower().startswith(URL_SCHEMES) and ros.is_recording(path):
+        ros.require_extra(f"reading {path.name}")
+        if fps is not None:
+            raise CissError("--fps does not apply to recordings: they play as fast as they run, or with "
+                            "--realtime at their recorded rate")
+        return ros.RecordingSource(path, topic, realtime=realtime, loop=loop)
+    if topic is not None or realtime:
+        raise CissError("--topic and --realtime apply to ROS recordings (.mcap, .db3, .bag) only")
     camera = _CAMERA.fullmatch(spec.strip())
     if camera or spec.lower().startswith(URL_SCHEMES):
         producer = _camera(int(camera.group(1)), fps) if camera else _stream(spec, timeout_s)
@@ -470,7 +487,6 @@ def open_source(spec: str, *, loop: bool = False, fps: float | None = None, reco
         return LiveSource(producer, name, fps=producer.fps, reconnect=reconnect, give_up_s=give_up_s, log=log)
     if spec == "synthetic":
         return SyntheticSource(fps=30.0 if fps is None else fps)
-    path = Path(spec).expanduser()
     if path.is_dir():
         return ImageSource(_images_in(path), f"folder {path}", loop, fps)
     if path.is_file():
