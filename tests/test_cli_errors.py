@@ -162,3 +162,16 @@ def test_truncated_jpeg_is_one_line_and_nothing_is_committed(tmp_path: Path):
     assert r.stderr.strip().splitlines()[-1] == f"error: image {bad} is truncated (its JPEG data ends before the " \
                                                 "end-of-image marker); replace or remove it", r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "r").exists()
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path: Path, base_run):
+    """A mistyped --run with --resume must not quietly start a new run from scratch."""
+    run, cfg, data = base_run
+    other = tmp_path / "rnu"
+    assert_user_error(invoke("learn", "--run", str(other), "--data", str(data), "--classes", "a,b",
+                             "--config", str(cfg), "--resume"), "no checkpoint of step 0", "drop --resume", "--run")
+    assert not other.exists()
+    before = snapshot(run)
+    assert_user_error(invoke("learn", "--run", str(run), "--new-classes", "c", "--config", str(cfg), "--resume"),
+                      "no checkpoint of step 1")
+    assert snapshot(run) == before

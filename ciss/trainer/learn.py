@@ -18,7 +18,7 @@ from ciss.trainer.data import open_dataset
 from ciss.trainer.data.base import DatasetInfo
 from ciss.trainer.data.tasks import load_protocol
 from ciss.trainer.distributed import Dist, setup, teardown
-from ciss.trainer.engine import StepPlan, train_step
+from ciss.trainer.engine import CHECKPOINT, StepPlan, train_step
 from ciss.trainer.evaluate import write_reports
 from ciss.trainer.methods import build_method
 from ciss.trainer.store import RunStore
@@ -144,6 +144,11 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
     d = cfg["data"]
     info = open_dataset(d["kind"] or None, Path(d["root"]) if d["root"] else None, d["train_split"], **d["options"]).info
     plans = plan_steps(store, info, classes, new_classes, task, joint=cfg["method"]["name"] == "joint")
+    if resume and plans and not (store.partial_dir(plans[0].step) / CHECKPOINT).is_file():
+        # Training from scratch here would hide a mistyped --run behind a new run.
+        raise CissError(f"--resume found no checkpoint of step {plans[0].step} in {store.root} (it stopped before "
+                        "its first checkpoint, or --run names another run); drop --resume to start the step, "
+                        "or give the right --run")
 
     dist: Dist = setup(device)
     done = []
