@@ -281,7 +281,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         log(f"step {step}: {method.name} {json.dumps(report)}")
 
     # --- the loop ------------------------------------------------------------------------------
-    train_log = TrainLog(partial, enabled=dist.main)
+    train_log = TrainLog(partial, enabled=dist.main, start=start_it)
     progress = Progress(total, f"step {step}", start=start_it)
     names = ", ".join(classmap[i].name for i in classmap.ids_of_step(step))
     if dist.main:

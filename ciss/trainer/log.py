@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from ciss.manifest import write_bytes_atomic
 
 
 def format_seconds(s: float) -> str:
@@ -52,19 +55,49 @@ class Progress:
 
 
 class TrainLog:
-    """Appends one record per logged iteration; survives resume (files are appended to)."""
+    """Appends one record per logged iteration; survives resume (files are appended to).
 
-    def __init__(self, folder: Path, enabled: bool = True):
+    A step resumed at iteration `start` repeats the iterations after its checkpoint, so records
+    after `start` are dropped first, and with them a last line cut short by a kill or a full disk."""
+
+    def __init__(self, folder: Path, enabled: bool = True, start: int = 0):
         self.folder, self.enabled = folder, enabled
         self.tb = None
         if not enabled:
             return
         folder.mkdir(parents=True, exist_ok=True)
+        self._truncate(start)
         try:
             from torch.utils.tensorboard import SummaryWriter  # optional: only when tensorboard is installed
-            self.tb = SummaryWriter(str(folder / "tensorboard"))
+            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start or None)
         except Exception:
             self.tb = None
+
+    def _truncate(self, start: int) -> None:
+        jsonl, table = self.folder / "train_log.jsonl", self.folder / "train_log.csv"
+        if jsonl.exists():
+            kept = []
+            for line in jsonl.read_text().splitlines():
+                try:
+                    if json.loads(line)["iteration"] > start:
+                        break
+                except json.JSONDecodeError:
+                    break
+                kept.append(line + "\n")
+            write_bytes_atomic(jsonl, "".join(kept).encode())
+        if table.exists():
+            rows = list(csv.reader(io.StringIO(table.read_text())))
+            kept_rows = rows[:1]
+            for row in rows[1:]:
+                if len(row) != len(rows[0]) or not row[0].isdigit() or int(row[0]) > start:
+                    break
+                kept_rows.append(row)
+            if len(kept_rows) == 1:  # no record left, maybe a torn header: write() starts the file again
+                table.unlink()
+                return
+            buf = io.StringIO()
+            csv.writer(buf).writerows(kept_rows)
+            write_bytes_atomic(table, buf.getvalue().encode())
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
