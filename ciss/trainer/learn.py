@@ -7,6 +7,8 @@ needs only the new class names; flags and config files override what was saved.
 from __future__ import annotations
 
 import copy
+import csv
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -109,6 +111,39 @@ def history(store: RunStore) -> list[dict[str, Any]]:
     return out
 
 
+def _reported_steps(run: Path) -> list[int]:
+    try:
+        rows = list(csv.reader((run / "results.csv").read_text().splitlines()))
+    except FileNotFoundError:
+        return []
+    return [int(r[0]) for r in rows[1:] if r and r[0].isdigit()]
+
+
+def finish_interrupted(store: RunStore, log: Callable[[str], None]) -> None:
+    """Finish the bookkeeping a killed `learn` left undone after committing a step (stale folders,
+    the run's reports), saying what was done."""
+    removed = store.remove_stale()
+    if removed:
+        log(f"run {store.root}: removed {', '.join(removed)} left by an interrupted run")
+    steps = store.steps()
+    if steps and (_reported_steps(store.root) != steps
+                  or not all((store.root / n).exists() for n in ("results.md", "forgetting.png"))):
+        write_reports(store.root, history(store))
+        log(f"run {store.root}: wrote the reports (results.csv, results.md, forgetting.png) an interrupted "
+            f"run left out for step {steps[-1]}")
+
+
+def committed_already(store: RunStore, classes: Sequence[str] | None, new_classes: Sequence[str] | None) -> int | None:
+    """The run's last step when it is the step these flags ask for: a --resume of it has nothing left
+    to do (the process was killed after the commit). Decided from committed steps alone, so every
+    torchrun process decides alike."""
+    last = store.last_step()
+    asked = new_classes or (classes if last == 0 else None)
+    if last is None or not asked:
+        return None
+    return last if [n.strip() for n in asked] == store.manifest(last)["data"]["added"] else None
+
+
 def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, root: Path | None = None,
           classes: Sequence[str] | None = None, new_classes: Sequence[str] | None = None,
           task: str | None = None, method: str | None = None, method_options: dict[str, Any] | None = None,
@@ -117,6 +152,12 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train the requested steps into `run`; returns the manifests of the steps trained."""
     store = RunStore(run)
+    if os.environ.get("RANK", "0") == "0":
+        finish_interrupted(store, log)
+    finished = committed_already(store, classes, new_classes) if resume else None
+    if finished is not None:
+        log(f"step {finished} of {store.root} is already committed; nothing to resume")
+        return []
     last = store.last_step()
     stored = copy.deepcopy(store.manifest(last)["config"]) if last is not None else {}
     base_method = stored.pop("method", None) or {"name": DEFAULT_METHOD, "options": {}}

@@ -25,6 +25,18 @@ from ciss.trainer.models import DeepLabV3, load_step_model
 WEIGHTS = "model.pt"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_PARTIAL_DIR = re.compile(r"^\.partial-step-(\d+)$")
+_STAGING_DIR = re.compile(r"^\.staging-step-\d+-(\d+)-\d+$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -93,6 +105,21 @@ class RunStore:
     def load(self, step: int) -> tuple[DeepLabV3, dict[str, Any]]:
         self.manifest(step)  # clear error for a missing step
         return load_step(self.step_dir(step))
+
+    def remove_stale(self) -> list[str]:
+        """Remove what a killed process left behind, and return the folder names: staging folders of
+        processes that are gone, and the partial folder of a step that was committed before the kill
+        (its checkpoint can never be resumed: the step is there)."""
+        if not self.root.is_dir():
+            return []
+        steps = set(self.steps())
+        removed = []
+        for path in sorted(self.root.iterdir()):
+            staging, partial = _STAGING_DIR.match(path.name), _PARTIAL_DIR.match(path.name)
+            if (staging and not _process_alive(int(staging.group(1)))) or (partial and int(partial.group(1)) in steps):
+                shutil.rmtree(path)
+                removed.append(path.name)
+        return removed
 
     def commit(self, step: int, state: dict[str, torch.Tensor], manifest: dict[str, Any],
                extra_files: dict[str, bytes] | None = None) -> Path:
