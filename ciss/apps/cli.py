@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ciss.errors import CissError
+from ciss.errors import CissError, environment_error
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -16,13 +16,17 @@ def _split(value: str | None) -> list[str] | None:
 
 
 class CissGroup(click.Group):
-    """Turns every `CissError` into one line on stderr and exit code 2."""
+    """Turns every `CissError`, and what the machine refused (`environment_error`), into one line on
+    stderr and exit code 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except CissError as e:
-            click.echo(f"error: {one_line(str(e))}", err=True)
+        except Exception as e:
+            error = e if isinstance(e, CissError) else environment_error(e, ctx.invoked_subcommand)
+            if error is None:
+                raise
+            click.echo(f"error: {one_line(str(error))}", err=True)
             sys.exit(2)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,19 @@ class Progress:
             self.stream.write("\n")
         self.stream.write(text + "\n")
         self.stream.flush()
+
+
+def _append(path: Path, text: str) -> None:
+    """Append whole lines or nothing: a full disk must not leave half a record in a whole log."""
+    with open(path, "ab", buffering=0) as f:
+        size = f.seek(0, os.SEEK_END)
+        data = memoryview(text.encode())
+        try:
+            while data:
+                data = data[f.write(data):]
+        except OSError as e:
+            f.truncate(size)
+            raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 class TrainLog:
@@ -102,15 +116,14 @@ class TrainLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.folder / "train_log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append(self.folder / "train_log.jsonl", json.dumps(record) + "\n")
         path = self.folder / "train_log.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(list(record))
-            writer.writerow([record[k] for k in record])
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        if not path.exists():
+            writer.writerow(list(record))
+        writer.writerow([record[k] for k in record])
+        _append(path, buf.getvalue())
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "iteration":

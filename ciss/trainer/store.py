@@ -7,6 +7,7 @@ checkpoints for `--resume` live in `.partial-step-<k>/`; readers ignore every do
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -131,7 +132,9 @@ class RunStore:
         staging = self.root / f".staging-step-{step}-{os.getpid()}-{int(time.time() * 1000)}"
         staging.mkdir()
         try:
-            torch.save(state, staging / WEIGHTS)
+            buf = io.BytesIO()  # torch.save to a path turns a full disk into an opaque RuntimeError
+            torch.save(state, buf)
+            (staging / WEIGHTS).write_bytes(buf.getvalue())
             for name, data in (extra_files or {}).items():
                 (staging / name).write_bytes(data)
             manifest = dict(manifest, format=STEP_FORMAT, step=step,
@@ -145,7 +148,9 @@ class RunStore:
             fsync_dir(staging)
             os.rename(staging, final)
             fsync_dir(self.root)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, OSError) and e.filename is None:  # name the step a full disk refused
+                raise OSError(e.errno, e.strerror, str(final)) from e
             raise
         return final
