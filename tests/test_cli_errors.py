@@ -143,3 +143,35 @@ def test_divergence_is_one_line_and_leaves_run_untouched(base_run):
     assert_user_error(invoke("learn", "--run", str(run), "--new-classes", "c", "--config", str(cfg)),
                       "diverged", "clip_grad_norm")
     assert snapshot(run) == before
+
+
+def test_truncated_jpeg_is_one_line_and_nothing_is_committed(tmp_path: Path):
+    """libjpeg decodes a cut-off JPEG into grey with only a warning; learn must name the file and stop."""
+    data = make_folder_dataset(tmp_path / "d")
+    png = data / "images" / "train" / "im1.png"
+    ok, jpeg = cv2.imencode(".jpg", cv2.imread(str(png)))
+    png.unlink()
+    bad = data / "images" / "train" / "im1.jpg"
+    bad.write_bytes(jpeg.tobytes()[: len(jpeg) // 2])
+    cfg = write_config(tmp_path / "c.toml", synthetic=False)
+    cfg.write_text(cfg.read_text().replace("batch_size = 4", "batch_size = 6"))  # every image is read
+    r = subprocess.run([*CISS, "learn", "--run", str(tmp_path / "r"), "--data", str(data), "--classes", "a,b,c",
+                        "--config", str(cfg)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"error: image {bad} is truncated (its JPEG data ends before the " \
+                                                "end-of-image marker); replace or remove it", r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "r").exists()
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path: Path, base_run):
+    """A mistyped --run with --resume must not quietly start a new run from scratch."""
+    run, cfg, data = base_run
+    other = tmp_path / "rnu"
+    assert_user_error(invoke("learn", "--run", str(other), "--data", str(data), "--classes", "a,b",
+                             "--config", str(cfg), "--resume"), "no checkpoint of step 0", "drop --resume", "--run")
+    assert not other.exists()
+    before = snapshot(run)
+    assert_user_error(invoke("learn", "--run", str(run), "--new-classes", "c", "--config", str(cfg), "--resume"),
+                      "no checkpoint of step 1")
+    assert snapshot(run) == before

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ciss.errors import CissError
+from ciss.errors import CissError, environment_error
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -20,15 +20,12 @@ TRAIN_EXTRA = ("torch", "torchvision", "onnx", "onnxscript")
 
 
 class CissGroup(click.Group):
-    """Turns every `CissError`, a flag click cannot parse, and a command run without the extra it needs,
-    into one line on stderr and exit code 2."""
+    """Turns every `CissError`, a flag click cannot parse, a command run without the extra it needs, and
+    what the machine refused (`environment_error`), into one line on stderr and exit code 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except CissError as e:
-            click.echo(f"error: {one_line(str(e))}", err=True)
-            sys.exit(2)
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx else ctx.command_path
             click.echo(f"error: {one_line(e.format_message())} (see `{where} -h`)", err=True)
@@ -38,6 +35,12 @@ class CissGroup(click.Group):
                 raise
             click.echo(f"error: ciss {ctx.invoked_subcommand} needs the training extra ({e.name} is not "
                        'installed): pip install "ciss[train]"', err=True)
+            sys.exit(2)
+        except Exception as e:
+            error = e if isinstance(e, CissError) else environment_error(e, ctx.invoked_subcommand)
+            if error is None:
+                raise
+            click.echo(f"error: {one_line(str(error))}", err=True)
             sys.exit(2)
 
 

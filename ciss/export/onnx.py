@@ -166,9 +166,16 @@ def output_specs(model: onnx.ModelProto) -> list[dict[str, Any]]:
              "shape": _dims(o)} for o in model.graph.output]
 
 
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    try:
+        onnx.save_model(model, str(path), save_as_external_data=False)
+    except OSError as e:  # name the file a full disk refused (onnx does not)
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 def save_checked(model: onnx.ModelProto, path: Path) -> None:
     """Write one self-contained file and run the full checker (with shape inference) on it."""
-    onnx.save_model(model, str(path), save_as_external_data=False)
+    _save(model, path)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
@@ -181,7 +188,7 @@ def stamp_version(path: Path, version: int) -> None:
     model = onnx.load_model(str(path))
     model.model_version = version
     set_metadata(model, {"model_version": version})
-    onnx.save_model(model, str(path), save_as_external_data=False)
+    _save(model, path)
 
 
 def sizes_to_check(size: tuple[int, int], dynamic: bool) -> list[tuple[int, int]]:

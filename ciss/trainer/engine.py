@@ -11,7 +11,9 @@ import copy
 import io
 import json
 import math
+import os
 import shutil
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -281,7 +283,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         log(f"step {step}: {method.name} {json.dumps(report)}")
 
     # --- the loop ------------------------------------------------------------------------------
-    train_log = TrainLog(partial, enabled=dist.main)
+    train_log = TrainLog(partial, enabled=dist.main, start=start_it)
     progress = Progress(total, f"step {step}", start=start_it)
     names = ", ".join(classmap[i].name for i in classmap.ids_of_step(step))
     if dist.main:
@@ -385,6 +387,8 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
                 extra[name] = (partial / name).read_bytes()
         state = {k: v.detach().cpu() for k, v in unwrapped.state_dict().items()}
         store.commit(step, state, manifest, extra)
+        if os.environ.get("CISS_TEST_KILL_AT") == "after-commit":  # tests only: the next `learn` must recover
+            os.kill(os.getpid(), signal.SIGKILL)
         shutil.rmtree(partial, ignore_errors=True)
         log(f"step {step}: done in {format_seconds(wall)}; mIoU all {_pct(metrics.get('miou_all'))}, "
             f"old {_pct(metrics.get('miou_old'))}, new {_pct(metrics.get('miou_new'))}")

@@ -8,6 +8,8 @@ the call that gives them; each later step prints what it carried over.
 from __future__ import annotations
 
 import copy
+import csv
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -19,7 +21,7 @@ from ciss.trainer.data import open_dataset
 from ciss.trainer.data.base import DatasetInfo
 from ciss.trainer.data.tasks import load_protocol
 from ciss.trainer.distributed import Dist, setup, teardown, world_size
-from ciss.trainer.engine import StepPlan, train_step
+from ciss.trainer.engine import CHECKPOINT, StepPlan, train_step
 from ciss.trainer.evaluate import write_reports
 from ciss.trainer.methods import build_method
 from ciss.trainer.store import RunStore
@@ -129,6 +131,39 @@ def describe_carried(store: RunStore, step: int, cfg: Mapping[str, Any], method:
     return f"carried over from step {step} of {store.root}: {', '.join(items)}"
 
 
+def _reported_steps(run: Path) -> list[int]:
+    try:
+        rows = list(csv.reader((run / "results.csv").read_text().splitlines()))
+    except FileNotFoundError:
+        return []
+    return [int(r[0]) for r in rows[1:] if r and r[0].isdigit()]
+
+
+def finish_interrupted(store: RunStore, log: Callable[[str], None]) -> None:
+    """Finish the bookkeeping a killed `learn` left undone after committing a step (stale folders,
+    the run's reports), saying what was done."""
+    removed = store.remove_stale()
+    if removed:
+        log(f"run {store.root}: removed {', '.join(removed)} left by an interrupted run")
+    steps = store.steps()
+    if steps and (_reported_steps(store.root) != steps
+                  or not all((store.root / n).exists() for n in ("results.md", "forgetting.png"))):
+        write_reports(store.root, history(store))
+        log(f"run {store.root}: wrote the reports (results.csv, results.md, forgetting.png) an interrupted "
+            f"run left out for step {steps[-1]}")
+
+
+def committed_already(store: RunStore, classes: Sequence[str] | None, new_classes: Sequence[str] | None) -> int | None:
+    """The run's last step when it is the step these flags ask for: a --resume of it has nothing left
+    to do (the process was killed after the commit). Decided from committed steps alone, so every
+    torchrun process decides alike."""
+    last = store.last_step()
+    asked = new_classes or (classes if last == 0 else None)
+    if last is None or not asked:
+        return None
+    return last if [n.strip() for n in asked] == store.manifest(last)["data"]["added"] else None
+
+
 def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, root: Path | None = None,
           classes: Sequence[str] | None = None, new_classes: Sequence[str] | None = None,
           task: str | None = None, method: str | None = None, method_options: dict[str, Any] | None = None,
@@ -142,6 +177,12 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
     `overrides` are this call's flags and apply to this call only.
     """
     store = RunStore(run)
+    if os.environ.get("RANK", "0") == "0":
+        finish_interrupted(store, log)
+    finished = committed_already(store, classes, new_classes) if resume else None
+    if finished is not None:
+        log(f"step {finished} of {store.root} is already committed; nothing to resume")
+        return []
     last = store.last_step()
     stored = carried_config(store.manifest(last)["config"]) if last is not None else {}
     base_method = stored.pop("method", None) or {"name": configlib.DEFAULT_METHOD, "options": {}}
@@ -183,6 +224,11 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
     d = cfg["data"]
     info = open_dataset(d["kind"] or None, Path(d["root"]) if d["root"] else None, d["train_split"], **d["options"]).info
     plans = plan_steps(store, info, classes, new_classes, task, joint=cfg["method"]["name"] == "joint")
+    if resume and plans and not (store.partial_dir(plans[0].step) / CHECKPOINT).is_file():
+        # Training from scratch here would hide a mistyped --run behind a new run.
+        raise CissError(f"--resume found no checkpoint of step {plans[0].step} in {store.root} (it stopped before "
+                        "its first checkpoint, or --run names another run); drop --resume to start the step, "
+                        "or give the right --run")
 
     dist: Dist = setup(device)
     done = []

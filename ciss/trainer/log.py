@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from ciss.manifest import write_bytes_atomic
 
 
 def format_seconds(s: float) -> str:
@@ -51,33 +55,75 @@ class Progress:
         self.stream.flush()
 
 
-class TrainLog:
-    """Appends one record per logged iteration; survives resume (files are appended to)."""
+def _append(path: Path, text: str) -> None:
+    """Append whole lines or nothing: a full disk must not leave half a record in a whole log."""
+    with open(path, "ab", buffering=0) as f:
+        size = f.seek(0, os.SEEK_END)
+        data = memoryview(text.encode())
+        try:
+            while data:
+                data = data[f.write(data):]
+        except OSError as e:
+            f.truncate(size)
+            raise OSError(e.errno, e.strerror, str(path)) from e
 
-    def __init__(self, folder: Path, enabled: bool = True):
+
+class TrainLog:
+    """Appends one record per logged iteration; survives resume (files are appended to).
+
+    A step resumed at iteration `start` repeats the iterations after its checkpoint, so records
+    after `start` are dropped first, and with them a last line cut short by a kill or a full disk."""
+
+    def __init__(self, folder: Path, enabled: bool = True, start: int = 0):
         self.folder, self.enabled = folder, enabled
         self.tb = None
         if not enabled:
             return
         folder.mkdir(parents=True, exist_ok=True)
+        self._truncate(start)
         try:
             from torch.utils.tensorboard import SummaryWriter  # optional: only when tensorboard is installed
-            self.tb = SummaryWriter(str(folder / "tensorboard"))
+            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start or None)
         except Exception:
             self.tb = None
+
+    def _truncate(self, start: int) -> None:
+        jsonl, table = self.folder / "train_log.jsonl", self.folder / "train_log.csv"
+        if jsonl.exists():
+            kept = []
+            for line in jsonl.read_text().splitlines():
+                try:
+                    if json.loads(line)["iteration"] > start:
+                        break
+                except json.JSONDecodeError:
+                    break
+                kept.append(line + "\n")
+            write_bytes_atomic(jsonl, "".join(kept).encode())
+        if table.exists():
+            rows = list(csv.reader(io.StringIO(table.read_text())))
+            kept_rows = rows[:1]
+            for row in rows[1:]:
+                if len(row) != len(rows[0]) or not row[0].isdigit() or int(row[0]) > start:
+                    break
+                kept_rows.append(row)
+            if len(kept_rows) == 1:  # no record left, maybe a torn header: write() starts the file again
+                table.unlink()
+                return
+            buf = io.StringIO()
+            csv.writer(buf).writerows(kept_rows)
+            write_bytes_atomic(table, buf.getvalue().encode())
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.folder / "train_log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append(self.folder / "train_log.jsonl", json.dumps(record) + "\n")
         path = self.folder / "train_log.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(list(record))
-            writer.writerow([record[k] for k in record])
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        if not path.exists():
+            writer.writerow(list(record))
+        writer.writerow([record[k] for k in record])
+        _append(path, buf.getvalue())
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "iteration":

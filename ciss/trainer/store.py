@@ -7,6 +7,7 @@ checkpoints for `--resume` live in `.partial-step-<k>/`; readers ignore every do
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -25,6 +26,18 @@ from ciss.trainer.models import DeepLabV3, load_step_model
 WEIGHTS = "model.pt"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_PARTIAL_DIR = re.compile(r"^\.partial-step-(\d+)$")
+_STAGING_DIR = re.compile(r"^\.staging-step-\d+-(\d+)-\d+$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -94,6 +107,21 @@ class RunStore:
         self.manifest(step)  # clear error for a missing step
         return load_step(self.step_dir(step))
 
+    def remove_stale(self) -> list[str]:
+        """Remove what a killed process left behind, and return the folder names: staging folders of
+        processes that are gone, and the partial folder of a step that was committed before the kill
+        (its checkpoint can never be resumed: the step is there)."""
+        if not self.root.is_dir():
+            return []
+        steps = set(self.steps())
+        removed = []
+        for path in sorted(self.root.iterdir()):
+            staging, partial = _STAGING_DIR.match(path.name), _PARTIAL_DIR.match(path.name)
+            if (staging and not _process_alive(int(staging.group(1)))) or (partial and int(partial.group(1)) in steps):
+                shutil.rmtree(path)
+                removed.append(path.name)
+        return removed
+
     def commit(self, step: int, state: dict[str, torch.Tensor], manifest: dict[str, Any],
                extra_files: dict[str, bytes] | None = None) -> Path:
         """Write weights and manifest to a staging folder, then rename it to `step-<k>`."""
@@ -104,7 +132,9 @@ class RunStore:
         staging = self.root / f".staging-step-{step}-{os.getpid()}-{int(time.time() * 1000)}"
         staging.mkdir()
         try:
-            torch.save(state, staging / WEIGHTS)
+            buf = io.BytesIO()  # torch.save to a path turns a full disk into an opaque RuntimeError
+            torch.save(state, buf)
+            (staging / WEIGHTS).write_bytes(buf.getvalue())
             for name, data in (extra_files or {}).items():
                 (staging / name).write_bytes(data)
             manifest = dict(manifest, format=STEP_FORMAT, step=step,
@@ -118,7 +148,9 @@ class RunStore:
             fsync_dir(staging)
             os.rename(staging, final)
             fsync_dir(self.root)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, OSError) and e.filename is None:  # name the step a full disk refused
+                raise OSError(e.errno, e.strerror, str(final)) from e
             raise
         return final

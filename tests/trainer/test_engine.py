@@ -226,3 +226,71 @@ def test_gradient_norm_logging_leaves_the_weights_unchanged(tmp_path: Path):
         b = torch.load(runs[1000] / f"step-{step}" / "model.pt", weights_only=True)
         for k in a:
             assert torch.equal(a[k], b[k]), (step, k)
+
+
+def _logged(path: Path) -> list[int]:
+    return [json.loads(line)["iteration"] for line in path.read_text().splitlines()]
+
+
+def test_resumed_train_log_holds_each_iteration_once(tmp_path: Path):
+    """Killed after logging past its last checkpoint, the resumed step logs those iterations again;
+    the log keeps them once (jsonl and csv)."""
+    cfg = write_config(tmp_path / "c.toml", size=40, epochs=6, checkpoint_every=20)  # 60 iterations, log every 5
+    base = [*CISS, "learn", "--classes", "sky,grass,disk", "--config", str(cfg), "--method", "ft"]
+    run = tmp_path / "r"
+    partial = run / ".partial-step-0"
+    proc = subprocess.Popen([*base, "--run", str(run)], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (partial / "checkpoint.pt").exists() and (partial / "train_log.jsonl").exists():
+                proc.send_signal(signal.SIGSTOP)  # frozen, the files can be read without a race
+                ckpt = torch.load(partial / "checkpoint.pt", weights_only=True)["iteration"]
+                if max(_logged(partial / "train_log.jsonl")) > ckpt:
+                    break
+                proc.send_signal(signal.SIGCONT)
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (run / "step-0").exists() and max(_logged(partial / "train_log.jsonl")) > ckpt, \
+        "the run should have been killed after logging past its checkpoint"
+
+    subprocess.run([*base, "--run", str(run), "--resume"], check=True, env=_env(), capture_output=True, timeout=300)
+    expected = list(range(5, 61, 5))
+    assert _logged(run / "step-0" / "train_log.jsonl") == expected
+    rows = (run / "step-0" / "train_log.csv").read_text().splitlines()
+    assert rows[0].startswith("iteration,") and [int(r.split(",")[0]) for r in rows[1:]] == expected
+
+
+@pytest.mark.parametrize("next_args", [["--classes", "sky,grass,disk", "--resume"], ["--new-classes", "box"]])
+def test_kill_after_commit_is_recovered_by_the_next_learn(tmp_path: Path, next_args: list[str]):
+    """Killed between the step folder's rename and the run's reports: the next `learn` on the run, with
+    or without --resume, writes the reports, removes the committed step's partial folder and the staging
+    folders of dead processes, and says so."""
+    cfg = write_config(tmp_path / "c.toml", size=16, epochs=2, checkpoint_every=2)
+    run = tmp_path / "r"
+    killed = subprocess.run([*CISS, "learn", "--run", str(run), "--classes", "sky,grass,disk", "--config", str(cfg),
+                             "--method", "ft"], env=dict(_env(), CISS_TEST_KILL_AT="after-commit"),
+                            capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (run / "step-0" / "manifest.json").exists() and (run / ".partial-step-0" / "checkpoint.pt").exists()
+    assert not (run / "results.csv").exists()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (run / f".staging-step-1-{dead.pid}-1").mkdir()  # left by a process that has exited
+    alive = run / f".staging-step-1-{os.getpid()}-1"  # a live process's staging folder is its own
+    alive.mkdir()
+
+    r = subprocess.run([*CISS, "learn", "--run", str(run), "--config", str(cfg), "--method", "ft", *next_args],
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert ".partial-step-0" in r.stderr and ".staging-step-1-" in r.stderr and "wrote the reports" in r.stderr
+    steps = [0] if "--resume" in next_args else [0, 1]
+    assert ("nothing to resume" in r.stderr) == ("--resume" in next_args), r.stderr
+    assert RunStore(run).steps() == steps
+    rows = (run / "results.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == steps
+    assert (run / "results.md").exists() and (run / "forgetting.png").exists()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [alive.name]

@@ -20,10 +20,41 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 LAYOUT = "a dataset folder needs classes.json, images/<split>/ and labels/<split>/"
 
 
+def jpeg_truncated(data: bytes) -> bool:
+    """Whether a JPEG lacks its end-of-image marker after the first scan. libjpeg decodes a cut-off
+    file into grey with only a warning on stderr, so the file's structure is checked instead: the
+    header segments are skipped by their lengths, and in the scan data that follows 0xFF is always
+    escaped, so the first 0xFFD9 there is the end of the image (trailing bytes after it are allowed)."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return True  # a header segment ran past where its length said it ends
+        marker = data[pos + 1]
+        if marker == 0xDA:  # start of scan
+            return data.find(b"\xff\xd9", pos) < 0
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return True
+
+
 def read_image(path: Path) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """RGB pixels, or a CissError naming the file when it is missing, corrupt or cut short; the file
+    is read once and its structure checked in memory, so the check costs no extra I/O."""
+    unreadable = f"cannot read image {path}: it is missing, corrupt or not an image; replace or remove it"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise CissError(unreadable) from None
+    if data[:2] == b"\xff\xd8" and jpeg_truncated(data):
+        raise CissError(f"image {path} is truncated (its JPEG data ends before the end-of-image marker); "
+                        "replace or remove it")
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if bgr is None:
-        raise CissError(f"cannot read image {path}: it is missing, corrupt or not an image; replace or remove it")
+        raise CissError(unreadable)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

@@ -124,11 +124,14 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    except OSError:
+        return  # an unwritable cache only costs recomputation
+    try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)
         os.replace(tmp, path)
     except OSError:
-        pass  # an unwritable cache only costs recomputation
+        Path(tmp).unlink(missing_ok=True)  # a full disk leaves no half-written cache file behind
 
 
 def presence(dataset: SegDataset) -> np.ndarray:
@@ -238,4 +241,13 @@ def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     for k, (img, lbl) in enumerate(batch):
         images[k, :, : img.shape[1], : img.shape[2]] = img
         labels[k, : lbl.shape[0], : lbl.shape[1]] = lbl
+    if torch.utils.data.get_worker_info() is not None:
+        # A worker hands batches over in shared memory. Moved there later, while the queue pickles
+        # them, a failure (full /dev/shm, a file-size limit) is dropped and the run waits forever.
+        try:
+            images.share_memory_()
+            labels.share_memory_()
+        except RuntimeError as e:
+            raise CissError(f"a data-loading worker cannot put a batch into shared memory ({str(e).splitlines()[0]}); "
+                            "free space in /dev/shm or raise the file-size limit, or set train.workers = 0") from None
     return images, labels
