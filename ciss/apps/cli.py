@@ -270,9 +270,9 @@ def live(camera: int | None, source: str | None, repo: Path | None, name: str | 
     repo = MODELS if repo is None else repo
     name = name or latest_model(repo, log=echo)
     cv2.setNumThreads(split.opencv)  # OpenCV's own pool would otherwise compete with the backend's threads
-    echo(split.describe())
     with Segmenter.from_repository(repo, name, backend=backend, version=pin, poll_s=poll_s, threads=split.backend,
                                    log=echo) as segmenter:
+        echo(split.describe())
         # Opened after the model is ready, so a live source does not count start-up frames as dropped.
         with open_source(f"camera:{camera}" if camera is not None else source, loop=loop, fps=fps, log=echo,
                          topic=topic, realtime=realtime) as src, ExitStack() as outputs, \

@@ -9,7 +9,8 @@ loop promised still holds:
 * bounded: queues hold `depth` items, and `in_flight` caps the items between `produce` and the
   consumer, so a slow consumer holds `produce` back (a live source then drops at its own slot);
 * stop: once `stop` is set, `produce` is not called again and the items in flight flush through;
-* errors: the first exception in any stage stops every stage and is raised in the consumer.
+* errors: the first exception in any stage stops every stage and is raised in the consumer, after
+  an in-order prefix of the items (those still in flight are dropped, as on close()).
 """
 
 from __future__ import annotations
