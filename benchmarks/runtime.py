@@ -134,11 +134,19 @@ def swap_run(repo: Path, name: str, kind: str, threads: int, clip: Path, frames:
                         on_frame=on_frame)
 
 
-def swap_figures(report: dict[str, Any]) -> dict[str, Any]:
+def swap_figures(report: dict[str, Any], stats: Path, window: int = 3) -> dict[str, Any]:
+    """Drops over the run and next to the swap (source indices skipped within `window` output frames
+    of its first frame: a shared machine drops elsewhere too), and the swap's gap against the median."""
     swap = report["swaps"][0] if report["swaps"] else None
     gap = swap["max_gap_ms"] if swap else None
     median = report["frame_gap_ms"]["p50"]
-    return {"dropped": report["dropped"], "swapped": swap is not None,
+    at_swap = None
+    if swap is not None:
+        index = [json.loads(line)["frame"] for line in stats.read_text().splitlines()]
+        first = swap["first_frame"]
+        near = index[max(0, first - window):first + window + 1]
+        at_swap = sum(b - a - 1 for a, b in zip(near, near[1:]))
+    return {"dropped": report["dropped"], "dropped_at_swap": at_swap, "swapped": swap is not None,
             "gap_ratio": gap / median if gap is not None and median else None, "gap_ms": gap, "median_gap_ms": median}
 
 
@@ -207,7 +215,8 @@ def main() -> None:
                                 work)
                 v["rounds"].append({"raw_fps": raw, "headless_fps": headless["fps"], "save_fps": saved["fps"],
                                     "headless_ratio": headless["fps"] / raw, "save_ratio": saved["fps"] / raw,
-                                    "stage_ms": saved["stage_ms"], "swap": {**swap_figures(swap), "fps": camera_fps}})
+                                    "stage_ms": saved["stage_ms"],
+                                    "swap": {**swap_figures(swap, work / "swap.jsonl"), "fps": camera_fps}})
         for v in variants.values():
             v["segmenter"].close()
             v["model"].close()
@@ -215,7 +224,7 @@ def main() -> None:
     lines = [f"# `ciss live` against the backend alone, {args.clip.name}, input {h}x{w}", "",
              f"CPU: {cpu_description()}; {split.describe()}; {frames} frames per run, median of {args.rounds} "
              "interleaved rounds.", "",
-             "| model | precision | raw FPS | headless+stats FPS (x raw) | --save FPS (x raw) | swap: dropped | "
+             "| model | precision | raw FPS | headless+stats FPS (x raw) | --save FPS (x raw) | dropped at swap (run) | "
              "swap: longest gap / median gap |", "|---|---|---|---|---|---|---|"]
     report: dict[str, Any] = {"cpu": cpu_description(), "threads": split.describe(), "clip": args.clip.name,
                               "size": [h, w], "frames": frames, "rounds": args.rounds, "variants": {}}
@@ -226,20 +235,23 @@ def main() -> None:
         summary = {"raw_fps": med(x["raw_fps"] for x in r), "headless_fps": med(x["headless_fps"] for x in r),
                    "save_fps": med(x["save_fps"] for x in r), "headless_ratio": med(x["headless_ratio"] for x in r),
                    "save_ratio": med(x["save_ratio"] for x in r), "swap_dropped": max(x["swap"]["dropped"] for x in r),
+                   "swap_dropped_at_swap": max((x["swap"]["dropped_at_swap"] or 0) for x in r),
                    "swaps_seen": sum(x["swap"]["swapped"] for x in r), "swap_gap_ratio_max": max(gaps, default=None),
                    "stage_ms": r[-1]["stage_ms"], "rounds": [{k: x[k] for k in x if k != "stage_ms"} for x in r]}
         report["variants"][f"{name}/{precision}"] = summary
         gap = "-" if summary["swap_gap_ratio_max"] is None else f"{summary['swap_gap_ratio_max']:.2f}"
         lines.append(f"| {name} | {precision} | {summary['raw_fps']:.1f} | {summary['headless_fps']:.1f} "
                      f"({summary['headless_ratio']:.2f}) | {summary['save_fps']:.1f} ({summary['save_ratio']:.2f}) | "
-                     f"{summary['swap_dropped']} | {gap} ({summary['swaps_seen']}/{len(r)} swapped) |")
+                     f"{summary['swap_dropped_at_swap']} ({summary['swap_dropped']}) | {gap} ({summary['swaps_seen']}/{len(r)} "
+                     "swapped) |")
     lines += ["", "Per-stage busy time, ms p50/p99 (last round, --save run):", ""]
     for key, s in report["variants"].items():
         lines.append(f"- {key}: " + ", ".join(f"{stage} {t['p50']:.1f}/{t['p99']:.1f}"
                                              for stage, t in s["stage_ms"].items() if t["p50"] is not None))
     lines += ["", "x raw: pipeline FPS over the backend alone in the same round (1.00: the pipeline costs nothing). "
               "Swap: the clip as a live source at min(its rate, 0.8 x headless FPS), the next version published halfway; the gap is "
-              "the longest of the two frame gaps before the first frame of the new version and the one after it."]
+              "the longest of the two frame gaps before the first frame of the new version and the one after it; "
+              "dropped at swap: source frames skipped within 3 output frames of it (run: over the whole run)."]
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
