@@ -212,7 +212,8 @@ def export(run: Path | None, step: str, repo: Path | None, name: str | None, siz
               help="auto, tensorrt, ort-trt, ort-cuda, ort-cpu, ort-int8 or torch (debug).")
 @click.option("--pin", type=int, help="Serve this version only (do not follow new versions).")
 @click.option("--poll", "poll_s", default=0.5, show_default=True, type=float, help="Seconds between repository checks.")
-@click.option("--threads", default=0, show_default=True, type=int, help="Inference threads (0: the backend's default).")
+@click.option("--threads", type=int, help="Inference (intra-op) threads; 0: the backend's default. Default: half the "
+                                          "cores this process may use, the rest for the other stages.")
 @click.option("--headless", is_flag=True, help="No window (automatic when there is no display).")
 @click.option("--save", type=click.Path(path_type=Path), help="Write the annotated video here (.mp4 or .avi).")
 @click.option("--save-masks", type=click.Path(path_type=Path), help="Write each frame's class ids as PNG here.")
@@ -230,23 +231,27 @@ def export(run: Path | None, step: str, repo: Path | None, name: str | None, siz
 @click.option("--foxglove", is_flag=False, flag_value="127.0.0.1:8765", metavar="[HOST:PORT]",
               help="Serve a live Foxglove view (default 127.0.0.1:8765; other hosts only when given).")
 def live(camera: int | None, source: str | None, repo: Path | None, name: str | None, backend: str, pin: int | None, poll_s: float,
-         threads: int, headless: bool, save: Path | None, save_masks: Path | None, stats: Path | None,
+         threads: int | None, headless: bool, save: Path | None, save_masks: Path | None, stats: Path | None,
          max_frames: int | None, loop: bool, fps: float | None, alpha: float, topic: str | None, realtime: bool,
          save_bag: Path | None, foxglove: str | None) -> None:
     """Segment live video with the newest model version, hot-swapping as new versions are published."""
     from contextlib import ExitStack
+
+    import cv2
 
     from ciss.runtime import ros
     from ciss.runtime.pipeline import LiveOptions, describe_report, run_live, stop_on_signals
     from ciss.runtime.segmenter import Segmenter
     from ciss.runtime.sinks import check_target, has_display
     from ciss.runtime.sources import open_source
+    from ciss.runtime.stages import thread_split
     from ciss.workspace import MODELS, latest_model
 
     if (camera is None) == (source is None):
         raise CissError("give exactly one of --camera N or --source (file, URL, folder, glob or 'synthetic')")
     if max_frames is not None and max_frames < 1:
         raise CissError("--max-frames must be at least 1")
+    split = thread_split(threads)
     for target in (save, stats, save_bag):
         if target is not None:
             check_target(target)  # fail before minutes of model loading, not at the first frame
@@ -267,8 +272,10 @@ def live(camera: int | None, source: str | None, repo: Path | None, name: str | 
                           alpha=alpha)
     repo = MODELS if repo is None else repo
     name = name or latest_model(repo, log=echo)
-    with Segmenter.from_repository(repo, name, backend=backend, version=pin, poll_s=poll_s, threads=threads,
+    cv2.setNumThreads(split.opencv)  # OpenCV's own pool would otherwise compete with the backend's threads
+    with Segmenter.from_repository(repo, name, backend=backend, version=pin, poll_s=poll_s, threads=split.backend,
                                    log=echo) as segmenter:
+        echo(split.describe())
         # Opened after the model is ready, so a live source does not count start-up frames as dropped.
         with open_source(f"camera:{camera}" if camera is not None else source, loop=loop, fps=fps, log=echo,
                          topic=topic, realtime=realtime) as src, ExitStack() as outputs, \

@@ -1,14 +1,16 @@
 """The live loop: source -> segmenter -> overlay -> display and files, with per-frame and per-swap stats.
 
-One thread runs the loop; live sources capture on their own thread (ciss.runtime.sources) and the
-next model version is prepared on the watcher's (ciss.runtime.hotswap), so the only work between
-two frames at a swap is a pointer exchange. The report says what a user of a robot needs to trust
-it: frames in and out, drops, latency, and for each swap the longest gap between two output frames.
+Reading, pre-processing, inference, post-processing and rendering of successive frames overlap on
+their own threads (Segmenter.stream, ciss.runtime.stages); the caller's thread writes the outputs,
+in source order, and keeps the stats, so they stay frame-accurate. Live sources capture on their
+own thread (ciss.runtime.sources) and the next model version is prepared on the watcher's
+(ciss.runtime.hotswap), so the only work between two frames at a swap is a pointer exchange. The
+report says what a user of a robot needs to trust it: frames in and out, drops, latency, each
+stage's time, and for each swap the longest gap between two output frames.
 """
 
 from __future__ import annotations
 
-import random
 import signal
 import threading
 import time
@@ -26,7 +28,8 @@ from ciss.errors import CissError
 from ciss.runtime.render import class_lut, hud, legend, overlay
 from ciss.runtime.segmenter import Result, Segmenter
 from ciss.runtime.sinks import Display, MaskSink, StatsSink, VideoSink, pixel_shares
-from ciss.runtime.sources import Source
+from ciss.runtime.sources import Frame, Source
+from ciss.runtime.stages import Reservoir
 
 Log = Callable[[str], None]
 
@@ -50,29 +53,6 @@ class LiveOptions:
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:  # also refuses NaN; outside [0, 1] the overlay wraps around
             raise CissError(f"--alpha {self.alpha:g} is not an opacity; give a value from 0 to 1")
-
-
-class _Reservoir:
-    """A fixed-size uniform sample of a stream (Vitter's algorithm R) and its exact maximum, so a run
-    of any length reports percentiles in constant memory; exact while it has at most `size` values."""
-
-    def __init__(self, size: int = 4096, seed: int = 0):
-        self._sample = np.empty(size)
-        self._rng = random.Random(seed)
-        self.count = 0
-        self.max: float | None = None
-
-    def add(self, value: float) -> None:
-        if self.count < len(self._sample):
-            self._sample[self.count] = value
-        elif (j := self._rng.randrange(self.count + 1)) < len(self._sample):
-            self._sample[j] = value
-        self.count += 1
-        self.max = value if self.max is None or value > self.max else self.max
-
-    def percentile(self, q: float) -> float | None:
-        n = min(self.count, len(self._sample))
-        return float(np.percentile(self._sample[:n], q)) if n else None
 
 
 class _Rate:
@@ -100,7 +80,7 @@ def annotate(frame: np.ndarray, result: Result, luts: dict[int, np.ndarray], fps
 @contextmanager
 def stop_on_signals(log: Log = print) -> Iterator[threading.Event]:
     """An event that SIGINT (Ctrl-C) and SIGTERM set instead of killing the process, so run_live ends
-    after the frame in progress with its files whole and its report made; a second signal stops at
+    after the frames in flight with its files whole and its report made; a second signal stops at
     once (KeyboardInterrupt). Handlers can only be installed from the main thread; elsewhere the
     event is simply never set by a signal."""
     stop = threading.Event()
@@ -112,7 +92,7 @@ def stop_on_signals(log: Log = print) -> Iterator[threading.Event]:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        log(f"{signal.Signals(signum).name}: stopping after this frame (send it again to stop at once)")
+        log(f"{signal.Signals(signum).name}: stopping after the frames in flight (send it again to stop at once)")
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -127,27 +107,34 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
              sinks: Sequence[FrameSink] = ()) -> dict[str, Any]:
     """Run until the source ends, `max_frames`, `q` in the window, or `stop` is set (see
     stop_on_signals); returns the run's report. A frame's stamp and frame_id (ROS sources) go into its
-    Result, its stats record and every sink."""
+    Result, its stats record and every sink. Outputs, `on_frame` and the stats run on the caller's
+    thread, in source order."""
     luts: dict[int, np.ndarray] = {}
     rate = _Rate()
-    latencies, gaps = _Reservoir(), _Reservoir()
+    latencies, gaps, writes = Reservoir(), Reservoir(), Reservoir()
     swaps = _SwapGaps()
     last_out: float | None = None
     frames = 0
+    draw = options.display or options.save is not None or bool(sinks)
+
+    def render(frame: Frame, result: Result) -> tuple[Frame, Result, np.ndarray | None]:
+        """On the render thread: the HUD shows the rate and latency as of rendering."""
+        if not draw:
+            return frame, result, None
+        now = time.monotonic()
+        return frame, result, annotate(frame.image, result, luts, rate.tick(now), 1e3 * (now - frame.time),
+                                       options.alpha)
+
     started = time.monotonic()
     with ExitStack() as stack:
         display = stack.enter_context(closing(Display())) if options.display else None
         masks = MaskSink(options.save_masks) if options.save_masks else None
         stats = stack.enter_context(StatsSink(options.stats)) if options.stats else None
         video: VideoSink | None = None
-        while (options.max_frames is None or frames < options.max_frames) and not (stop and stop.is_set()):
-            frame = source.read()
-            if frame is None:
-                break
-            result = segmenter(frame.image, frame.stamp, frame.frame_id)
+        stream = stack.enter_context(segmenter.stream(source, stop=stop, max_frames=options.max_frames, then=render))
+        for frame, result, image in stream:
             now = time.monotonic()
             latency_ms = 1e3 * (now - frame.time)
-            fps = rate.tick(now)
             latencies.add(latency_ms)
             gap_ms = None if last_out is None else 1e3 * (now - last_out)
             if gap_ms is not None:
@@ -155,9 +142,7 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
             swaps.add(frames, result.version, gap_ms)
             last_out = now
             frames += 1
-            image = None
-            if display is not None or options.save or sinks:
-                image = annotate(frame.image, result, luts, fps, latency_ms, options.alpha)
+            if image is not None:
                 if options.save and video is None:
                     video = stack.enter_context(VideoSink(options.save, source.fps or 30.0,
                                                           (image.shape[1], image.shape[0])))
@@ -183,7 +168,9 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
                     sink.write(result, image, record)
             if on_frame is not None:
                 on_frame(result)
-    return _report(source, segmenter, frames, time.monotonic() - started, latencies, gaps, swaps)
+            writes.add(1e3 * (time.monotonic() - now))
+        stages = {**stream.stage_ms, "write": writes}
+    return _report(source, segmenter, frames, time.monotonic() - started, latencies, gaps, swaps, stages)
 
 
 class _SwapGaps:
@@ -209,8 +196,8 @@ class _SwapGaps:
             self._waiting = version
 
 
-def _report(source: Source, segmenter: Segmenter, frames: int, wall_s: float, latencies: _Reservoir,
-            gaps: _Reservoir, served: _SwapGaps) -> dict[str, Any]:
+def _report(source: Source, segmenter: Segmenter, frames: int, wall_s: float, latencies: Reservoir,
+            gaps: Reservoir, served: _SwapGaps, stages: dict[str, Reservoir]) -> dict[str, Any]:
     swaps = [{**s, "first_frame": served.first_frame.get(s["version"]),
               "max_gap_ms": served.max_gap_ms.get(s["version"])} for s in segmenter.swaps]
     source_stats = source.stats
@@ -219,6 +206,7 @@ def _report(source: Source, segmenter: Segmenter, frames: int, wall_s: float, la
         "dropped": int(source_stats.get("dropped", 0)), "source": source.describe(), "source_stats": source_stats,
         "latency_ms": {"p50": latencies.percentile(50), "p95": latencies.percentile(95), "max": latencies.max},
         "frame_gap_ms": {"p50": gaps.percentile(50), "max": gaps.max},
+        "stage_ms": {name: {"p50": r.percentile(50), "p99": r.percentile(99)} for name, r in stages.items()},
         "versions": sorted(served.first_frame), "swaps": swaps, "backend": segmenter.backend,
     }
 
@@ -233,6 +221,8 @@ def describe_report(report: dict[str, Any]) -> str:
               f"{report['source']} on {report['backend']}; dropped {report['dropped']}"),
              (f"latency ms p50 {ms(lat['p50'])} p95 {ms(lat['p95'])} max {ms(lat['max'])}; "
               f"frame gap ms p50 {ms(gap['p50'])} max {ms(gap['max'])}"),
+             "stage ms p50/p99: " + ", ".join(f"{name} {ms(t['p50'])}/{ms(t['p99'])}"
+                                              for name, t in report["stage_ms"].items()),
              f"versions served: {', '.join(map(str, report['versions']))}"]
     for s in report["swaps"]:
         lines.append(f"swap {s['previous']} -> {s['version']} at frame {s['first_frame']}: +{len(s['new_classes'])} "

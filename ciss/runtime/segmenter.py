@@ -1,9 +1,14 @@
 """Segmenter: BGR frames in, class masks at frame size out, from a model repository that it follows.
 
-Each frame runs under one lock, so calls from several threads are serialised, numbered in the order
-they ran, and a model swap can only fall between two frames (runtime.md §6.3 step 4). The next
-version is prepared off the frame path by ciss.runtime.hotswap and parked in a one-slot `pending`;
-the first frame that finds it there swaps, so every frame is produced by exactly one version.
+A frame's model is chosen once, under one lock, when the frame starts; that frame keeps it through
+pre-processing, inference and post-processing, so a model swap can only fall between two frames
+(runtime.md §6.3 step 4) and every frame is produced by exactly one version. The next version is
+prepared off the frame path by ciss.runtime.hotswap and parked in a one-slot `pending`; the first
+frame that finds it there swaps. A retired model is closed once no frame in flight uses it.
+
+Two forms: a plain call (`segmenter(frame)`, serialised across threads, numbered in the order they
+ran) for robot code, and `stream(source)`, which overlaps reading, pre-processing, inference and
+post-processing of successive frames on their own threads (ciss.runtime.stages) for `ciss live`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +31,8 @@ from ciss.errors import CissError
 from ciss.export.repository import ModelRepository
 from ciss.runtime.backends import Backend, check_kind, load_backend
 from ciss.runtime.hotswap import HotSwap, prepare
+from ciss.runtime.sources import Frame, Source
+from ciss.runtime.stages import Pipeline
 
 Log = Callable[[str], None]
 _LOG = logging.getLogger("ciss.runtime")
@@ -125,6 +133,23 @@ class Model:
         self.backend.close()
 
 
+@dataclass
+class _Job:
+    """A frame between its start and its Result: the model chosen at the start serves it to the end."""
+
+    image: np.ndarray
+    model: Model
+    seq: int
+    new_classes: list[int]
+    start: float
+    stamp: int | None
+    frame_id: str | None
+    swapped_from: int | None  # on the first frame after a swap: the version it replaced
+    timings: dict[str, float] = field(default_factory=dict)
+    x: np.ndarray | None = None
+    outputs: dict[str, np.ndarray] | None = None
+
+
 def _check_frame(frame: np.ndarray) -> None:
     if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
         what = f"shape {list(frame.shape)} {frame.dtype}" if isinstance(frame, np.ndarray) else type(frame).__name__
@@ -138,7 +163,10 @@ class Segmenter:
         self._model = model
         self._pending: tuple[Model, dict[str, Any]] | None = None
         self._pending_ready = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()      # the serving model, pending, seq, users
+        self._serial = threading.Lock()    # plain calls run one at a time, as robot code expects
+        self._users: Counter[Model] = Counter()  # frames in flight per model
+        self._retired: list[Model] = []    # swapped out, closed once no frame in flight uses them
         self._seq = 0
         self._new_classes: list[int] = []
         self._last_frame: np.ndarray | None = None
@@ -156,10 +184,12 @@ class Segmenter:
         """Serve `name` from the repository at `repo`: version `version` only (pinned), or the latest
         and, with `watch`, every newer version that passes the checks in ciss.runtime.hotswap.
 
-        `on_swap(old, new)` gets the two version numbers, on the frame thread, once the first frame of
-        `new` is segmented (before it is returned); `on_error(exc)` gets a CissError for each refused
-        version, on the watcher thread (or in check_updates' caller), instead of `log`. With `watch=False` and no
-        `version`, new versions are taken only when check_updates() is called.
+        `on_swap(old, new)` gets the two version numbers once the first frame of `new` is segmented
+        (before it is returned), on the thread that finished it (in a stream, its post-processing
+        thread); `on_error(exc)` gets a CissError for each refused version, on the watcher thread (or
+        in check_updates' caller), instead of `log`. With `watch=False` and no `version`, new
+        versions are taken only when check_updates() is called. `threads` is the backend's intra-op
+        threads (0: its default); ciss.runtime.stages.thread_split chooses them for a stream.
         """
         check_kind(backend)
         if not (math.isfinite(poll_s) and poll_s > 0):  # 0 would re-check the repository in a busy loop
@@ -195,31 +225,114 @@ class Segmenter:
     # --- the frame path --------------------------------------------------------------------------
     def __call__(self, frame_bgr: np.ndarray, stamp: int | None = None, frame_id: str | None = None) -> Result:
         """Segment one frame; `stamp` and `frame_id` (a ROS header's) are passed through to the Result."""
+        with self._serial:
+            job = self._begin(frame_bgr, stamp, frame_id)
+            try:
+                self._infer(self._preprocess(job))
+            except BaseException:
+                self._release(job.model)
+                raise
+            return self._finish(job)
+
+    def stream(self, source: Source, *, stop: threading.Event | None = None, max_frames: int | None = None,
+               then: Callable[[Frame, Result], Any] | None = None, depth: int = 2) -> Pipeline:
+        """The frames of `source` segmented with reading, pre-processing, inference and
+        post-processing overlapped on their own threads; iterate it for (Frame, Result) pairs in
+        source order, or for `then(frame, result)`, which runs on one more thread (rendering).
+
+        Results equal the plain call's, frame for frame. A frame's model is chosen as it is read: a
+        version ready when frame k is read serves frame k on. Files and folders lose no frame. For a
+        live source at most two frames are in flight, so each one read is still nearly the newest
+        (the source drops the rest and counts them). Reading ends at the source's end, after
+        `max_frames`, or once `stop` is set; the frames in flight still come out. The first
+        exception in any stage is raised here. Use it in a `with` block, or iterate it to the end.
+        """
+        read = 0
+
+        def produce() -> tuple[Frame, _Job] | None:
+            nonlocal read
+            if max_frames is not None and read >= max_frames:
+                return None
+            frame = source.read()
+            read += 1
+            # The model is chosen as the frame is read: a version ready by then serves this frame.
+            return None if frame is None else (frame, self._begin(frame.image, frame.stamp, frame.frame_id))
+
+        stages = [("preprocess", lambda item: (item[0], self._preprocess(item[1]))),
+                  ("infer", lambda item: (item[0], self._infer(item[1]))),
+                  ("postprocess", lambda item: (item[0], self._finish(item[1])))]
+        if then is not None:
+            stages.append(("render", lambda item: then(*item)))
+        return Pipeline(produce, stages, depth=depth, in_flight=2 if source.live else None, stop=stop)
+
+    def _begin(self, image: np.ndarray, stamp: int | None, frame_id: str | None) -> _Job:
+        """Number the frame and choose its model, swapping first if a version is pending."""
         start = time.perf_counter()
-        _check_frame(frame_bgr)
+        _check_frame(image)
         with self._lock:
             if self._closed:
                 raise CissError("this Segmenter is closed")
-            retired = self._swap(start) if self._pending is not None else None
+            swapped_from = self._swap(start) if self._pending is not None else None
             model = self._model
-            mask, confidence, timings = model.run(frame_bgr)
-            self._last_frame = frame_bgr
+            self._users[model] += 1
+            self._last_frame = image
             seq, self._seq = self._seq, self._seq + 1
-            new_classes = self._new_classes
-        timings["total"] = 1e3 * (time.perf_counter() - start)
-        result = Result(mask, confidence, model.classmap, model.version, seq, timings, list(new_classes),
-                        model.backend.name, stamp, frame_id)
-        if retired is not None:
-            retired.close()
-            if self._on_swap is not None:
-                self._on_swap(retired.version, model.version)
+            idle = self._idle_retired()
+            job = _Job(image, model, seq, list(self._new_classes), start, stamp, frame_id, swapped_from)
+        for old in idle:
+            old.close()
+        return job
+
+    def _preprocess(self, job: _Job) -> _Job:
+        t = time.perf_counter()
+        job.x = job.model.preprocess(job.image)
+        job.timings["preprocess"] = 1e3 * (time.perf_counter() - t)
+        return job
+
+    def _infer(self, job: _Job) -> _Job:
+        t = time.perf_counter()
+        job.outputs, job.x = job.model.backend.infer(job.x), None
+        job.timings["infer"] = 1e3 * (time.perf_counter() - t)
+        return job
+
+    def _finish(self, job: _Job) -> Result:
+        """Post-process (at frame size) into the Result; the frame no longer holds its model."""
+        model = job.model
+        try:
+            t = time.perf_counter()
+            assert job.outputs is not None
+            mask, confidence = model.postprocess(job.outputs, job.image.shape[:2])
+            job.timings["postprocess"] = 1e3 * (time.perf_counter() - t)
+        finally:
+            self._release(model)
+        job.timings["total"] = 1e3 * (time.perf_counter() - job.start)
+        result = Result(mask, confidence, model.classmap, model.version, job.seq, job.timings, job.new_classes,
+                        model.backend.name, job.stamp, job.frame_id)
+        if job.swapped_from is not None and self._on_swap is not None:
+            self._on_swap(job.swapped_from, model.version)
         return result
 
-    def _swap(self, start: float) -> Model:
-        """Make the pending model the serving one (caller holds the lock); returns the retired model."""
+    def _release(self, model: Model) -> None:
+        with self._lock:
+            self._users[model] -= 1
+            idle = self._idle_retired()
+        for old in idle:
+            old.close()
+
+    def _idle_retired(self) -> list[Model]:
+        """Retired models no frame uses any more, taken off the list for closing (caller holds the lock)."""
+        idle = [m for m in self._retired if self._users[m] <= 0]
+        for m in idle:
+            self._retired.remove(m)
+            del self._users[m]
+        return idle
+
+    def _swap(self, start: float) -> int:
+        """Make the pending model the serving one (caller holds the lock); returns the retired version."""
         assert self._pending is not None
         (new, stats), old = self._pending, self._model
         self._model, self._pending = new, None
+        self._retired.append(old)
         self._pending_ready.clear()
         self._new_classes = list(range(len(old.classmap), len(new.classmap)))
         stats.update(previous=old.version, seq=self._seq, new_classes=self._new_classes, backend=new.backend.name,
@@ -228,7 +341,7 @@ class Segmenter:
         self._log(f"swapped to version {new.version} at frame {self._seq} (was {old.version}; "
                   f"+{len(self._new_classes)} classes; load {stats['load_s']:.2f} s, "
                   f"warm-up {stats['warmup_s']:.2f} s)")
-        return old
+        return old.version
 
     # --- hooks for HotSwap --------------------------------------------------------------------------
     def _models(self) -> list[Model]:
@@ -279,15 +392,15 @@ class Segmenter:
             return [dict(s) for s in self._swaps]
 
     def close(self) -> None:
-        """Stop following the repository and release the models."""
+        """Stop following the repository and release the models (close or finish any stream first)."""
         if self._swapper is not None:
             self._swapper.close()
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            models = [self._model] + ([self._pending[0]] if self._pending else [])
-            self._pending = None
+            models = [self._model, *self._retired] + ([self._pending[0]] if self._pending else [])
+            self._pending, self._retired = None, []
         for model in models:
             model.close()
 

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import CISS, REPO
-from tiny_models import NAME, Exported, exported, publish
+from tiny_models import NAME, Exported, SwapAtRead, exported, publish
 
 from ciss.runtime.pipeline import LiveOptions, run_live
 from ciss.runtime.segmenter import Result, Segmenter
@@ -44,30 +44,46 @@ def test_a_version_published_mid_file_flips_at_one_frame_and_loses_none(models: 
     repo = tmp_path / "models"
     publish(repo, models.v1)
     stats_file = tmp_path / "stats.jsonl"
-    published_at = 8
+    flip = 9
 
     segmenter = Segmenter.from_repository(repo, NAME, poll_s=0.05, log=lambda s: None)
-
-    def on_frame(result: Result) -> None:
-        if result.seq == published_at:
-            publish(repo, models.v2)
-            assert segmenter.wait_for_pending(30), "the watcher never prepared version 2"
-
     with segmenter, open_source(str(video)) as source:
+        source = SwapAtRead(source, flip, lambda: publish(repo, models.v2), segmenter.wait_for_pending)
         report = run_live(source, segmenter, LiveOptions(stats=stats_file, save=tmp_path / "out.mp4"),
-                          log=lambda s: None, on_frame=on_frame)
+                          log=lambda s: None)
     records = [json.loads(line) for line in stats_file.read_text().splitlines()]
     assert [r["seq"] for r in records] == [r["frame"] for r in records] == list(range(30))
-    assert [r["version"] for r in records] == [1] * (published_at + 1) + [2] * (30 - published_at - 1)
+    assert [r["version"] for r in records] == [1] * flip + [2] * (30 - flip)
     assert report["frames"] == 30 and report["dropped"] == 0 and report["versions"] == [1, 2]
     (swap,) = report["swaps"]
-    assert swap["first_frame"] == published_at + 1 and swap["new_classes"] == [5, 6]
+    assert swap["first_frame"] == swap["seq"] == flip and swap["new_classes"] == [5, 6]
     assert swap["max_gap_ms"] is not None and swap["load_s"] > 0
-    new_class_pixels = sum(r["shares"].get("water", 0) + r["shares"].get("sand", 0) for r in records[published_at + 1:])
-    old_names = {n for r in records[:published_at + 1] for n in r["shares"]}
+    new_class_pixels = sum(r["shares"].get("water", 0) + r["shares"].get("sand", 0) for r in records[flip:])
+    old_names = {n for r in records[:flip] for n in r["shares"]}
     assert new_class_pixels > 0 and not old_names & {"water", "sand"}
     capture = cv2.VideoCapture(str(tmp_path / "out.mp4"))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 30
+
+
+def test_a_version_published_from_on_frame_flips_at_one_later_frame(models: Exported, tmp_path: Path):
+    """From the consumer's thread a publish lands behind the frames already in flight: they keep the
+    old version, and the flip still happens at exactly one frame and never goes back."""
+    video = write_video(tmp_path / "clip.mp4", 100, size=(48, 64))
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    stats_file = tmp_path / "stats.jsonl"
+
+    def on_frame(result: Result) -> None:
+        if result.seq == 2:
+            publish(repo, models.v2)  # ready within a poll and a load of a tiny model; 2 s of video remain
+
+    with Segmenter.from_repository(repo, NAME, poll_s=0.05, log=lambda s: None) as segmenter, \
+            open_source(str(video), fps=50) as source:
+        report = run_live(source, segmenter, LiveOptions(stats=stats_file), log=lambda s: None, on_frame=on_frame)
+    versions = [json.loads(line)["version"] for line in stats_file.read_text().splitlines()]
+    flip = versions.index(2)
+    assert 2 < flip and versions == [1] * flip + [2] * (100 - flip)
+    assert report["swaps"][0]["first_frame"] == report["swaps"][0]["seq"] == flip
 
 
 def test_memory_stays_flat_however_long_it_runs(models: Exported, tmp_path: Path):

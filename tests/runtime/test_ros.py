@@ -25,13 +25,13 @@ from rosbags.highlevel import AnyReader  # noqa: E402
 from rosbags.rosbag1 import Writer as Writer1  # noqa: E402
 from rosbags.rosbag2 import StoragePlugin, Writer as Writer2  # noqa: E402
 from rosbags.typesys import Stores, get_typestore  # noqa: E402
-from tiny_models import NAME, Exported, exported, publish  # noqa: E402
+from tiny_models import NAME, Exported, SwapAtRead, exported, publish  # noqa: E402
 
 from ciss.errors import CissError  # noqa: E402
 from ciss.runtime.foxglove_server import FoxgloveSink, parse_address  # noqa: E402
 from ciss.runtime.pipeline import LiveOptions, run_live  # noqa: E402
 from ciss.runtime.ros import BagSink, RecordingSource, mask_message, to_bgr, typestore  # noqa: E402
-from ciss.runtime.segmenter import Result, Segmenter  # noqa: E402
+from ciss.runtime.segmenter import Segmenter  # noqa: E402
 from ciss.runtime.sources import open_source  # noqa: E402
 from ciss.synthetic import SyntheticStream  # noqa: E402
 
@@ -190,15 +190,10 @@ def test_a_swap_mid_bag_is_recorded_at_the_stamp_of_its_first_frame(models: Expo
     repo = tmp_path / "models"
     publish(repo, models.v1)
     segmenter = Segmenter.from_repository(repo, NAME, poll_s=0.05, log=lambda s: None)
-
-    def on_frame(result: Result) -> None:
-        if result.seq == 4:
-            publish(repo, models.v2)
-            assert segmenter.wait_for_pending(30), "the watcher never prepared version 2"
-
     with segmenter, open_source(str(path)) as source, BagSink(tmp_path / "out.mcap", source.topic, NAME) as bag:
-        report = run_live(source, segmenter, LiveOptions(save_masks=tmp_path / "masks"), log=lambda s: None,
-                          on_frame=on_frame, sinks=[bag])
+        swapping = SwapAtRead(source, 5, lambda: publish(repo, models.v2), segmenter.wait_for_pending)
+        report = run_live(swapping, segmenter, LiveOptions(save_masks=tmp_path / "masks"), log=lambda s: None,
+                          sinks=[bag])
     assert report["frames"] == 12 and report["versions"] == [1, 2]
     out = read_bag(tmp_path / "out.mcap")
     by_topic = {t: [(s, m) for topic, s, m in out if topic == t] for t in {o[0] for o in out}}
@@ -349,14 +344,9 @@ def test_a_foxglove_client_on_loopback_receives_frames_and_a_swap_event(models: 
         topic_of = dict(enumerate(channels.values()))
         time.sleep(0.5)  # the subscription reaches the server
         options = LiveOptions(stats=tmp_path / "stats.jsonl")
-
-        def on_frame(result: Result) -> None:
-            if result.seq == 2:
-                publish(repo, models.v2)
-                assert segmenter.wait_for_pending(30)
-
         with open_source(str(write_bag(tmp_path / "in", frames(6)))) as source:
-            run_live(source, segmenter, options, log=lambda s: None, on_frame=on_frame, sinks=[view])
+            swapping = SwapAtRead(source, 3, lambda: publish(repo, models.v2), segmenter.wait_for_pending)
+            run_live(swapping, segmenter, options, log=lambda s: None, sinks=[view])
         got: dict[str, list[bytes]] = {}
         client.sock.settimeout(5)
         while any(len(got.get(f"/ciss/{t}", [])) < 6 for t in ("overlay", "mask", "stats")) or "/ciss/swaps" not in got:

@@ -59,3 +59,23 @@ def publish(repo: Path, version_dir: Path, files: dict[str, Path] | None = None,
     manifest = {**manifest_of(version_dir), **manifest_changes}
     sources = {rel: version_dir / rel for rel in manifest_of(version_dir)["files"]} | (files or {})
     return ModelRepository(repo).publish(NAME, sources, manifest, allow_class_change=allow_class_change)
+
+
+class SwapAtRead:
+    """A source that, before frame `at` is read, publishes a version and waits until the segmenter has
+    it ready: a stream chooses each frame's model as the frame is read, so that frame is the first of
+    the new version. (A publish from the consumer, on_frame, lands behind the frames in flight.)"""
+
+    def __init__(self, source: Any, at: int, publish_version: Any, ready: Any):
+        self._source, self._at, self._publish, self._ready = source, at, publish_version, ready
+        self._reads = 0
+
+    def read(self) -> Any:
+        if self._reads == self._at:
+            self._publish()
+            assert self._ready(30), "the watcher never prepared the new version"
+        self._reads += 1
+        return self._source.read()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
