@@ -28,7 +28,7 @@ from typing import Any
 
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
-from ciss.manifest import fsync_dir, sha256_file, write_json_atomic
+from ciss.manifest import fsync_dir, process_alive, sha256_file, write_json_atomic
 
 MODEL_FORMAT = "ciss.model/1"
 MANIFEST = "manifest.json"
@@ -358,18 +358,8 @@ def _remove_dead_staging(folder: Path) -> None:
         return
     for path in folder.iterdir():
         owner = _STAGING.fullmatch(path.name)
-        if owner and owner["host"] == _HOST and not _alive(int(owner["pid"])):
+        if owner and owner["host"] == _HOST and not process_alive(int(owner["pid"])):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _seal(path: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
-from ciss.manifest import STEP_FORMAT, fsync_dir, read_json, sha256_file, write_json_atomic
+from ciss.manifest import STEP_FORMAT, fsync_dir, process_alive, read_json, sha256_file, write_json_atomic
 from ciss.trainer.models import DeepLabV3, load_step_model
 
 WEIGHTS = "model.pt"
@@ -28,16 +28,6 @@ MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _PARTIAL_DIR = re.compile(r"^\.partial-step-(\d+)$")
 _STAGING_DIR = re.compile(r"^\.staging-step-\d+-(\d+)-\d+$")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -117,7 +107,7 @@ class RunStore:
         removed = []
         for path in sorted(self.root.iterdir()):
             staging, partial = _STAGING_DIR.match(path.name), _PARTIAL_DIR.match(path.name)
-            if (staging and not _process_alive(int(staging.group(1)))) or (partial and int(partial.group(1)) in steps):
+            if (staging and not process_alive(int(staging.group(1)))) or (partial and int(partial.group(1)) in steps):
                 shutil.rmtree(path)
                 removed.append(path.name)
         return removed

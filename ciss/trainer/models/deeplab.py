@@ -27,6 +27,7 @@ from torch import nn
 
 from ciss.trainer.methods.base import Outputs
 from ciss.trainer.models.heads import IncrementalHead
+from ciss.trainer.models.layers import init_weights
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
@@ -46,11 +47,7 @@ class ASPP(nn.Module):
         self.project = conv_bn_relu(channels * (len(rates) + 2), channels, 1)
         self.refine = conv_bn_relu(channels, channels, 3)
         self.rates = list(rates)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         x = feats["stage4"]
@@ -67,11 +64,7 @@ class LRASPP(nn.Module):
         self.high = conv_bn_relu(high_channels, channels, 1)
         self.gate = nn.Sequential(nn.Conv2d(high_channels, channels, 1), nn.Sigmoid())
         self.low = nn.Conv2d(low_channels, channels, 1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         x, low = feats["stage4"], feats["stage2"]

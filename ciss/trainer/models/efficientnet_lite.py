@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciss.errors import CissError
+from ciss.trainer.models.layers import init_weights, stage_features
 from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # (expansion, kernel, first stride, output channels, repeats) of EfficientNet-B0's seven stages.
@@ -121,21 +122,10 @@ class EfficientNetLite0(nn.Module):
         self._blocks = nn.ModuleList(blocks)
         self.stage_channels = [blocks[i]._bn2.num_features for i in STAGE_INDICES]
         self.out_channels = self.stage_channels[-1]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        out: dict[str, torch.Tensor] = {}
-        for i, block in enumerate(self._blocks):
-            x = block(x)
-            if i in STAGE_INDICES:
-                out[f"stage{STAGE_INDICES.index(i) + 1}"] = x
-        return out
+        return stage_features(self._blocks, F.relu6(self._bn0(self._conv_stem(x))), STAGE_INDICES)
 
     @staticmethod
     def convert_pretrained(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

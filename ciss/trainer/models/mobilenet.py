@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ciss.errors import CissError
+from ciss.trainer.models.layers import init_weights, stage_features
 
 
 class BlockSpec(NamedTuple):
@@ -133,19 +134,7 @@ class MobileNetV3Large(nn.Module):
         self.features = nn.Sequential(*layers)
         self.stage_channels = [LARGE[i - 1].out for i in STAGE_INDICES[:3]] + [LAST_CHANNELS]
         self.out_channels = LAST_CHANNELS
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in STAGE_INDICES:
-                out[f"stage{STAGE_INDICES.index(i) + 1}"] = x
-        return out
+        return stage_features(self.features, x, STAGE_INDICES)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ciss.errors import CissError
+from ciss.trainer.models.layers import init_weights, stage_features
 from ciss.trainer.models.mobilenet import ConvBNAct
 
 # (expansion t, output channels c, repeats n, first stride s): the paper's table 2.
@@ -67,17 +68,7 @@ class MobileNetV2(nn.Module):
         self.features = nn.Sequential(*layers)
         self.stage_channels = [layers[i].conv[-1].num_features for i in STAGE_INDICES]
         self.out_channels = self.stage_channels[-1]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in STAGE_INDICES:
-                out[f"stage{STAGE_INDICES.index(i) + 1}"] = x
-        return out
+        return stage_features(self.features, x, STAGE_INDICES)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ciss.errors import CissError
+from ciss.trainer.models.layers import init_weights
 
 DEPTHS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 # Which of layer2..layer4 trade their stride for dilation, per output stride.
@@ -65,12 +66,7 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(512, blocks[3], 2, dilate[3])
         self.stage_channels = [64 * 4, 128 * 4, 256 * 4, 512 * 4]
         self.out_channels = self.stage_channels[-1]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int, dilate: bool) -> nn.Sequential:
         first_dilation = self._dilation

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ciss.errors import CissError
+from ciss.trainer.models.layers import init_weights
 
 CHANNELS = (8, 16, 32, 64)
 
@@ -51,9 +52,7 @@ class TinyNet(nn.Module):
                                     for cin, cout, s, d in zip(cins, CHANNELS, strides, dilations))
         self.stage_channels = list(CHANNELS)
         self.out_channels = CHANNELS[-1]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.stem(x)
