@@ -48,8 +48,9 @@ def test_runtime_only_install_serves_a_model_without_torch(tmp_path: Path, tmp_p
     listed = run([ciss, "models"], work)
     assert listed.returncode == 0 and NAME in listed.stdout, listed.stderr
 
-    no_torch = run([venv / "bin" / "python", "-c", "import torch"], work)
-    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+    for module in ("torch", "rosbags", "foxglove", "matplotlib"):  # training and ROS extras stay out
+        missing = run([venv / "bin" / "python", "-c", f"import {module}"], work)
+        assert missing.returncode != 0 and f"No module named '{module}'" in missing.stderr, module
     for command in (["learn", "--classes", "sky"], ["export"]):
         refused = run([ciss, *command], work)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
