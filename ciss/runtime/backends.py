@@ -49,6 +49,28 @@ class Backend(ABC):
         """Release what the backend holds (GPU memory) before the garbage collector would."""
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to hand back this way
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the heap a closed model freed back to the operating system.
+
+    Closing a model's session frees tens of MiB, but glibc keeps freed blocks in its arenas (one per
+    thread that allocated: models are loaded and warmed up on a background thread), so a live run's
+    resident memory grew by about 12 MiB with every hot swap (10-minute soak, 10 swaps: 191 -> 308
+    MiB; with this call after each close it stayed at 161 MiB in the same loop). malloc_trim(0)
+    returns them; where libc is not glibc this does nothing.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class OrtBackend(Backend):
     def __init__(self, session: ort.InferenceSession, precision: str):
         self.session = session

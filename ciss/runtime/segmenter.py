@@ -29,7 +29,7 @@ import numpy as np
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.export.repository import ModelRepository
-from ciss.runtime.backends import Backend, check_kind, load_backend
+from ciss.runtime.backends import Backend, check_kind, load_backend, return_freed_memory
 from ciss.runtime.hotswap import HotSwap, prepare
 from ciss.runtime.sources import Frame, Source
 from ciss.runtime.stages import Pipeline
@@ -131,6 +131,7 @@ class Model:
 
     def close(self) -> None:
         self.backend.close()
+        return_freed_memory()
 
 
 @dataclass
