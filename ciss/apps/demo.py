@@ -26,7 +26,7 @@ import numpy as np
 
 from ciss.errors import CissError
 from ciss.manifest import write_json_atomic
-from ciss.runtime.pipeline import LiveOptions, annotate, run_live
+from ciss.runtime.pipeline import LiveOptions, run_live
 from ciss.runtime.segmenter import Result, Segmenter
 from ciss.runtime.sources import Frame, Source, SyntheticSource, open_source
 
@@ -135,19 +135,15 @@ def _open_live(spec: str, fps: float) -> Source:
 
 
 class _Stoppable(Source):
-    """Ends the wrapped source on request, and keeps the frame read last for the after-swap picture."""
+    """Ends the wrapped source on request."""
 
     def __init__(self, inner: Source):
         super().__init__(inner.name)
         self.inner, self.live, self.fps = inner, inner.live, inner.fps
         self.stop = threading.Event()
-        self.last: Frame | None = None
 
     def read(self) -> Frame | None:
-        if self.stop.is_set():
-            return None
-        self.last = self.inner.read()
-        return self.last
+        return None if self.stop.is_set() else self.inner.read()
 
     def close(self) -> None:
         self.inner.close()
@@ -200,21 +196,21 @@ class _Learner(threading.Thread):
 
 
 class _Monitor:
-    """on_frame of the live loop: checks frame order, says how it goes, keeps the best frame after the
-    swap, and ends the loop once version 2 has served `after_swap` frames (or when learning failed)."""
+    """A sink of the live loop: checks frame order, says how it goes, keeps the best frame after the
+    swap, and ends the loop once version 2 has served `after_swap` frames (or when learning failed).
 
-    def __init__(self, source: _Stoppable, learner: _Learner, first_version: int, after_swap: int,
-                 alpha: float, log: Log):
+    It reads each result's own frame index from the stats record: with the stages overlapped, the
+    source has already read the next frames when a result comes out."""
+
+    def __init__(self, source: _Stoppable, learner: _Learner, first_version: int, after_swap: int, log: Log):
         self.source, self.learner, self.first_version = source, learner, first_version
-        self.after_swap, self.alpha, self.log = after_swap, alpha, log
+        self.after_swap, self.log = after_swap, log
         self.expected_seq = 0
         self.out_of_order = 0
         self.swap_seq: int | None = None
         self.error: str | None = None
         self.picture: np.ndarray | None = None
         self._best = -1
-        self._times: list[float] = []
-        self._luts: dict[int, np.ndarray] = {}
         self._next_note = time.monotonic() + PROGRESS_EVERY_S
 
     def refuse(self, error: Exception) -> None:
@@ -222,30 +218,27 @@ class _Monitor:
         self.log(f"[live] version refused: {error}")
         self.error = f"the runtime refused the new version: {error}"
 
-    def __call__(self, result: Result) -> None:
-        frame = self.source.last
+    def write(self, result: Result, overlay: np.ndarray | None, record: dict[str, Any]) -> None:
         now = time.monotonic()
-        if result.seq != self.expected_seq or (frame is not None and frame.index != result.seq):
+        if result.seq != self.expected_seq or record["frame"] != result.seq:
             self.out_of_order += 1
         self.expected_seq = result.seq + 1
-        self._times = [t for t in self._times if now - t <= 1.0] + [now]
-        fps = (len(self._times) - 1) / (now - self._times[0]) if now > self._times[0] else None
         if self.swap_seq is None and result.version != self.first_version:
             self.swap_seq = result.seq
-        if self.swap_seq is not None and frame is not None:
-            self._keep_best(frame, result, fps, 1e3 * (now - frame.time))
+        if self.swap_seq is not None and overlay is not None:
+            self._keep_best(overlay, result)
         if now >= self._next_note:
             self._next_note = now + PROGRESS_EVERY_S
-            self.log(f"[live] frame {result.seq}: version {result.version}, {fps or 0:.1f} FPS, "
+            self.log(f"[live] frame {result.seq}: version {result.version}, "
                      f"dropped {self.source.stats.get('dropped', 0)}")
         self._maybe_stop(result, now)
 
-    def _keep_best(self, frame: Frame, result: Result, fps: float | None, latency_ms: float) -> None:
+    def _keep_best(self, overlay: np.ndarray, result: Result) -> None:
         """The frame after the swap where the new classes cover the most pixels: the one worth showing."""
         score = int(np.isin(result.mask, result.new_classes).sum())
         if score > self._best:
             self._best = score
-            self.picture = annotate(frame.image, result, self._luts, fps, latency_ms, self.alpha)
+            self.picture = overlay.copy()
 
     def _maybe_stop(self, result: Result, now: float) -> None:
         if self.swap_seq is not None and result.seq - self.swap_seq + 1 >= self.after_swap:
@@ -321,13 +314,13 @@ def run_demo(out: Path, data: Path | None = None, video: str | None = None, meth
     segmenter = Segmenter.from_repository(repo, MODEL, threads=1, log=live_log,
                                           on_error=lambda e: monitor.refuse(e))
     with segmenter, _Stoppable(_open_live(spec, fps)) as source:
-        monitor = _Monitor(source, learner, segmenter.version, max(1, round(after_swap_s * fps)), 0.5, log)
+        monitor = _Monitor(source, learner, segmenter.version, max(1, round(after_swap_s * fps)), log)
         live_log(f"source: {source.describe()}")
         learner.start()
         try:
             report = run_live(source, segmenter, LiveOptions(display=display, save=out / "live.mp4",
                                                              stats=out / "live.jsonl"), log=live_log,
-                              on_frame=monitor)
+                              sinks=[monitor])
         finally:
             learner.stop()
     stages["live_s"] = time.monotonic() - t

@@ -32,7 +32,9 @@ def test_demo_learns_serves_swaps_without_a_lost_frame_and_reports(tmp_path: Pat
     assert [r["seq"] for r in records] == [r["frame"] for r in records] == list(range(live["frames"]))
     first = live["swaps"][0]["first_frame"]
     assert [r["version"] for r in records] == [1] * first + [2] * (len(records) - first)
-    assert len(records) - first == 10  # after_swap_s x fps frames of version 2, then the loop stopped
+    # after_swap_s x fps frames of version 2, then the loop stopped; the frames already in flight then
+    # (at most two for a live source, Segmenter.stream) still come out.
+    assert 10 <= len(records) - first <= 12
     video = cv2.VideoCapture(str(out / "live.mp4"))
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == len(records)
     assert cv2.imread(str(out / "after-swap.png")).shape == (240, 320, 3)
