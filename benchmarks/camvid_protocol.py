@@ -145,6 +145,9 @@ def main() -> None:
     ap.add_argument("--task", required=True)
     ap.add_argument("--methods", default="ft,mib,plop")
     ap.add_argument("--joint", action="store_true", help="also train the joint upper bound")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:FLAGS",
+                    help="an extra row: METHOD with extra `ciss learn` flags, e.g. "
+                         "'gsc-clip3=gsc:--set train.clip_grad_norm=3' (repeatable)")
     ap.add_argument("--ablate", default="",
                     help="methods whose components to switch off one at a time (gsc), or single components (gsc.pod)")
     ap.add_argument("--config", type=Path, required=True)
@@ -158,6 +161,12 @@ def main() -> None:
     steps = load_protocol(args.task, info).steps
     old, new = steps[0], [n for s in steps[1:] for n in s]
     todo = variants([m for m in args.methods.split(",") if m], args.joint, [m for m in args.ablate.split(",") if m])
+    for spec in args.variant:
+        name, _, rest = spec.partition("=")
+        method, _, flags = rest.partition(":")
+        todo.append(Variant(name, method, shlex.split(flags)))
+    failed_file = args.out / "failed.json"
+    failed: dict[str, str] = json.loads(failed_file.read_text()) if failed_file.exists() else {}
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy(args.config, args.out / "config.toml")
@@ -211,8 +220,14 @@ def main() -> None:
                 return
         elif not target.exists():
             shutil.copytree(base.result(), target)
-        wall = run(["learn", "--run", str(target), "--task", args.task, "--method", v.method, *v.args,
-                    "--seed", str(seed), *common])
+        try:
+            wall = run(["learn", "--run", str(target), "--task", args.task, "--method", v.method, *v.args,
+                        "--seed", str(seed), *common])
+        except subprocess.CalledProcessError as e:  # a run that diverges is a result too, not a crash
+            with lock:
+                failed[f"{v.name} seed {seed}"] = f"`ciss learn` exited {e.returncode} (its error line is in the log)"
+                failed_file.write_text(json.dumps(failed, indent=2) + "\n")
+            return
         record(v, seed, target, wall)
 
     def reference(seed: int, base: Future) -> None:
@@ -230,11 +245,11 @@ def main() -> None:
         for f in futures:
             f.result()
     results_file.write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(args, results, old, new, commands)
+    write_markdown(args, results, old, new, commands, failed)
 
 
 def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old: list[str], new: list[str],
-                   commands: list[str]) -> None:
+                   commands: list[str], failed: dict[str, str]) -> None:
     def agg(name: str, key: str) -> str:
         vals = [r[key] for r in results[name] if r[key] is not None]
         if len(vals) < 2:
@@ -266,7 +281,10 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
         verdict = "best" if n == best else compare(results, n, best) if best and n != REFERENCE else ""
         lines.append(f"| {n} | {len(results[n])} | {agg(n, 'old')} | {agg(n, 'new')} | {agg(n, 'new_learnable')} | "
                      f"{agg(n, 'all')} | {verdict} | {wall} |")
-    pairs = [(p, b) for p in PROPOSED for b in BASELINES if p in results and b in results]
+    if failed:
+        lines += ["", "Runs that did not finish (no row above):", ""]
+        lines += [f"- {name}: {why}" for name, why in sorted(failed.items())]
+    pairs = [(p, b) for p in main_rows if p.split("-")[0] in PROPOSED for b in BASELINES if b in results]
     if pairs:
         lines += ["", "GSC and IDEC against every baseline (all-mIoU, mean difference; ahead or behind only "
                   "beyond two standard deviations):", ""]
