@@ -72,7 +72,7 @@ def annotate(frame: np.ndarray, result: Result, luts: dict[int, np.ndarray], fps
     """The overlay with the legend of the version in use (its new classes tagged) and the HUD."""
     lut = luts.setdefault(result.version, class_lut(result.classmap))
     image = overlay(frame, result.mask, lut, alpha)
-    legend(image, result.classmap, result.new_classes)
+    legend(image, result.classmap, result.new_classes, result.unlearned)
     hud(image, fps, latency_ms, result.version, result.backend)
     return image
 

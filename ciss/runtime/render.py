@@ -16,6 +16,8 @@ from ciss.classmap import ClassMap
 
 NEW_TAG = "NEW"
 NEW_COLOR = (0, 230, 255)  # BGR amber: the "just learned" tag
+UNLEARNED_TAG = "NOT LEARNED"  # a class the step's eval scored near IoU 0: the overlay will not show it
+UNLEARNED_COLOR = (60, 60, 255)  # BGR red
 TEXT_COLOR = (255, 255, 255)
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
@@ -54,28 +56,33 @@ def _shade(image: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> None:
     np.right_shift(box, 2, out=box)
 
 
-def legend(image: np.ndarray, classmap: ClassMap, new_ids: Iterable[int] = ()) -> list[str]:
+def legend(image: np.ndarray, classmap: ClassMap, new_ids: Iterable[int] = (),
+           unlearned_ids: Iterable[int] = ()) -> list[str]:
     """Draw the classes of `classmap` (not background) top right, in place, with a colour swatch
-    each and a NEW tag on `new_ids`; columns wrap leftwards when a column is full.
+    each, a NEW tag on `new_ids` and a NOT LEARNED tag on `unlearned_ids` (which outranks NEW: a
+    class the overlay will not show must not be advertised); columns wrap leftwards when full.
 
     Returns the entries as drawn, e.g. "5 disk NEW".
     """
-    new = set(new_ids)
+    failed = set(unlearned_ids)
+    tags = {i: (UNLEARNED_TAG, UNLEARNED_COLOR) for i in failed} | \
+        {i: (NEW_TAG, NEW_COLOR) for i in new_ids if i not in failed}
     scale, thickness, row = _metrics(image)
     pad = row // 3
     swatch = row - 4
     classes = [c for c in classmap if c.id != 0]
-    entries = [f"{c.id} {c.name}" + (f" {NEW_TAG}" if c.id in new else "") for c in classes]
+    entries = [f"{c.id} {c.name}" + (f" {tags[c.id][0]}" if c.id in tags else "") for c in classes]
     if not classes:
         return entries
     per_column = max(1, (image.shape[0] - 2 * pad) // row)
-    tag_w = cv2.getTextSize(f" {NEW_TAG}", _FONT, scale, thickness)[0][0]
     right = image.shape[1]
     for start in range(0, len(classes), per_column):
         chunk = classes[start:start + per_column]
         names = [f"{c.id} {c.name}" for c in chunk]
         text_w = max(cv2.getTextSize(n, _FONT, scale, thickness)[0][0] for n in names)
-        width = pad + swatch + pad + text_w + (tag_w if new & {c.id for c in chunk} else 0) + pad
+        tag_w = max((cv2.getTextSize(f" {tags[c.id][0]}", _FONT, scale, thickness)[0][0]
+                     for c in chunk if c.id in tags), default=0)
+        width = pad + swatch + pad + text_w + tag_w + pad
         left = right - width
         _shade(image, left, 0, right, 2 * pad + row * len(chunk))
         for k, (c, name) in enumerate(zip(chunk, names, strict=True)):
@@ -85,9 +92,9 @@ def legend(image: np.ndarray, classmap: ClassMap, new_ids: Iterable[int] = ()) -
             baseline = top + row - 4
             x = left + 2 * pad + swatch
             cv2.putText(image, name, (x, baseline), _FONT, scale, TEXT_COLOR, thickness, cv2.LINE_AA)
-            if c.id in new:
-                cv2.putText(image, f" {NEW_TAG}", (x + text_w, baseline), _FONT, scale, NEW_COLOR, thickness,
-                            cv2.LINE_AA)
+            if c.id in tags:
+                tag, color = tags[c.id]
+                cv2.putText(image, f" {tag}", (x + text_w, baseline), _FONT, scale, color, thickness, cv2.LINE_AA)
         right = left
     return entries
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ciss.classmap import ClassMap
+from ciss.classmap import ClassMap, unlearned_warning
 from ciss.errors import CissError
 from ciss.manifest import library_versions, write_bytes_atomic
 from ciss.trainer.data import open_dataset
@@ -392,6 +392,9 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         shutil.rmtree(partial, ignore_errors=True)
         log(f"step {step}: done in {format_seconds(wall)}; mIoU all {_pct(metrics.get('miou_all'))}, "
             f"old {_pct(metrics.get('miou_old'))}, new {_pct(metrics.get('miou_new'))}")
+        warning = unlearned_warning(classmap, metrics)
+        if warning:
+            log(warning)
     dist.barrier()
     return manifest
 

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ciss.classmap import ClassMap
+from ciss.classmap import ClassMap, unlearned_warning
 from ciss.trainer.distributed import Dist, pick_device
 from ciss.trainer.engine import eval_loader
 from ciss.trainer.data import open_dataset
@@ -62,6 +62,9 @@ def describe_run(run: Path) -> str:
         lines.append(f"  step {k}: +{', '.join(m['data']['added'])}  [{m['method']}, {m['model']['preset']}]  "
                      f"mIoU old {pct(me.get('miou_old'))} new {pct(me.get('miou_new'))} all {pct(me.get('miou_all'))}"
                      f"  ({m['train']['wall_s']:.0f}s)")
+        warning = unlearned_warning(ClassMap.from_json(m["classes"]), me)
+        if warning:
+            lines.append(f"    {warning}")
     if len(lines) == 1:
         lines.append("  (no steps)")
     return "\n".join(lines)

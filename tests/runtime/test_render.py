@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ciss.classmap import ClassMap
-from ciss.runtime.render import NEW_COLOR, class_lut, hud, legend, overlay
+from ciss.runtime.render import NEW_COLOR, UNLEARNED_COLOR, class_lut, hud, legend, overlay
 
 CLASSES = ClassMap.initial(["road", "car"], [(200, 10, 10), (10, 200, 10)]).extend(["bike"], [(10, 10, 200)])
 
@@ -75,6 +75,13 @@ def test_legend_lists_classes_with_their_colours_and_tags_new_ones():
     plain = np.zeros_like(image)
     assert "NEW" not in " ".join(legend(plain, CLASSES))
     assert near(plain, NEW_COLOR) == 0
+
+
+def test_legend_tags_unlearned_classes_over_new_ones():
+    image = np.zeros((240, 320, 3), np.uint8)
+    entries = legend(image, CLASSES, new_ids=[2, 3], unlearned_ids=[3])
+    assert entries == ["1 road", "2 car NEW", "3 bike NOT LEARNED"]
+    assert near(image, UNLEARNED_COLOR) > 10 and near(image, NEW_COLOR) > 10
 
 
 def test_legend_wraps_into_columns_when_the_frame_is_short():
