@@ -29,12 +29,14 @@ def test_only_the_last_steps_classes_below_the_threshold_with_ground_truth_are_f
 def test_an_unlearned_step_warns_in_summary_runs_export_and_live(tmp_path: Path):
     config = write_config(tmp_path / "fast.toml", size=8)
     run = tmp_path / "run"
-    learn(run, classes=["sky", "grass", "disk", "box"], config_file=config, method="ft", log=lambda s: None)
+    learn(run, classes=["sky", "grass", "disk", "box"], config_file=config, method="mib", log=lambda s: None)
     said: list[str] = []
     # MiB starts the new head as a copy of background's, scaled down, so with no learning it never wins
     learn(run, new_classes=["triangle", "ring"], method="mib", overrides={"train": {"lr_next": 1e-12}}, log=said.append)
     assert any(s.startswith("WARNING: step 1 did not learn") for s in said), said
-    assert "WARNING: step 1 did not learn" in describe_run(run)
+    runs = describe_run(run)
+    assert "WARNING: step 1 did not learn" in runs
+    assert "[ce, tiny]" in runs.split("step 1:")[0] and "[mib, tiny]" in runs.split("step 1:")[1]  # step 0 is plain CE
 
     exported: list[str] = []
     version = export_step(run, tmp_path / "repo", "m", ExportOptions(size=(48, 64)), log=exported.append)

@@ -170,7 +170,17 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
                 on_frame(result)
             writes.add(1e3 * (time.monotonic() - now))
         stages = {**stream.stage_ms, "write": writes}
-    return _report(source, segmenter, frames, time.monotonic() - started, latencies, gaps, swaps, stages)
+    report = _report(source, segmenter, frames, time.monotonic() - started, latencies, gaps, swaps, stages)
+    if report["unserved"] is not None:
+        log(missed_swap(report))
+    return report
+
+
+def missed_swap(report: dict[str, Any]) -> str:
+    """Why a published version never showed: the run ended (a short file, --max-frames) before a frame took it."""
+    return (f"WARNING: version {report['unserved']} was published but the run ended before any frame used it "
+            f"(still version {report['versions'][-1] if report['versions'] else '-'}); "
+            "give a longer source, --loop, or publish earlier")
 
 
 class _SwapGaps:
@@ -208,6 +218,7 @@ def _report(source: Source, segmenter: Segmenter, frames: int, wall_s: float, la
         "frame_gap_ms": {"p50": gaps.percentile(50), "max": gaps.max},
         "stage_ms": {name: {"p50": r.percentile(50), "p99": r.percentile(99)} for name, r in stages.items()},
         "versions": sorted(served.first_frame), "swaps": swaps, "backend": segmenter.backend,
+        "unserved": segmenter.unserved(),
     }
 
 

@@ -379,6 +379,15 @@ class Segmenter:
         """True once a checked version waits for the next frame; False after `timeout` seconds."""
         return self._pending_ready.wait(timeout)
 
+    def unserved(self) -> int | None:
+        """The newest version published after the serving one that has served no frame yet (parked for
+        the next frame, or not checked yet), or None; a source that ends before then never shows it."""
+        with self._lock:
+            serving = self._model.version
+            pending = [self._pending[0].version] if self._pending else []
+        published = self._swapper.candidates(serving) if self._swapper is not None else []
+        return max(pending + published, default=None)
+
     @property
     def version(self) -> int:
         return self._model.version

@@ -52,6 +52,7 @@ class StepPlan:
     classmap: ClassMap
     new_native: list[int]
     future_native: list[int]  # known future classes (protocols); dropped by the disjoint filter
+    old_names: list[str] | None = None  # a joint step of a protocol: its step 0 classes, for the old/new split
 
 
 def open_splits(cfg: dict[str, Any]) -> tuple[SegDataset, SegDataset]:
@@ -360,7 +361,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
     unwrapped.eval()
     loader = eval_loader(eval_ds, classmap, cfg["data"]["eval_protocol"], int(cfg["eval"]["batch_size"]),
                          dist, workers)
-    metrics = evaluate(unwrapped, loader, classmap, device, all_reduce=dist.all_reduce)
+    metrics = evaluate(unwrapped, loader, classmap, device, all_reduce=dist.all_reduce, old_names=plan.old_names)
     metrics.update(split=cfg["data"]["eval_split"], protocol=cfg["data"]["eval_protocol"])
     manifest = {
         "run": store.name,
@@ -370,7 +371,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         "pretrained": pretrained,
         "method": method.name,
         "data": {"dataset": train_ds.info.name, "kind": cfg["data"]["kind"], "root": cfg["data"]["root"],
-                 "added": [classmap[i].name for i in classmap.ids_of_step(step)],
+                 "added": [classmap[i].name for i in classmap.ids_of_step(step)], "old_names": plan.old_names,
                  "train_images": int(len(idx)), "eval_images": len(loader.dataset)},
         "config": cfg,
         "seed": seed,

@@ -30,7 +30,7 @@ def evaluate_step(run: Path, step: int | None = None, data: Path | None = None, 
     classmap = ClassMap.from_json(manifest["classes"])
     dev = pick_device(device)
     loader = eval_loader(ds, classmap, protocol, int(manifest["config"]["eval"]["batch_size"]), Dist(device=dev), 0)
-    metrics = evaluate(model.to(dev).eval(), loader, classmap, dev)
+    metrics = evaluate(model.to(dev).eval(), loader, classmap, dev, old_names=manifest["data"].get("old_names"))
     metrics.update(split=split, protocol=protocol, step=step)
     return metrics
 
@@ -53,13 +53,19 @@ def metrics_table(metrics: dict[str, Any], classmap: ClassMap) -> str:
     return "\n".join(rows)
 
 
+def method_label(method: str, step: int) -> str:
+    """What trained a step: every method learns step 0 with plain cross-entropy (there is no old model
+    to distil from), so a step 0 says `ce`, not the run's method; `joint` keeps its name, the bound it is."""
+    return "ce" if step == 0 and method != "joint" else method
+
+
 def describe_run(run: Path) -> str:
     store = RunStore(run)
     lines = [f"run {store.root}"]
     for k in store.steps():
         m = store.manifest(k)
         me = m["metrics"]
-        lines.append(f"  step {k}: +{', '.join(m['data']['added'])}  [{m['method']}, {m['model']['preset']}]  "
+        lines.append(f"  step {k}: +{', '.join(m['data']['added'])}  [{method_label(m['method'], k)}, {m['model']['preset']}]  "
                      f"mIoU old {pct(me.get('miou_old'))} new {pct(me.get('miou_new'))} all {pct(me.get('miou_all'))}"
                      f"  ({m['train']['wall_s']:.0f}s)")
         warning = unlearned_warning(ClassMap.from_json(m["classes"]), me)

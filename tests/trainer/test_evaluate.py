@@ -50,6 +50,14 @@ def test_metrics_by_hand():
     assert r["pixel_acc"] == pytest.approx(6 / 9)
 
 
+def test_a_joint_step_is_split_old_new_by_the_protocols_groups():
+    joint = ClassMap.initial(["a", "b", "c", "d"])  # one step, as a joint run learns a 2-2 protocol
+    r = compute_metrics(hand_matrix(), joint, old_names=["a", "b"])
+    assert r["miou_old"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)  # background counts as old
+    assert r["miou_new"] == pytest.approx(0.5)
+    assert compute_metrics(hand_matrix(), joint)["miou_new"] is None
+
+
 def test_metrics_step0_and_no_new_pixels():
     step0 = CMAP.until(0)
     r = compute_metrics(hand_matrix()[:3, :3], step0)

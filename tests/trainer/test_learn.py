@@ -31,6 +31,7 @@ def test_protocol_plans_every_step(tmp_path: Path, info):
 def test_joint_is_one_step_with_everything(tmp_path: Path, info):
     (plan,) = plan_steps(RunStore(tmp_path / "r"), info, None, None, "synthetic:6-2", joint=True)
     assert plan.step == 0 and plan.classmap.names[1:] == list(info.learnable)
+    assert plan.old_names == list(info.learnable[:6])  # the protocol's step 0: the old/new split of its metrics
 
 
 def test_protocol_skips_steps_the_run_has(tmp_path: Path, fast_config: Path, info):
