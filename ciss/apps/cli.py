@@ -216,8 +216,10 @@ def export(run: Path | None, step: str, repo: Path | None, name: str | None, siz
                                           "cores this process may use, the rest for the other stages.")
 @click.option("--headless", is_flag=True, help="No window (automatic when there is no display).")
 @click.option("--save", type=click.Path(path_type=Path), help="Write the annotated video here (.mp4 or .avi).")
-@click.option("--save-masks", type=click.Path(path_type=Path), help="Write each frame's class ids as PNG here.")
-@click.option("--stats", type=click.Path(path_type=Path), help="Write one JSON line per frame here.")
+@click.option("--save-masks", type=click.Path(path_type=Path), help="Write each frame's class ids here as a PNG in the class colours "
+              "(palette indices = ids), named after its image for image folders.")
+@click.option("--stats", type=click.Path(path_type=Path), help="Write one JSON line per frame here (with its image's "
+              "name for image folders).")
 @click.option("--max-frames", type=int, help="Stop after this many frames.")
 @click.option("--loop", is_flag=True, help="Restart files and image folders at the end.")
 @click.option("--fps", type=float, help="Pace files and image folders at this rate (default: as fast as they run).")

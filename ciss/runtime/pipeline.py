@@ -45,7 +45,7 @@ class FrameSink(Protocol):
 class LiveOptions:
     display: bool = False
     save: Path | None = None          # annotated video (mp4v)
-    save_masks: Path | None = None    # one PNG of class ids per frame
+    save_masks: Path | None = None    # one palette PNG of class ids per frame (sinks.MaskSink)
     stats: Path | None = None         # JSONL, one record per frame
     max_frames: int | None = None
     alpha: float = 0.5
@@ -154,12 +154,14 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
                         log("stopped by the user")
                         break
             if masks is not None:
-                masks.write(frame.index, result.mask)
+                masks.write(frame.index if frame.name is None else frame.name, result.mask, result.classmap.colors)
             if stats is not None or sinks:
                 record = {"seq": result.seq, "frame": frame.index, "version": result.version,
                           "latency_ms": round(latency_ms, 2),
                           "timings_ms": {k: round(v, 2) for k, v in result.timings.items()},
                           "shares": pixel_shares(result.mask, result.classmap.names)}
+                if frame.name is not None:
+                    record["name"] = frame.name
                 if frame.stamp is not None:
                     record |= {"stamp": frame.stamp, "frame_id": frame.frame_id}
                 if stats is not None:

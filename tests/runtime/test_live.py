@@ -66,6 +66,22 @@ def test_a_version_published_mid_file_flips_at_one_frame_and_loses_none(models: 
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 30
 
 
+def test_masks_and_stats_of_an_image_folder_carry_the_image_names(models: Exported, tmp_path: Path):
+    stream = SyntheticStream(48, 64, seed=1)
+    for name in ("street_b.jpg", "street_a.png"):
+        (tmp_path / "images").mkdir(exist_ok=True)
+        cv2.imwrite(str(tmp_path / "images" / name), stream.read()[0])
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    with Segmenter.from_repository(repo, NAME, watch=False, log=lambda s: None) as segmenter, \
+            open_source(str(tmp_path / "images")) as source:
+        run_live(source, segmenter, LiveOptions(save_masks=tmp_path / "masks", stats=tmp_path / "stats.jsonl"),
+                 log=lambda s: None)
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["street_a.png", "street_b.png"]
+    records = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [(r["frame"], r["name"]) for r in records] == [(0, "street_a"), (1, "street_b")]
+
+
 def test_a_version_the_source_ended_before_is_reported(models: Exported, tmp_path: Path):
     """A short file can end before the watcher picks a new version up: the run must say so, not end silently."""
     video = write_video(tmp_path / "clip.mp4", 3, size=(48, 64))
