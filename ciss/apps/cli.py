@@ -224,6 +224,8 @@ def export(run: Path | None, step: str, repo: Path | None, name: str | None, siz
 @click.option("--loop", is_flag=True, help="Restart files and image folders at the end.")
 @click.option("--fps", type=float, help="Pace files and image folders at this rate (default: as fast as they run).")
 @click.option("--alpha", default=0.5, show_default=True, type=float, help="Overlay opacity.")
+@click.option("--no-legend", "no_legend", is_flag=True, help="Draw no class legend on the overlay.")
+@click.option("--no-hud", "no_hud", is_flag=True, help="Draw no FPS/latency/version line on the overlay.")
 @click.option("--topic", help="Image topic of a ROS recording (.mcap, .db3, .bag or a folder of them); "
                               "without it, the only one, else the list and exit 2.")
 @click.option("--realtime", is_flag=True, help="Play a recording at its recorded rate, dropping what the model "
@@ -234,7 +236,8 @@ def export(run: Path | None, step: str, repo: Path | None, name: str | None, siz
               help="Serve a live Foxglove view (default 127.0.0.1:8765; other hosts only when given).")
 def live(camera: int | None, source: str | None, repo: Path | None, name: str | None, backend: str, pin: int | None, poll_s: float,
          threads: int | None, headless: bool, save: Path | None, save_masks: Path | None, stats: Path | None,
-         max_frames: int | None, loop: bool, fps: float | None, alpha: float, topic: str | None, realtime: bool,
+         max_frames: int | None, loop: bool, fps: float | None, alpha: float, no_legend: bool, no_hud: bool,
+         topic: str | None, realtime: bool,
          save_bag: Path | None, foxglove: str | None) -> None:
     """Segment live video with the newest model version, hot-swapping as new versions are published."""
     from contextlib import ExitStack
@@ -271,7 +274,7 @@ def live(camera: int | None, source: str | None, repo: Path | None, name: str | 
     if not headless and not display:
         echo("no display found: running headless")
     options = LiveOptions(display=display, save=save, save_masks=save_masks, stats=stats, max_frames=max_frames,
-                          alpha=alpha)
+                          alpha=alpha, legend=not no_legend, hud=not no_hud)
     repo = MODELS if repo is None else repo
     name = name or latest_model(repo, log=echo)
     cv2.setNumThreads(split.opencv)  # OpenCV's own pool would otherwise compete with the backend's threads

@@ -49,6 +49,8 @@ class LiveOptions:
     stats: Path | None = None         # JSONL, one record per frame
     max_frames: int | None = None
     alpha: float = 0.5
+    legend: bool = True               # the class legend, top right (--no-legend)
+    hud: bool = True                  # FPS, latency, version and backend, top left (--no-hud)
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:  # also refuses NaN; outside [0, 1] the overlay wraps around
@@ -68,12 +70,15 @@ class _Rate:
 
 
 def annotate(frame: np.ndarray, result: Result, luts: dict[int, np.ndarray], fps: float | None,
-             latency_ms: float, alpha: float) -> np.ndarray:
-    """The overlay with the legend of the version in use (its new classes tagged) and the HUD."""
+             latency_ms: float, alpha: float, show_legend: bool = True, show_hud: bool = True) -> np.ndarray:
+    """The overlay with the legend of the version in use (its new classes tagged) and the HUD, each
+    unless hidden."""
     lut = luts.setdefault(result.version, class_lut(result.classmap))
     image = overlay(frame, result.mask, lut, alpha)
-    legend(image, result.classmap, result.new_classes, result.unlearned)
-    hud(image, fps, latency_ms, result.version, result.backend)
+    if show_legend:
+        legend(image, result.classmap, result.new_classes, result.unlearned, result.mask)
+    if show_hud:
+        hud(image, fps, latency_ms, result.version, result.backend)
     return image
 
 
@@ -123,7 +128,7 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
             return frame, result, None
         now = time.monotonic()
         return frame, result, annotate(frame.image, result, luts, rate.tick(now), 1e3 * (now - frame.time),
-                                       options.alpha)
+                                       options.alpha, options.legend, options.hud)
 
     started = time.monotonic()
     with ExitStack() as stack:
