@@ -16,7 +16,7 @@ def _split(value: str | None) -> list[str] | None:
 
 
 # Modules of the `train` extra: the runtime-only install (`pip install ciss`) has none of them.
-TRAIN_EXTRA = ("torch", "torchvision", "onnx", "onnxscript")
+TRAIN_EXTRA = ("torch", "torchvision", "onnx", "onnxscript", "tqdm", "matplotlib")
 
 
 class CissGroup(click.Group):

@@ -34,7 +34,7 @@ from ciss.trainer.data.tasks import StepData, pad_collate, presence, test_indice
 from ciss.trainer.data.transforms import EvalTransform, TrainTransform
 from ciss.trainer.distributed import Dist, ShardedBatches, shard
 from ciss.trainer.evaluate import evaluate
-from ciss.trainer.log import Progress, TrainLog, format_seconds
+from ciss.trainer.log import Progress, TrainLog, bar, format_seconds
 from ciss.trainer.methods import build_method
 from ciss.trainer.methods.base import Method, Outputs, StepContext, TrainBatch
 from ciss.trainer.models import DeepLabV3, build_model, pretrained_weights
@@ -285,7 +285,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
 
     # --- the loop ------------------------------------------------------------------------------
     train_log = TrainLog(partial, enabled=dist.main, start=start_it)
-    progress = Progress(total, f"step {step}", start=start_it)
+    progress = Progress(total, f"step {step}", start=start_it, enabled=dist.main)
     names = ", ".join(classmap[i].name for i in classmap.ids_of_step(step))
     if dist.main:
         log(f"step {step}: learning {names} with {method.name} on {len(idx)} images, "
@@ -355,13 +355,15 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
                         "rng": torch.get_rng_state(), "config": json.dumps(cfg, sort_keys=True)})
                 dist.barrier()
     train_log.close()
+    progress.close()
     wall = time.perf_counter() - t0
 
     # --- evaluate and commit -------------------------------------------------------------------
     unwrapped.eval()
     loader = eval_loader(eval_ds, classmap, cfg["data"]["eval_protocol"], int(cfg["eval"]["batch_size"]),
                          dist, workers)
-    metrics = evaluate(unwrapped, loader, classmap, device, all_reduce=dist.all_reduce, old_names=plan.old_names)
+    metrics = evaluate(unwrapped, loader, classmap, device, all_reduce=dist.all_reduce, old_names=plan.old_names,
+                       progress=bar(len(loader), f"step {step} eval", enabled=dist.main, unit="batch"))
     metrics.update(split=cfg["data"]["eval_split"], protocol=cfg["data"]["eval_protocol"])
     manifest = {
         "run": store.name,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -23,6 +23,9 @@ from ciss.classmap import BACKGROUND, ClassMap
 from ciss.errors import CissError
 from ciss.manifest import write_bytes_atomic
 from ciss.trainer.methods.losses import logits_of
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 IGNORE = 255
 
@@ -77,7 +80,7 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def compute_metrics(matrix: torch.Tensor | np.ndarray, classmap: ClassMap,
-                    old_names: Sequence[str] | None = None) -> dict[str, Any]:
+                    old_names: Sequence[str] | None = None, progress: tqdm | None = None) -> dict[str, Any]:
     """mIoU all/old/new, per-class IoU by name, excluded classes, pixel accuracy.
 
     Keys: "miou_all", "miou_old", "miou_new" (None at step 0 or without new-class pixels),
@@ -119,13 +122,14 @@ def compute_metrics(matrix: torch.Tensor | np.ndarray, classmap: ClassMap,
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], classmap: ClassMap,
              device: torch.device | str, all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
-             old_names: Sequence[str] | None = None) -> dict[str, Any]:
+             old_names: Sequence[str] | None = None, progress: tqdm | None = None) -> dict[str, Any]:
     """Run `model` (eval mode, no grad, argmax) over `loader` and return `compute_metrics`.
 
     The loader yields (images N,3,H,W, labels N,H,W) with labels in model ids, 255 = ignore (unseen
     classes, padding). Logits smaller than the labels are upsampled bilinearly. The model's mode is
     restored afterwards. Under DDP every rank runs its shard and the counts are summed. `old_names`:
-    see compute_metrics.
+    see compute_metrics. `progress` (a tqdm bar, ciss.trainer.log.bar) counts the batches and is
+    closed at the end: a large split takes a minute, which must not look like a hang.
     """
     device = torch.device(device)
     n = len(classmap)
@@ -142,8 +146,12 @@ def evaluate(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.
             if logits.shape[-2:] != labels.shape[-2:]:
                 logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
             cm.update(logits.argmax(dim=1), labels)
+            if progress is not None:
+                progress.update(1)
     finally:
         model.train(was_training)
+        if progress is not None:
+            progress.close()
     cm.to(device).reduce(all_reduce)
     return compute_metrics(cm.matrix, classmap, old_names)
 

@@ -11,6 +11,7 @@ from ciss.trainer.distributed import Dist, pick_device
 from ciss.trainer.engine import eval_loader
 from ciss.trainer.data import open_dataset
 from ciss.trainer.evaluate import evaluate
+from ciss.trainer.log import bar
 from ciss.trainer.store import RunStore
 
 
@@ -30,7 +31,8 @@ def evaluate_step(run: Path, step: int | None = None, data: Path | None = None, 
     classmap = ClassMap.from_json(manifest["classes"])
     dev = pick_device(device)
     loader = eval_loader(ds, classmap, protocol, int(manifest["config"]["eval"]["batch_size"]), Dist(device=dev), 0)
-    metrics = evaluate(model.to(dev).eval(), loader, classmap, dev, old_names=manifest["data"].get("old_names"))
+    metrics = evaluate(model.to(dev).eval(), loader, classmap, dev, old_names=manifest["data"].get("old_names"),
+                       progress=bar(len(loader), f"evaluating step {step}", unit="batch"))
     metrics.update(split=split, protocol=protocol, step=step)
     return metrics
 
