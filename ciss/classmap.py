@@ -165,4 +165,4 @@ def unlearned_warning(classmap: ClassMap, metrics: dict[str, Any] | None) -> str
     listed = ", ".join(f"{classmap[i].name} (IoU {100 * per_class[classmap[i].name]:.1f}%)" for i in ids)
     return (f"WARNING: step {classmap.num_steps - 1} did not learn {listed} on the eval split; "
             f"a model from it will (almost) never show {'it' if len(ids) == 1 else 'them'}. "
-            "Train longer (--epochs), raise --lr, or try another --method")
+            "Train longer (--epochs or --iterations), raise --lr, or try another --method")

@@ -78,6 +78,8 @@ def main() -> None:
               help="Backbone weights: the preset's ImageNet file (fetched and checked, see `ciss weights`), "
                    "none, or a local file. Default: imagenet where the preset has weights.")
 @click.option("--epochs", type=int, help="Epochs of every step trained by this call (this call only).")
+@click.option("--iterations", type=int, help="Iterations of every step trained by this call, whatever the dataset's "
+              "size (this call only; overrides --epochs).")
 @click.option("--lr", type=float, help="Learning rate of every step trained by this call (this call only).")
 @click.option("--batch-size", type=int, help="Global batch size, split over torchrun processes (this call only).")
 @click.option("--crop", type=int, help="Training crop size in pixels (this call only).")
@@ -94,7 +96,7 @@ def main() -> None:
 def learn(run: Path | None, data: Path | None, dataset: str | None, root: Path | None, classes: str | None,
           new_classes: str | None, task: str | None, method: str | None, disabled: tuple[str, ...],
           method_opts: tuple[str, ...], model: str | None,
-          pretrained: str | None, epochs: int | None, lr: float | None, batch_size: int | None,
+          pretrained: str | None, epochs: int | None, iterations: int | None, lr: float | None, batch_size: int | None,
           crop: int | None, setting: str | None, workers: int | None, device: str, seed: int | None,
           settings: tuple[str, ...], config_file: Path | None, resume: bool) -> None:
     """Learn classes: a base step, new classes on top of a run, or a whole protocol.
@@ -106,7 +108,8 @@ def learn(run: Path | None, data: Path | None, dataset: str | None, root: Path |
 
     if pretrained and Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser().resolve())
-    flags = {"--epochs": (epochs, "train.epochs", "train.epochs_next"), "--lr": (lr, "train.lr", "train.lr_next"),
+    flags = {"--epochs": (epochs, "train.epochs", "train.epochs_next"),
+             "--iterations": (iterations, "train.iterations", "train.iterations_next"), "--lr": (lr, "train.lr", "train.lr_next"),
              "--batch-size": (batch_size, "train.batch_size"), "--crop": (crop, "train.crop"),
              "--workers": (workers, "train.workers"), "--model": (model, "model.preset"),
              "--pretrained": (pretrained, "model.pretrained"), "--setting": (setting, "data.setting"),

@@ -238,9 +238,12 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
     if iters_per_epoch == 0:
         raise CissError(f"only {len(idx)} training images for step {step} but the batch size is "
                         f"{tcfg['batch_size']}; use a smaller --batch-size")
+    iterations = int(tcfg["iterations"] if step == 0 else tcfg["iterations_next"])
     epochs = int(tcfg["epochs"] if step == 0 else tcfg["epochs_next"])
+    if iterations:  # a schedule in iterations: the same training whatever the dataset's size
+        epochs = math.ceil(iterations / iters_per_epoch)
     base_lr = float(tcfg["lr"] if step == 0 else tcfg["lr_next"])
-    total = epochs * iters_per_epoch
+    total = iterations or epochs * iters_per_epoch
     clip = float(tcfg["clip_grad_norm"])
 
     # --- optimisation state --------------------------------------------------------------------
@@ -288,11 +291,12 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
     progress = Progress(total, f"step {step}", start=start_it, enabled=dist.main)
     names = ", ".join(classmap[i].name for i in classmap.ids_of_step(step))
     if dist.main:
-        log(f"step {step}: learning {names} with {method.name} on {len(idx)} images, "
-            f"{epochs} epochs x {iters_per_epoch} iterations, batch {tcfg['batch_size']} "
-            f"({dist.world} process{'es' if dist.world > 1 else ''}, {device})")
+        log(f"step {step}: learning {names} with {method.name} on {len(idx)} images: {total} iterations "
+            f"({total / iters_per_epoch:g} epochs of {iters_per_epoch}), batch {tcfg['batch_size']} "
+            f"({dist.world} process{'es' if dist.world > 1 else ''}, {device}); its time follows once measured")
     t0 = time.perf_counter()
     it = start_it
+    estimated = False
     amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
 
     def set_train_mode() -> None:
@@ -310,6 +314,8 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         loader = DataLoader(train_data, batch_sampler=sampler, num_workers=workers, collate_fn=pad_collate,
                             pin_memory=device.type == "cuda")
         for images, labels in loader:
+            if it == total:  # a schedule in iterations can end mid-epoch
+                break
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             lr = poly_lr(base_lr, it, total, tcfg["poly_power"])
@@ -345,6 +351,11 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
             if dist.main and measure:
                 values = {k: float(v.detach()) for k, v in terms.items()}
                 progress.update(it, values, lr)
+                if not estimated:  # the plan's time, measured on the first logging interval
+                    estimated = True
+                    per_it = (time.perf_counter() - t0) / (it - start_it)
+                    log(f"step {step}: about {format_seconds(per_it * (total - start_it))} of training "
+                        f"({per_it:.2f} s per iteration) and an evaluation on {len(eval_ds)} images")
                 train_log.write({"iteration": it, "epoch": epoch, "lr": lr, "loss": sum(values.values()),
                                  **values, **norms, "elapsed_s": round(time.perf_counter() - t0, 3)})
             if it % tcfg["checkpoint_every"] == 0 and it < total:
