@@ -138,3 +138,31 @@ class ClassMap:
 
     def __repr__(self) -> str:
         return f"ClassMap({', '.join(f'{c.id}:{c.name}@{c.step}' for c in self.classes)})"
+
+
+# A class whose IoU on the eval split ends below this has not been learned: the model (almost) never
+# predicts it, so a user must be told before exporting or watching for it live (issue 14, point 2).
+UNLEARNED_IOU = 0.05
+
+
+def unlearned(classmap: ClassMap, metrics: dict[str, Any] | None) -> list[int]:
+    """Ids of the classes the map's last step added whose eval IoU is below UNLEARNED_IOU.
+
+    A class without ground truth in the eval split has no IoU and is not flagged: nothing says it failed.
+    """
+    per_class = (metrics or {}).get("per_class") or {}
+    last = classmap.num_steps - 1
+    return [i for i in classmap.ids_of_step(last)
+            if per_class.get(classmap[i].name) is not None and per_class[classmap[i].name] < UNLEARNED_IOU]
+
+
+def unlearned_warning(classmap: ClassMap, metrics: dict[str, Any] | None) -> str | None:
+    """The one-line warning for `unlearned` classes, or None when the step learned all it could be judged on."""
+    ids = unlearned(classmap, metrics)
+    if not ids:
+        return None
+    per_class = metrics["per_class"]  # type: ignore[index]
+    listed = ", ".join(f"{classmap[i].name} (IoU {100 * per_class[classmap[i].name]:.1f}%)" for i in ids)
+    return (f"WARNING: step {classmap.num_steps - 1} did not learn {listed} on the eval split; "
+            f"a model from it will (almost) never show {'it' if len(ids) == 1 else 'them'}. "
+            "Train longer (--epochs or --iterations), raise --lr, or try another --method")

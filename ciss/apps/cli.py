@@ -16,7 +16,7 @@ def _split(value: str | None) -> list[str] | None:
 
 
 # Modules of the `train` extra: the runtime-only install (`pip install ciss`) has none of them.
-TRAIN_EXTRA = ("torch", "torchvision", "onnx", "onnxscript")
+TRAIN_EXTRA = ("torch", "torchvision", "onnx", "onnxscript", "tqdm", "matplotlib")
 
 
 class CissGroup(click.Group):
@@ -78,6 +78,8 @@ def main() -> None:
               help="Backbone weights: the preset's ImageNet file (fetched and checked, see `ciss weights`), "
                    "none, or a local file. Default: imagenet where the preset has weights.")
 @click.option("--epochs", type=int, help="Epochs of every step trained by this call (this call only).")
+@click.option("--iterations", type=int, help="Iterations of every step trained by this call, whatever the dataset's "
+              "size (this call only; overrides --epochs).")
 @click.option("--lr", type=float, help="Learning rate of every step trained by this call (this call only).")
 @click.option("--batch-size", type=int, help="Global batch size, split over torchrun processes (this call only).")
 @click.option("--crop", type=int, help="Training crop size in pixels (this call only).")
@@ -94,7 +96,7 @@ def main() -> None:
 def learn(run: Path | None, data: Path | None, dataset: str | None, root: Path | None, classes: str | None,
           new_classes: str | None, task: str | None, method: str | None, disabled: tuple[str, ...],
           method_opts: tuple[str, ...], model: str | None,
-          pretrained: str | None, epochs: int | None, lr: float | None, batch_size: int | None,
+          pretrained: str | None, epochs: int | None, iterations: int | None, lr: float | None, batch_size: int | None,
           crop: int | None, setting: str | None, workers: int | None, device: str, seed: int | None,
           settings: tuple[str, ...], config_file: Path | None, resume: bool) -> None:
     """Learn classes: a base step, new classes on top of a run, or a whole protocol.
@@ -106,7 +108,8 @@ def learn(run: Path | None, data: Path | None, dataset: str | None, root: Path |
 
     if pretrained and Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser().resolve())
-    flags = {"--epochs": (epochs, "train.epochs", "train.epochs_next"), "--lr": (lr, "train.lr", "train.lr_next"),
+    flags = {"--epochs": (epochs, "train.epochs", "train.epochs_next"),
+             "--iterations": (iterations, "train.iterations", "train.iterations_next"), "--lr": (lr, "train.lr", "train.lr_next"),
              "--batch-size": (batch_size, "train.batch_size"), "--crop": (crop, "train.crop"),
              "--workers": (workers, "train.workers"), "--model": (model, "model.preset"),
              "--pretrained": (pretrained, "model.pretrained"), "--setting": (setting, "data.setting"),
@@ -216,12 +219,16 @@ def export(run: Path | None, step: str, repo: Path | None, name: str | None, siz
                                           "cores this process may use, the rest for the other stages.")
 @click.option("--headless", is_flag=True, help="No window (automatic when there is no display).")
 @click.option("--save", type=click.Path(path_type=Path), help="Write the annotated video here (.mp4 or .avi).")
-@click.option("--save-masks", type=click.Path(path_type=Path), help="Write each frame's class ids as PNG here.")
-@click.option("--stats", type=click.Path(path_type=Path), help="Write one JSON line per frame here.")
+@click.option("--save-masks", type=click.Path(path_type=Path), help="Write each frame's class ids here as a PNG in the class colours "
+              "(palette indices = ids), named after its image for image folders.")
+@click.option("--stats", type=click.Path(path_type=Path), help="Write one JSON line per frame here (with its image's "
+              "name for image folders).")
 @click.option("--max-frames", type=int, help="Stop after this many frames.")
 @click.option("--loop", is_flag=True, help="Restart files and image folders at the end.")
 @click.option("--fps", type=float, help="Pace files and image folders at this rate (default: as fast as they run).")
 @click.option("--alpha", default=0.5, show_default=True, type=float, help="Overlay opacity.")
+@click.option("--no-legend", "no_legend", is_flag=True, help="Draw no class legend on the overlay.")
+@click.option("--no-hud", "no_hud", is_flag=True, help="Draw no FPS/latency/version line on the overlay.")
 @click.option("--topic", help="Image topic of a ROS recording (.mcap, .db3, .bag or a folder of them); "
                               "without it, the only one, else the list and exit 2.")
 @click.option("--realtime", is_flag=True, help="Play a recording at its recorded rate, dropping what the model "
@@ -232,7 +239,8 @@ def export(run: Path | None, step: str, repo: Path | None, name: str | None, siz
               help="Serve a live Foxglove view (default 127.0.0.1:8765; other hosts only when given).")
 def live(camera: int | None, source: str | None, repo: Path | None, name: str | None, backend: str, pin: int | None, poll_s: float,
          threads: int | None, headless: bool, save: Path | None, save_masks: Path | None, stats: Path | None,
-         max_frames: int | None, loop: bool, fps: float | None, alpha: float, topic: str | None, realtime: bool,
+         max_frames: int | None, loop: bool, fps: float | None, alpha: float, no_legend: bool, no_hud: bool,
+         topic: str | None, realtime: bool,
          save_bag: Path | None, foxglove: str | None) -> None:
     """Segment live video with the newest model version, hot-swapping as new versions are published."""
     from contextlib import ExitStack
@@ -269,7 +277,7 @@ def live(camera: int | None, source: str | None, repo: Path | None, name: str | 
     if not headless and not display:
         echo("no display found: running headless")
     options = LiveOptions(display=display, save=save, save_masks=save_masks, stats=stats, max_frames=max_frames,
-                          alpha=alpha)
+                          alpha=alpha, legend=not no_legend, hud=not no_hud)
     repo = MODELS if repo is None else repo
     name = name or latest_model(repo, log=echo)
     cv2.setNumThreads(split.opencv)  # OpenCV's own pool would otherwise compete with the backend's threads

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ciss.classmap import ClassMap
+from ciss.classmap import ClassMap, unlearned_warning
 from ciss.errors import CissError
 from ciss.export import onnx as onnx_export
 from ciss.export.repository import ModelRepository, check_name
@@ -112,6 +112,9 @@ def export_step(run: Path, repo: Path, name: str, options: ExportOptions,
 
     log(f"exporting step {step} of {store.root} ({len(classmap)} classes) at {size[0]}x{size[1]}"
         f"{' (dynamic height and width)' if options.dynamic else ''}")
+    warning = unlearned_warning(classmap, step_manifest.get("metrics"))
+    if warning:
+        log(warning)
     fused = model.fused().eval()
     logits = onnx_export.export_logits(fused, size, options.dynamic, options.opset)
     sizes = onnx_export.sizes_to_check(size, options.dynamic)

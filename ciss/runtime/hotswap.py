@@ -240,7 +240,7 @@ class HotSwap:
             if not self._stop.is_set():
                 self.check()
 
-    def _candidates(self, floor: int) -> list[int]:
+    def candidates(self, floor: int) -> list[int]:
         """Version folders above `floor` with a manifest, less refused ones whose files have not changed."""
         try:
             names = os.listdir(self.folder)
@@ -256,7 +256,7 @@ class HotSwap:
         a version published meanwhile waits for the next."""
         with self._check_lock:
             serving = self._models()
-            candidates = self._candidates(max(m.version for m in serving))
+            candidates = self.candidates(max(m.version for m in serving))
             if not candidates:
                 return None
             version = max(candidates)

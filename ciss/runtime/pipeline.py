@@ -45,10 +45,12 @@ class FrameSink(Protocol):
 class LiveOptions:
     display: bool = False
     save: Path | None = None          # annotated video (mp4v)
-    save_masks: Path | None = None    # one PNG of class ids per frame
+    save_masks: Path | None = None    # one palette PNG of class ids per frame (sinks.MaskSink)
     stats: Path | None = None         # JSONL, one record per frame
     max_frames: int | None = None
     alpha: float = 0.5
+    legend: bool = True               # the class legend, top right (--no-legend)
+    hud: bool = True                  # FPS, latency, version and backend, top left (--no-hud)
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:  # also refuses NaN; outside [0, 1] the overlay wraps around
@@ -68,12 +70,15 @@ class _Rate:
 
 
 def annotate(frame: np.ndarray, result: Result, luts: dict[int, np.ndarray], fps: float | None,
-             latency_ms: float, alpha: float) -> np.ndarray:
-    """The overlay with the legend of the version in use (its new classes tagged) and the HUD."""
+             latency_ms: float, alpha: float, show_legend: bool = True, show_hud: bool = True) -> np.ndarray:
+    """The overlay with the legend of the version in use (its new classes tagged) and the HUD, each
+    unless hidden."""
     lut = luts.setdefault(result.version, class_lut(result.classmap))
     image = overlay(frame, result.mask, lut, alpha)
-    legend(image, result.classmap, result.new_classes)
-    hud(image, fps, latency_ms, result.version, result.backend)
+    if show_legend:
+        legend(image, result.classmap, result.new_classes, result.unlearned, result.mask)
+    if show_hud:
+        hud(image, fps, latency_ms, result.version, result.backend)
     return image
 
 
@@ -123,7 +128,7 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
             return frame, result, None
         now = time.monotonic()
         return frame, result, annotate(frame.image, result, luts, rate.tick(now), 1e3 * (now - frame.time),
-                                       options.alpha)
+                                       options.alpha, options.legend, options.hud)
 
     started = time.monotonic()
     with ExitStack() as stack:
@@ -154,12 +159,14 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
                         log("stopped by the user")
                         break
             if masks is not None:
-                masks.write(frame.index, result.mask)
+                masks.write(frame.index if frame.name is None else frame.name, result.mask, result.classmap.colors)
             if stats is not None or sinks:
                 record = {"seq": result.seq, "frame": frame.index, "version": result.version,
                           "latency_ms": round(latency_ms, 2),
                           "timings_ms": {k: round(v, 2) for k, v in result.timings.items()},
                           "shares": pixel_shares(result.mask, result.classmap.names)}
+                if frame.name is not None:
+                    record["name"] = frame.name
                 if frame.stamp is not None:
                     record |= {"stamp": frame.stamp, "frame_id": frame.frame_id}
                 if stats is not None:
@@ -170,7 +177,17 @@ def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Lo
                 on_frame(result)
             writes.add(1e3 * (time.monotonic() - now))
         stages = {**stream.stage_ms, "write": writes}
-    return _report(source, segmenter, frames, time.monotonic() - started, latencies, gaps, swaps, stages)
+    report = _report(source, segmenter, frames, time.monotonic() - started, latencies, gaps, swaps, stages)
+    if report["unserved"] is not None:
+        log(missed_swap(report))
+    return report
+
+
+def missed_swap(report: dict[str, Any]) -> str:
+    """Why a published version never showed: the run ended (a short file, --max-frames) before a frame took it."""
+    return (f"WARNING: version {report['unserved']} was published but the run ended before any frame used it "
+            f"(still version {report['versions'][-1] if report['versions'] else '-'}); "
+            "give a longer source, --loop, or publish earlier")
 
 
 class _SwapGaps:
@@ -208,6 +225,7 @@ def _report(source: Source, segmenter: Segmenter, frames: int, wall_s: float, la
         "frame_gap_ms": {"p50": gaps.percentile(50), "max": gaps.max},
         "stage_ms": {name: {"p50": r.percentile(50), "p99": r.percentile(99)} for name, r in stages.items()},
         "versions": sorted(served.first_frame), "swaps": swaps, "backend": segmenter.backend,
+        "unserved": segmenter.unserved(),
     }
 
 

@@ -12,10 +12,12 @@ from collections.abc import Iterable
 import cv2
 import numpy as np
 
-from ciss.classmap import ClassMap
+from ciss.classmap import ClassInfo, ClassMap
 
 NEW_TAG = "NEW"
 NEW_COLOR = (0, 230, 255)  # BGR amber: the "just learned" tag
+UNLEARNED_TAG = "NOT LEARNED"  # a class the step's eval scored near IoU 0: the overlay will not show it
+UNLEARNED_COLOR = (60, 60, 255)  # BGR red
 TEXT_COLOR = (255, 255, 255)
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
@@ -39,12 +41,18 @@ def overlay(frame: np.ndarray, mask: np.ndarray, lut: np.ndarray, alpha: float =
     return out
 
 
+# The legend may cover this share of the frame; past it, it lists only the classes in the frame.
+LEGEND_SHARE = 0.15
+
+
 def _metrics(image: np.ndarray) -> tuple[float, int, int]:
-    """Font scale, thickness and row height that stay readable from 240p to 1080p."""
-    scale = max(0.4, image.shape[0] / 900)
+    """Font scale, thickness and row height in proportion to the frame: from 0.3 (the smallest
+    scale the Hershey font stays legible at, about 7 px capitals) on frames up to 270 px high, to
+    1080p's 1.2; a 240x180 frame then keeps most of its pixels to itself."""
+    scale = max(0.3, image.shape[0] / 900)
     thickness = 1 if scale < 0.8 else 2
     (_, h), base = cv2.getTextSize("Ag", _FONT, scale, thickness)
-    return scale, thickness, h + base + 4
+    return scale, thickness, h + base + max(2, round(4 * scale))
 
 
 def _shade(image: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> None:
@@ -54,28 +62,38 @@ def _shade(image: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> None:
     np.right_shift(box, 2, out=box)
 
 
-def legend(image: np.ndarray, classmap: ClassMap, new_ids: Iterable[int] = ()) -> list[str]:
+def legend(image: np.ndarray, classmap: ClassMap, new_ids: Iterable[int] = (),
+           unlearned_ids: Iterable[int] = (), mask: np.ndarray | None = None) -> list[str]:
     """Draw the classes of `classmap` (not background) top right, in place, with a colour swatch
-    each and a NEW tag on `new_ids`; columns wrap leftwards when a column is full.
+    each, a NEW tag on `new_ids` and a NOT LEARNED tag on `unlearned_ids` (which outranks NEW: a
+    class the overlay will not show must not be advertised); columns wrap leftwards when full.
+    When all of them would cover more than LEGEND_SHARE of the frame and the frame's `mask` is given,
+    only the classes in it and the tagged ones are listed.
 
     Returns the entries as drawn, e.g. "5 disk NEW".
     """
-    new = set(new_ids)
+    failed = set(unlearned_ids)
+    tags = {i: (UNLEARNED_TAG, UNLEARNED_COLOR) for i in failed} | \
+        {i: (NEW_TAG, NEW_COLOR) for i in new_ids if i not in failed}
     scale, thickness, row = _metrics(image)
     pad = row // 3
     swatch = row - 4
     classes = [c for c in classmap if c.id != 0]
-    entries = [f"{c.id} {c.name}" + (f" {NEW_TAG}" if c.id in new else "") for c in classes]
+    if mask is not None and _legend_area(classes, tags, scale, thickness, row) > LEGEND_SHARE * mask.size:
+        keep = set(np.flatnonzero(np.bincount(mask.ravel(), minlength=len(classmap))).tolist()) | set(tags)
+        classes = [c for c in classes if c.id in keep]
+    entries = [f"{c.id} {c.name}" + (f" {tags[c.id][0]}" if c.id in tags else "") for c in classes]
     if not classes:
         return entries
     per_column = max(1, (image.shape[0] - 2 * pad) // row)
-    tag_w = cv2.getTextSize(f" {NEW_TAG}", _FONT, scale, thickness)[0][0]
     right = image.shape[1]
     for start in range(0, len(classes), per_column):
         chunk = classes[start:start + per_column]
         names = [f"{c.id} {c.name}" for c in chunk]
         text_w = max(cv2.getTextSize(n, _FONT, scale, thickness)[0][0] for n in names)
-        width = pad + swatch + pad + text_w + (tag_w if new & {c.id for c in chunk} else 0) + pad
+        tag_w = max((cv2.getTextSize(f" {tags[c.id][0]}", _FONT, scale, thickness)[0][0]
+                     for c in chunk if c.id in tags), default=0)
+        width = pad + swatch + pad + text_w + tag_w + pad
         left = right - width
         _shade(image, left, 0, right, 2 * pad + row * len(chunk))
         for k, (c, name) in enumerate(zip(chunk, names, strict=True)):
@@ -85,11 +103,21 @@ def legend(image: np.ndarray, classmap: ClassMap, new_ids: Iterable[int] = ()) -
             baseline = top + row - 4
             x = left + 2 * pad + swatch
             cv2.putText(image, name, (x, baseline), _FONT, scale, TEXT_COLOR, thickness, cv2.LINE_AA)
-            if c.id in new:
-                cv2.putText(image, f" {NEW_TAG}", (x + text_w, baseline), _FONT, scale, NEW_COLOR, thickness,
-                            cv2.LINE_AA)
+            if c.id in tags:
+                tag, color = tags[c.id]
+                cv2.putText(image, f" {tag}", (x + text_w, baseline), _FONT, scale, color, thickness, cv2.LINE_AA)
         right = left
     return entries
+
+
+def _legend_area(classes: list[ClassInfo], tags: dict[int, tuple[str, tuple[int, int, int]]], scale: float,
+                 thickness: int, row: int) -> int:
+    """Pixels a one-column legend of `classes` would cover (its shaded box)."""
+    if not classes:
+        return 0
+    text = max(cv2.getTextSize(f"{c.id} {c.name}" + (f" {tags[c.id][0]}" if c.id in tags else ""), _FONT, scale,
+                               thickness)[0][0] for c in classes)
+    return (text + row) * (row * len(classes) + row // 2)
 
 
 def hud(image: np.ndarray, fps: float | None, latency_ms: float | None, version: int | None,

@@ -26,7 +26,7 @@ from typing import Any, Self
 import cv2
 import numpy as np
 
-from ciss.classmap import ClassMap
+from ciss.classmap import ClassMap, unlearned, unlearned_warning
 from ciss.errors import CissError
 from ciss.export.repository import ModelRepository
 from ciss.runtime.backends import Backend, check_kind, load_backend, return_freed_memory
@@ -49,6 +49,7 @@ class Result:
     seq: int                         # 0, 1, 2, ... in the order this Segmenter ran the frames
     timings: dict[str, float]        # milliseconds: preprocess, infer, postprocess, total
     new_classes: list[int] = field(default_factory=list)  # ids `version` added to the version served before
+    unlearned: list[int] = field(default_factory=list)  # ids of `version`'s new classes its eval never saw learned
     backend: str = ""                # the backend that produced it, e.g. onnxruntime:CPUExecutionProvider
     stamp: int | None = None         # the input's header stamp (ns) when it came from ROS, for the outputs' headers
     frame_id: str | None = None      # the input's header frame_id when it came from ROS
@@ -81,6 +82,8 @@ class Model:
     def __init__(self, version: int, manifest: dict[str, Any], backend: Backend):
         self.version, self.manifest, self.backend = version, manifest, backend
         self.classmap = ClassMap.from_json(manifest["classes"])
+        self.unlearned = unlearned(self.classmap, manifest.get("metrics"))
+        self.warning = unlearned_warning(self.classmap, manifest.get("metrics"))  # said when it starts serving
         self.spec = manifest["input"]
         scale, std = float(self.spec["scale"]), np.asarray(self.spec["std"], np.float32)
         # (pixel * scale - mean) / std as one multiply-add per channel
@@ -221,6 +224,8 @@ class Segmenter:
                 swapper.start()
                 following = f"following new versions ({swapper.watch_mode}, checked every {poll_s:g} s)"
         log(f"serving {name} version {model.version} on {model.backend.name}; {following}")
+        if model.warning:
+            log(f"version {model.version}: {model.warning}")
         return segmenter
 
     # --- the frame path --------------------------------------------------------------------------
@@ -308,7 +313,7 @@ class Segmenter:
             self._release(model)
         job.timings["total"] = 1e3 * (time.perf_counter() - job.start)
         result = Result(mask, confidence, model.classmap, model.version, job.seq, job.timings, job.new_classes,
-                        model.backend.name, job.stamp, job.frame_id)
+                        model.unlearned, model.backend.name, job.stamp, job.frame_id)
         if job.swapped_from is not None and self._on_swap is not None:
             self._on_swap(job.swapped_from, model.version)
         return result
@@ -342,6 +347,8 @@ class Segmenter:
         self._log(f"swapped to version {new.version} at frame {self._seq} (was {old.version}; "
                   f"+{len(self._new_classes)} classes; load {stats['load_s']:.2f} s, "
                   f"warm-up {stats['warmup_s']:.2f} s)")
+        if new.warning:
+            self._log(f"version {new.version}: {new.warning}")
         return old.version
 
     # --- hooks for HotSwap --------------------------------------------------------------------------
@@ -372,6 +379,15 @@ class Segmenter:
     def wait_for_pending(self, timeout: float) -> bool:
         """True once a checked version waits for the next frame; False after `timeout` seconds."""
         return self._pending_ready.wait(timeout)
+
+    def unserved(self) -> int | None:
+        """The newest version published after the serving one that has served no frame yet (parked for
+        the next frame, or not checked yet), or None; a source that ends before then never shows it."""
+        with self._lock:
+            serving = self._model.version
+            pending = [self._pending[0].version] if self._pending else []
+        published = self._swapper.candidates(serving) if self._swapper is not None else []
+        return max(pending + published, default=None)
 
     @property
     def version(self) -> int:

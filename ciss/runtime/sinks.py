@@ -9,8 +9,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Self
@@ -85,9 +87,29 @@ class VideoSink:
         self.close()  # also after an error: the frames so far make a valid video
 
 
+def palette_png(mask: np.ndarray, colors: Sequence[tuple[int, int, int]]) -> bytes:
+    """An 8-bit palette PNG of `mask` (as VOC's labels are): the pixel values stay the class ids, and any
+    viewer shows them in the class colours (RGB, one per id) instead of near-black greys.
+
+    Written here with zlib because OpenCV writes no palette PNGs, and Pillow, which does, would be a fifth
+    runtime dependency for these few lines. Read the ids back with `numpy.array(PIL.Image.open(path))`.
+    """
+    h, w = mask.shape
+    palette = bytes(v for rgb in colors for v in rgb)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = np.hstack([np.zeros((h, 1), np.uint8), mask])  # filter type 0 (none) before each row
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
+            + chunk(b"PLTE", palette) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
+
+
 class MaskSink:
-    """One PNG per frame, named by frame index (000042.png), holding class ids as pixel values:
-    8-bit for uint8 masks and 16-bit for uint16 ones, so ids read back exactly."""
+    """One PNG per frame, named after its source image (image folders) or by frame index (000042.png).
+
+    Up to 256 classes a palette PNG (palette_png): the pixel values are the class ids and viewers show
+    the class colours. Beyond that a 16-bit grey PNG, since a palette holds 256 entries; ids read back exactly."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -98,15 +120,22 @@ class MaskSink:
         if not os.access(self.folder, os.W_OK):
             raise CissError(f"cannot write masks to {self.folder}: folder is not writable")
 
-    def path(self, index: int) -> Path:
-        return self.folder / f"{index:06d}.png"
+    def path(self, name: int | str) -> Path:
+        """Where the mask of frame `name` (its source image's name, or its index) goes."""
+        return self.folder / (f"{name:06d}.png" if isinstance(name, int) else f"{name}.png")
 
-    def write(self, index: int, mask: np.ndarray) -> Path:
+    def write(self, name: int | str, mask: np.ndarray, colors: Sequence[tuple[int, int, int]]) -> Path:
+        """`colors`: the class map's RGB colours, one per id (ClassMap.colors)."""
         if mask.dtype not in (np.uint8, np.uint16) or mask.ndim != 2:
             raise ValueError(f"masks are HxW uint8 or uint16, not {mask.dtype} {mask.shape}")
-        path = self.path(index)
-        if not cv2.imwrite(str(path), mask):
-            raise CissError(f"cannot write mask {path} (disk full?)")
+        path = self.path(name)
+        try:
+            if mask.dtype == np.uint8 and len(colors) <= 256:
+                path.write_bytes(palette_png(mask, colors))
+            elif not cv2.imwrite(str(path), mask.astype(np.uint16)):
+                raise OSError(0, "OpenCV could not write it")
+        except OSError as e:
+            raise CissError(f"cannot write mask {path}: {e.strerror or e} (disk full?)") from None
         return path
 
 

@@ -46,6 +46,7 @@ class Frame:
     time: float  # time.monotonic() when the frame was captured (latency = now - time)
     stamp: int | None = None  # header stamp (ns since the epoch) of a ROS message, carried to every sink
     frame_id: str | None = None  # header frame_id of a ROS message
+    name: str | None = None  # the source image's name (image folders): names its mask file and its stats line
 
 
 class Source(ABC):
@@ -196,6 +197,8 @@ class ImageSource(Source):
         if not paths:
             raise CissError(f"no images in {name}")
         self.paths, self.loop = paths, loop
+        stems = [p.stem for p in paths]  # a.jpg and a.png in one folder keep their suffix apart
+        self.names = stems if len(set(stems)) == len(stems) else [p.name for p in paths]
         self.fps = fps
         self._pacer = _Pacer(fps)
         self._closed = False
@@ -213,7 +216,7 @@ class ImageSource(Source):
             image = cv2.imdecode(data, cv2.IMREAD_COLOR)
         if image is None:
             raise CissError(f"cannot decode image {path}: not an image or corrupt")
-        frame = Frame(image, self._read, time.monotonic())
+        frame = Frame(image, self._read, time.monotonic(), name=self.names[self._read % len(self.paths)])
         self._read += 1
         return frame
 

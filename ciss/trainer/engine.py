@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ciss.classmap import ClassMap
+from ciss.classmap import ClassMap, unlearned_warning
 from ciss.errors import CissError
 from ciss.manifest import library_versions, write_bytes_atomic
 from ciss.trainer.data import open_dataset
@@ -34,7 +34,7 @@ from ciss.trainer.data.tasks import StepData, pad_collate, presence, test_indice
 from ciss.trainer.data.transforms import EvalTransform, TrainTransform
 from ciss.trainer.distributed import Dist, ShardedBatches, shard
 from ciss.trainer.evaluate import evaluate
-from ciss.trainer.log import Progress, TrainLog, format_seconds
+from ciss.trainer.log import Progress, TrainLog, bar, format_seconds
 from ciss.trainer.methods import build_method
 from ciss.trainer.methods.base import Method, Outputs, StepContext, TrainBatch
 from ciss.trainer.models import DeepLabV3, build_model, pretrained_weights
@@ -52,6 +52,7 @@ class StepPlan:
     classmap: ClassMap
     new_native: list[int]
     future_native: list[int]  # known future classes (protocols); dropped by the disjoint filter
+    old_names: list[str] | None = None  # a joint step of a protocol: its step 0 classes, for the old/new split
 
 
 def open_splits(cfg: dict[str, Any]) -> tuple[SegDataset, SegDataset]:
@@ -237,9 +238,12 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
     if iters_per_epoch == 0:
         raise CissError(f"only {len(idx)} training images for step {step} but the batch size is "
                         f"{tcfg['batch_size']}; use a smaller --batch-size")
+    iterations = int(tcfg["iterations"] if step == 0 else tcfg["iterations_next"])
     epochs = int(tcfg["epochs"] if step == 0 else tcfg["epochs_next"])
+    if iterations:  # a schedule in iterations: the same training whatever the dataset's size
+        epochs = math.ceil(iterations / iters_per_epoch)
     base_lr = float(tcfg["lr"] if step == 0 else tcfg["lr_next"])
-    total = epochs * iters_per_epoch
+    total = iterations or epochs * iters_per_epoch
     clip = float(tcfg["clip_grad_norm"])
 
     # --- optimisation state --------------------------------------------------------------------
@@ -284,14 +288,15 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
 
     # --- the loop ------------------------------------------------------------------------------
     train_log = TrainLog(partial, enabled=dist.main, start=start_it)
-    progress = Progress(total, f"step {step}", start=start_it)
+    progress = Progress(total, f"step {step}", start=start_it, enabled=dist.main)
     names = ", ".join(classmap[i].name for i in classmap.ids_of_step(step))
     if dist.main:
-        log(f"step {step}: learning {names} with {method.name} on {len(idx)} images, "
-            f"{epochs} epochs x {iters_per_epoch} iterations, batch {tcfg['batch_size']} "
-            f"({dist.world} process{'es' if dist.world > 1 else ''}, {device})")
+        log(f"step {step}: learning {names} with {method.name} on {len(idx)} images: {total} iterations "
+            f"({total / iters_per_epoch:g} epochs of {iters_per_epoch}), batch {tcfg['batch_size']} "
+            f"({dist.world} process{'es' if dist.world > 1 else ''}, {device}); its time follows once measured")
     t0 = time.perf_counter()
     it = start_it
+    estimated = False
     amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
 
     def set_train_mode() -> None:
@@ -309,6 +314,8 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         loader = DataLoader(train_data, batch_sampler=sampler, num_workers=workers, collate_fn=pad_collate,
                             pin_memory=device.type == "cuda")
         for images, labels in loader:
+            if it == total:  # a schedule in iterations can end mid-epoch
+                break
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             lr = poly_lr(base_lr, it, total, tcfg["poly_power"])
@@ -344,6 +351,11 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
             if dist.main and measure:
                 values = {k: float(v.detach()) for k, v in terms.items()}
                 progress.update(it, values, lr)
+                if not estimated:  # the plan's time, measured on the first logging interval
+                    estimated = True
+                    per_it = (time.perf_counter() - t0) / (it - start_it)
+                    log(f"step {step}: about {format_seconds(per_it * (total - start_it))} of training "
+                        f"({per_it:.2f} s per iteration) and an evaluation on {len(eval_ds)} images")
                 train_log.write({"iteration": it, "epoch": epoch, "lr": lr, "loss": sum(values.values()),
                                  **values, **norms, "elapsed_s": round(time.perf_counter() - t0, 3)})
             if it % tcfg["checkpoint_every"] == 0 and it < total:
@@ -354,13 +366,15 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
                         "rng": torch.get_rng_state(), "config": json.dumps(cfg, sort_keys=True)})
                 dist.barrier()
     train_log.close()
+    progress.close()
     wall = time.perf_counter() - t0
 
     # --- evaluate and commit -------------------------------------------------------------------
     unwrapped.eval()
     loader = eval_loader(eval_ds, classmap, cfg["data"]["eval_protocol"], int(cfg["eval"]["batch_size"]),
                          dist, workers)
-    metrics = evaluate(unwrapped, loader, classmap, device, all_reduce=dist.all_reduce)
+    metrics = evaluate(unwrapped, loader, classmap, device, all_reduce=dist.all_reduce, old_names=plan.old_names,
+                       progress=bar(len(loader), f"step {step} eval", enabled=dist.main, unit="batch"))
     metrics.update(split=cfg["data"]["eval_split"], protocol=cfg["data"]["eval_protocol"])
     manifest = {
         "run": store.name,
@@ -370,7 +384,7 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         "pretrained": pretrained,
         "method": method.name,
         "data": {"dataset": train_ds.info.name, "kind": cfg["data"]["kind"], "root": cfg["data"]["root"],
-                 "added": [classmap[i].name for i in classmap.ids_of_step(step)],
+                 "added": [classmap[i].name for i in classmap.ids_of_step(step)], "old_names": plan.old_names,
                  "train_images": int(len(idx)), "eval_images": len(loader.dataset)},
         "config": cfg,
         "seed": seed,
@@ -392,6 +406,9 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         shutil.rmtree(partial, ignore_errors=True)
         log(f"step {step}: done in {format_seconds(wall)}; mIoU all {_pct(metrics.get('miou_all'))}, "
             f"old {_pct(metrics.get('miou_old'))}, new {_pct(metrics.get('miou_new'))}")
+        warning = unlearned_warning(classmap, metrics)
+        if warning:
+            log(warning)
     dist.barrier()
     return manifest
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -23,6 +23,9 @@ from ciss.classmap import BACKGROUND, ClassMap
 from ciss.errors import CissError
 from ciss.manifest import write_bytes_atomic
 from ciss.trainer.methods.losses import logits_of
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 IGNORE = 255
 
@@ -76,12 +79,15 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(sum(values) / len(values)) if values else None
 
 
-def compute_metrics(matrix: torch.Tensor | np.ndarray, classmap: ClassMap) -> dict[str, Any]:
+def compute_metrics(matrix: torch.Tensor | np.ndarray, classmap: ClassMap,
+                    old_names: Sequence[str] | None = None, progress: tqdm | None = None) -> dict[str, Any]:
     """mIoU all/old/new, per-class IoU by name, excluded classes, pixel accuracy.
 
     Keys: "miou_all", "miou_old", "miou_new" (None at step 0 or without new-class pixels),
     "pixel_acc", "per_class" {name: IoU of classes with ground truth}, "excluded" [names without].
-    Values are in [0, 1]; a mean over no class is None.
+    Values are in [0, 1]; a mean over no class is None. `old_names` (background is always old) splits
+    old/new by name instead of by step: a joint step learns a protocol's steps at once, and its
+    numbers are only comparable to the incremental run's split by that protocol's groups.
     """
     m = torch.as_tensor(np.asarray(matrix)).double()
     n = len(classmap)
@@ -100,12 +106,13 @@ def compute_metrics(matrix: torch.Tensor | np.ndarray, classmap: ClassMap) -> di
             continue
         v = float(tp[c.id] / union[c.id])
         iou[c.name] = v
-        (old if c.step == 0 else new).append(v)
+        is_old = c.step == 0 if old_names is None else c.name == BACKGROUND or c.name in old_names
+        (old if is_old else new).append(v)
     total = float(m.sum())
     return {
         "miou_all": _mean(old + new),
         "miou_old": _mean(old),
-        "miou_new": _mean(new) if classmap.num_steps > 1 else None,
+        "miou_new": _mean(new) if classmap.num_steps > 1 or old_names is not None else None,
         "pixel_acc": float(tp.sum()) / total if total > 0 else None,
         "per_class": iou,
         "excluded": excluded,
@@ -114,13 +121,15 @@ def compute_metrics(matrix: torch.Tensor | np.ndarray, classmap: ClassMap) -> di
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], classmap: ClassMap,
-             device: torch.device | str, all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
-             ) -> dict[str, Any]:
+             device: torch.device | str, all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
+             old_names: Sequence[str] | None = None, progress: tqdm | None = None) -> dict[str, Any]:
     """Run `model` (eval mode, no grad, argmax) over `loader` and return `compute_metrics`.
 
     The loader yields (images N,3,H,W, labels N,H,W) with labels in model ids, 255 = ignore (unseen
     classes, padding). Logits smaller than the labels are upsampled bilinearly. The model's mode is
-    restored afterwards. Under DDP every rank runs its shard and the counts are summed.
+    restored afterwards. Under DDP every rank runs its shard and the counts are summed. `old_names`:
+    see compute_metrics. `progress` (a tqdm bar, ciss.trainer.log.bar) counts the batches and is
+    closed at the end: a large split takes a minute, which must not look like a hang.
     """
     device = torch.device(device)
     n = len(classmap)
@@ -137,10 +146,14 @@ def evaluate(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.
             if logits.shape[-2:] != labels.shape[-2:]:
                 logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
             cm.update(logits.argmax(dim=1), labels)
+            if progress is not None:
+                progress.update(1)
     finally:
         model.train(was_training)
+        if progress is not None:
+            progress.close()
     cm.to(device).reduce(all_reduce)
-    return compute_metrics(cm.matrix, classmap)
+    return compute_metrics(cm.matrix, classmap, old_names)
 
 
 # --- reports -----------------------------------------------------------------------------------

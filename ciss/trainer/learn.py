@@ -65,9 +65,11 @@ def plan_steps(store: RunStore, info: DatasetInfo, classes: Sequence[str] | None
         raise CissError(f"{' and '.join(given)} cannot be combined; give one of them")
     existing = store.steps()
     native = {n: i for i, n in enumerate(info.class_names)}
+    old_names: list[str] | None = None  # a joint protocol run keeps the protocol's old/new split
     if task:
         steps = load_protocol(task, info).steps
         if joint:
+            old_names = list(steps[0])
             steps = [[n for s in steps for n in s]]
     elif new_classes:
         if not existing:
@@ -95,7 +97,7 @@ def plan_steps(store: RunStore, info: DatasetInfo, classes: Sequence[str] | None
                                 "use a new --run for this protocol")
             continue
         future = [native[n] for s in steps[k + 1:] for n in s]
-        plans.append(StepPlan(k, cmap, [native[n] for n in names], future))
+        plans.append(StepPlan(k, cmap, [native[n] for n in names], future, old_names))
     if task and not plans:
         raise CissError(f"run {store.root} already has every step of {task}")
     return plans

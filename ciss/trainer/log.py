@@ -1,4 +1,4 @@
-"""Training logs (JSONL, CSV and TensorBoard when it is installed) and the progress line."""
+"""Training logs (JSONL, CSV and TensorBoard when it is installed) and the progress bars."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import io
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
+
+from tqdm import tqdm
 
 from ciss.manifest import write_bytes_atomic
 
@@ -21,38 +22,27 @@ def format_seconds(s: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
 
 
+def bar(total: int, label: str, start: int = 0, enabled: bool = True, unit: str = "it") -> tqdm:
+    """A tqdm progress bar on stderr: redrawn in place with a smoothed ETA on a terminal, silent when
+    stderr is not one (logs keep the train log's records instead), and off where `enabled` is False
+    (every torchrun process but the first). Training, evaluation, export calibration and the demo use it."""
+    return tqdm(total=total, initial=start, desc=label, unit=unit, disable=None if enabled else True,
+                dynamic_ncols=True, file=sys.stderr)
+
+
 class Progress:
-    """The progress line: rewritten in place on a terminal, a new line each call otherwise.
+    """The training bar: iterations, the loss terms and the learning rate at each logging interval."""
 
-    The engine calls it at its logging interval, so a log file gets one line per interval."""
-
-    def __init__(self, total: int, label: str, stream: TextIO = sys.stderr, start: int = 0):
-        self.total, self.label, self.stream = total, label, stream
-        self.tty = stream.isatty()
-        self.start_it, self.t0 = start, time.perf_counter()
+    def __init__(self, total: int, label: str, start: int = 0, enabled: bool = True):
+        self.bar = bar(total, label, start, enabled)
 
     def update(self, it: int, terms: dict[str, float], lr: float) -> None:
-        done = it - self.start_it
-        rate = (time.perf_counter() - self.t0) / max(done, 1)
-        eta = format_seconds(rate * (self.total - it))
-        width = 20
-        bar = "#" * int(width * it / self.total) + "." * (width - int(width * it / self.total))
-        loss = sum(terms.values())
         parts = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-        line = f"{self.label} [{bar}] {it}/{self.total} loss {loss:.4f} ({parts}) lr {lr:.2e} eta {eta}"
-        if self.tty:
-            self.stream.write("\r" + line[:200].ljust(120))
-            if it == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        self.bar.set_postfix_str(f"loss {sum(terms.values()):.4f} ({parts}) lr {lr:.2e}", refresh=False)
+        self.bar.update(it - self.bar.n)
 
-    def note(self, text: str) -> None:
-        if self.tty:
-            self.stream.write("\n")
-        self.stream.write(text + "\n")
-        self.stream.flush()
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _append(path: Path, text: str) -> None:

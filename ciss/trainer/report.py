@@ -6,11 +6,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ciss.classmap import ClassMap
+from ciss.classmap import ClassMap, unlearned_warning
 from ciss.trainer.distributed import Dist, pick_device
 from ciss.trainer.engine import eval_loader
 from ciss.trainer.data import open_dataset
 from ciss.trainer.evaluate import evaluate
+from ciss.trainer.log import bar
 from ciss.trainer.store import RunStore
 
 
@@ -30,7 +31,8 @@ def evaluate_step(run: Path, step: int | None = None, data: Path | None = None, 
     classmap = ClassMap.from_json(manifest["classes"])
     dev = pick_device(device)
     loader = eval_loader(ds, classmap, protocol, int(manifest["config"]["eval"]["batch_size"]), Dist(device=dev), 0)
-    metrics = evaluate(model.to(dev).eval(), loader, classmap, dev)
+    metrics = evaluate(model.to(dev).eval(), loader, classmap, dev, old_names=manifest["data"].get("old_names"),
+                       progress=bar(len(loader), f"evaluating step {step}", unit="batch"))
     metrics.update(split=split, protocol=protocol, step=step)
     return metrics
 
@@ -53,15 +55,24 @@ def metrics_table(metrics: dict[str, Any], classmap: ClassMap) -> str:
     return "\n".join(rows)
 
 
+def method_label(method: str, step: int) -> str:
+    """What trained a step: every method learns step 0 with plain cross-entropy (there is no old model
+    to distil from), so a step 0 says `ce`, not the run's method; `joint` keeps its name, the bound it is."""
+    return "ce" if step == 0 and method != "joint" else method
+
+
 def describe_run(run: Path) -> str:
     store = RunStore(run)
     lines = [f"run {store.root}"]
     for k in store.steps():
         m = store.manifest(k)
         me = m["metrics"]
-        lines.append(f"  step {k}: +{', '.join(m['data']['added'])}  [{m['method']}, {m['model']['preset']}]  "
+        lines.append(f"  step {k}: +{', '.join(m['data']['added'])}  [{method_label(m['method'], k)}, {m['model']['preset']}]  "
                      f"mIoU old {pct(me.get('miou_old'))} new {pct(me.get('miou_new'))} all {pct(me.get('miou_all'))}"
                      f"  ({m['train']['wall_s']:.0f}s)")
+        warning = unlearned_warning(ClassMap.from_json(m["classes"]), me)
+        if warning:
+            lines.append(f"    {warning}")
     if len(lines) == 1:
         lines.append("  (no steps)")
     return "\n".join(lines)

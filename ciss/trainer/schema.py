@@ -170,6 +170,8 @@ SCHEMA: dict[str, Rule] = {
     "train.flip": Flag(),
     "train.epochs": COUNT,
     "train.epochs_next": COUNT,
+    "train.iterations": Number(integer=True, low=0),  # 0: the schedule is in epochs
+    "train.iterations_next": Number(integer=True, low=0),
     "train.lr": Number(low=0, above=True),
     "train.lr_next": Number(low=0, above=True),
     "train.momentum": Number(low=0, high=1, below=True),

@@ -55,6 +55,7 @@ def test_a_version_published_mid_file_flips_at_one_frame_and_loses_none(models: 
     assert [r["seq"] for r in records] == [r["frame"] for r in records] == list(range(30))
     assert [r["version"] for r in records] == [1] * flip + [2] * (30 - flip)
     assert report["frames"] == 30 and report["dropped"] == 0 and report["versions"] == [1, 2]
+    assert report["unserved"] is None
     (swap,) = report["swaps"]
     assert swap["first_frame"] == swap["seq"] == flip and swap["new_classes"] == [5, 6]
     assert swap["max_gap_ms"] is not None and swap["load_s"] > 0
@@ -63,6 +64,37 @@ def test_a_version_published_mid_file_flips_at_one_frame_and_loses_none(models: 
     assert new_class_pixels > 0 and not old_names & {"water", "sand"}
     capture = cv2.VideoCapture(str(tmp_path / "out.mp4"))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 30
+
+
+def test_masks_and_stats_of_an_image_folder_carry_the_image_names(models: Exported, tmp_path: Path):
+    stream = SyntheticStream(48, 64, seed=1)
+    for name in ("street_b.jpg", "street_a.png"):
+        (tmp_path / "images").mkdir(exist_ok=True)
+        cv2.imwrite(str(tmp_path / "images" / name), stream.read()[0])
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    with Segmenter.from_repository(repo, NAME, watch=False, log=lambda s: None) as segmenter, \
+            open_source(str(tmp_path / "images")) as source:
+        run_live(source, segmenter, LiveOptions(save_masks=tmp_path / "masks", stats=tmp_path / "stats.jsonl"),
+                 log=lambda s: None)
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["street_a.png", "street_b.png"]
+    records = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [(r["frame"], r["name"]) for r in records] == [(0, "street_a"), (1, "street_b")]
+
+
+def test_a_version_the_source_ended_before_is_reported(models: Exported, tmp_path: Path):
+    """A short file can end before the watcher picks a new version up: the run must say so, not end silently."""
+    video = write_video(tmp_path / "clip.mp4", 3, size=(48, 64))
+    repo = tmp_path / "models"
+    publish(repo, models.v1)
+    said: list[str] = []
+    # watch=False: nothing checks the repository during the run, as when the file ends before the first poll
+    with Segmenter.from_repository(repo, NAME, watch=False, log=lambda s: None) as segmenter, \
+            open_source(str(video)) as source:
+        publish(repo, models.v2)
+        report = run_live(source, segmenter, LiveOptions(), log=said.append)
+    assert report["versions"] == [1] and report["unserved"] == 2
+    assert any(s.startswith("WARNING: version 2 was published but the run ended") for s in said), said
 
 
 def test_a_version_published_from_on_frame_flips_at_one_later_frame(models: Exported, tmp_path: Path):

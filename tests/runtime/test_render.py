@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
 from ciss.classmap import ClassMap
-from ciss.runtime.render import NEW_COLOR, class_lut, hud, legend, overlay
+from ciss.runtime.pipeline import annotate
+from ciss.runtime.segmenter import Result
+from ciss.runtime.render import NEW_COLOR, UNLEARNED_COLOR, class_lut, hud, legend, overlay
 
 CLASSES = ClassMap.initial(["road", "car"], [(200, 10, 10), (10, 200, 10)]).extend(["bike"], [(10, 10, 200)])
 
@@ -63,18 +66,32 @@ def near(image: np.ndarray, bgr: tuple[int, int, int], tol: int = 8) -> int:
     return int((np.abs(image.astype(int) - np.array(bgr)).max(axis=2) <= tol).sum())
 
 
+def tinted(image: np.ndarray, bgr: tuple[int, int, int], tol: int = 8) -> int:
+    """Pixels of text in `bgr` on black: small text is anti-aliased, so its pixels are `bgr` dimmed (k * bgr)."""
+    c = np.array(bgr, float)
+    k = image.astype(float) @ c / (c @ c)
+    return int(((np.abs(image - k[..., None] * c).max(axis=2) <= tol) & (k > 0.4)).sum())
+
+
 def test_legend_lists_classes_with_their_colours_and_tags_new_ones():
     image = np.zeros((240, 320, 3), np.uint8)
     entries = legend(image, CLASSES, new_ids=[3])
     assert entries == ["1 road", "2 car", "3 bike NEW"]
     for c in CLASSES.classes[1:]:
         assert near(image, c.color[::-1], 0) >= 25, c.name  # a filled swatch per class
-    assert near(image, NEW_COLOR) > 10
+    assert tinted(image, NEW_COLOR) > 10
     assert image[:, :160].max() == 0  # top right only
 
     plain = np.zeros_like(image)
     assert "NEW" not in " ".join(legend(plain, CLASSES))
-    assert near(plain, NEW_COLOR) == 0
+    assert tinted(plain, NEW_COLOR) == 0
+
+
+def test_legend_tags_unlearned_classes_over_new_ones():
+    image = np.zeros((240, 320, 3), np.uint8)
+    entries = legend(image, CLASSES, new_ids=[2, 3], unlearned_ids=[3])
+    assert entries == ["1 road", "2 car NEW", "3 bike NOT LEARNED"]
+    assert tinted(image, UNLEARNED_COLOR) > 10 and tinted(image, NEW_COLOR) > 10
 
 
 def test_legend_wraps_into_columns_when_the_frame_is_short():
@@ -83,7 +100,37 @@ def test_legend_wraps_into_columns_when_the_frame_is_short():
     assert len(legend(image, many, new_ids=[30])) == 30
     for c in (many[1], many[30]):
         assert near(image, c.color[::-1], 0) > 0, c.name
-    assert near(image, NEW_COLOR) > 0
+    assert tinted(image, NEW_COLOR) > 0
+
+
+CAMVID = ClassMap.initial(["sky", "building", "pole", "road", "sidewalk", "tree", "signsymbol", "fence", "car",
+                           "pedestrian", "bicyclist"])
+
+
+def covered(image: np.ndarray) -> float:
+    return float((image.max(axis=2) < 255).mean())
+
+
+def test_legend_and_hud_leave_most_of_a_small_frame_to_the_scene():
+    """Issue 14.7: on 240x180 they covered about 45 % (64 % with CamVid's 11 classes)."""
+    mask = np.zeros((180, 240), np.uint8)
+    mask[:60], mask[60:120, :80], mask[120:] = 1, 9, 4  # sky, a car, road
+    image = np.full((180, 240, 3), 255, np.uint8)
+    entries = legend(image, CAMVID, new_ids=[10, 11], mask=mask)
+    hud(image, 30.0, 12, 3, "onnxruntime:CPUExecutionProvider")
+    assert entries == ["1 sky", "4 road", "9 car", "10 pedestrian NEW", "11 bicyclist NEW"]  # in the frame, or tagged
+    assert covered(image) < 0.2
+    big = np.full((720, 960, 3), 255, np.uint8)  # room for them all: every class listed
+    assert len(legend(big, CAMVID, mask=cv2.resize(mask, (960, 720), interpolation=cv2.INTER_NEAREST))) == 11
+    assert covered(big) < 0.15
+
+
+def test_legend_and_hud_can_be_hidden():
+    frame, mask = scene(180, 240)
+    result = Result(mask, None, CLASSES, 1, 0, {}, backend="ort CPU")
+    bare = annotate(frame, result, {}, 30.0, 5.0, 0.5, show_legend=False, show_hud=False)
+    assert np.array_equal(bare, overlay(frame, mask, class_lut(CLASSES), 0.5))
+    assert not np.array_equal(annotate(frame, result, {}, 30.0, 5.0, 0.5), bare)
 
 
 def test_hud_shows_fps_latency_version_and_backend():

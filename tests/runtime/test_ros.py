@@ -21,6 +21,7 @@ pytest.importorskip("rosbags.image", reason="needs the ros extra: pip install -e
 pytest.importorskip("foxglove", reason="needs the ros extra: pip install -e '.[ros]'")
 
 from conftest import CISS, REPO  # noqa: E402
+from PIL import Image  # noqa: E402
 from rosbags.highlevel import AnyReader  # noqa: E402
 from rosbags.rosbag1 import Writer as Writer1  # noqa: E402
 from rosbags.rosbag2 import StoragePlugin, Writer as Writer2  # noqa: E402
@@ -204,7 +205,8 @@ def test_a_swap_mid_bag_is_recorded_at_the_stamp_of_its_first_frame(models: Expo
         assert [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for _, m in msgs] == stamps
         assert [m.header.frame_id for _, m in msgs] == [f"cam{i % 2}" for i in range(12)]
     for i, (_, m) in enumerate(by_topic[f"{TOPIC}/ciss/mask"]):
-        png = cv2.imread(str(tmp_path / "masks" / f"{i:06d}.png"), cv2.IMREAD_UNCHANGED)
+        with Image.open(tmp_path / "masks" / f"{i:06d}.png") as file:
+            png = np.array(file)
         assert m.encoding == "mono8" and np.array_equal(m.data.reshape(m.height, m.width), png)
     classes = [(s, json.loads(m.data)) for s, m in by_topic[f"{TOPIC}/ciss/classes"]]
     assert [(s, c["version"], c["previous"]) for s, c in classes] == [(stamps[0], 1, None), (stamps[5], 2, 1)]

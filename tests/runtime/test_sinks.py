@@ -67,17 +67,23 @@ def test_video_that_cannot_be_written_is_a_clear_error(tmp_path: Path, name: str
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
 
 
-def test_masks_read_back_equal_in_8_and_16_bit(tmp_path: Path):
+def test_masks_are_palette_pngs_of_the_ids_and_16_bit_past_256_classes(tmp_path: Path):
+    Image = pytest.importorskip("PIL.Image")
     sink = MaskSink(tmp_path / "masks" / "run1")
+    colors = [(0, 0, 0)] + [(i, 255 - i, (7 * i) % 256) for i in range(1, 256)]
     small = np.arange(48 * 64, dtype=np.uint32).reshape(48, 64).astype(np.uint8)
     large = (np.arange(48 * 64).reshape(48, 64) * 13 % 700).astype(np.uint16)
-    assert sink.write(7, small).name == "000007.png"
-    sink.write(8, large)
-    for index, mask in [(7, small), (8, large)]:
-        back = cv2.imread(str(sink.path(index)), cv2.IMREAD_UNCHANGED)
-        assert back.dtype == mask.dtype and np.array_equal(back, mask)
+    assert sink.write(7, small, colors).name == "000007.png"
+    assert sink.write("street_01", small, colors).name == "street_01.png"  # named after its source image
+    with Image.open(sink.path(7)) as png:
+        assert png.mode == "P" and np.array_equal(np.array(png), small)  # the ids, as VOC's labels hold them
+    shown = cv2.imread(str(sink.path("street_01")), cv2.IMREAD_COLOR)  # what a viewer shows: the class colours
+    assert np.array_equal(shown[..., ::-1], np.array(colors, np.uint8)[small])
+    sink.write(8, large, colors * 3)
+    back = cv2.imread(str(sink.path(8)), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint16 and np.array_equal(back, large)
     with pytest.raises(ValueError, match="uint8 or uint16"):
-        sink.write(9, large.astype(np.int64))
+        sink.write(9, large.astype(np.int64), colors)
 
 
 def test_mask_folder_that_cannot_be_made_is_a_clear_error(tmp_path: Path):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import csv
+import io
 
 import cv2
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
+from ciss.trainer.log import bar
 from ciss.trainer.evaluate import ConfusionMatrix, compute_metrics, evaluate, plot_forgetting, write_reports
 
 # background, a, b at step 0; c at step 1; d at step 2
@@ -48,6 +51,14 @@ def test_metrics_by_hand():
     assert r["miou_new"] == pytest.approx(0.5)  # c only: d is excluded
     assert r["miou_all"] == pytest.approx((0.5 + 2 / 3 + 0.5 + 0.5) / 4)
     assert r["pixel_acc"] == pytest.approx(6 / 9)
+
+
+def test_a_joint_step_is_split_old_new_by_the_protocols_groups():
+    joint = ClassMap.initial(["a", "b", "c", "d"])  # one step, as a joint run learns a 2-2 protocol
+    r = compute_metrics(hand_matrix(), joint, old_names=["a", "b"])
+    assert r["miou_old"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)  # background counts as old
+    assert r["miou_new"] == pytest.approx(0.5)
+    assert compute_metrics(hand_matrix(), joint)["miou_new"] is None
 
 
 def test_metrics_step0_and_no_new_pixels():
@@ -91,6 +102,17 @@ def test_evaluate_matches_confusion_and_restores_mode():
     assert r["per_class"] == {"b": 1.0} and r["miou_old"] == 1.0 and r["miou_new"] is None
     with pytest.raises(CissError, match="3 outputs"):
         evaluate(Fixed(3), [(img, lab)], CMAP, "cpu")
+
+
+def test_evaluation_shows_its_progress_and_is_quiet_off_a_terminal():
+    """Issue 14.8: a minute of silent evaluation looked like a hang."""
+    images = torch.zeros(1, 3, 1, 11)
+    labels = TARGET.view(1, 1, 11)
+    shown = io.StringIO()
+    progress = tqdm(total=3, file=shown, disable=False)
+    evaluate(Fixed(5), [(images, labels)] * 3, CMAP, "cpu", progress=progress)
+    assert progress.n == 3 and "3/3" in shown.getvalue()
+    assert bar(3, "eval").disable  # pytest's stderr is no terminal: no bar in logs
 
 
 def history() -> list[dict]:

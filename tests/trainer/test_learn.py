@@ -31,6 +31,7 @@ def test_protocol_plans_every_step(tmp_path: Path, info):
 def test_joint_is_one_step_with_everything(tmp_path: Path, info):
     (plan,) = plan_steps(RunStore(tmp_path / "r"), info, None, None, "synthetic:6-2", joint=True)
     assert plan.step == 0 and plan.classmap.names[1:] == list(info.learnable)
+    assert plan.old_names == list(info.learnable[:6])  # the protocol's step 0: the old/new split of its metrics
 
 
 def test_protocol_skips_steps_the_run_has(tmp_path: Path, fast_config: Path, info):
@@ -140,3 +141,13 @@ def test_config_file_typo_suggests_the_key(tmp_path: Path):
     bad.write_text("[train]\nclip_grad = 3\n")
     with pytest.raises(CissError, match="did you mean 'train.clip_grad_norm'"):
         configlib.resolve(bad, {})
+
+
+def test_a_schedule_in_iterations_and_the_printed_plan(tmp_path: Path, fast_config: Path):
+    """Issue 14.4: epochs scale with the dataset; --iterations does not, and each step prints its plan and time."""
+    said: list[str] = []
+    (manifest,) = learn(tmp_path / "r", classes=["sky", "grass"], config_file=fast_config, method="ft",
+                        overrides={"train": {"iterations": 7}}, log=said.append)
+    assert manifest["train"]["iterations"] == 7 and manifest["train"]["epochs"] == 2  # 24 images, batch 4: 6 a epoch
+    assert any("7 iterations (1.16667 epochs of 6)" in s for s in said), said
+    assert any(s.startswith("step 0: about ") and "per iteration" in s for s in said), said
