@@ -295,7 +295,6 @@ def test_projections_are_training_only_and_optimised_in_the_engine_order():
     # The engine builds its optimizer from method.parameters() before prepare sizes them.
     optimizer = torch.optim.SGD(list(ctx.model.parameters()) + list(method.parameters()), lr=0.1)
     method.prepare(ctx)
-    widths = ctx.model.backbone.stage_channels
     assert method.feature_names == LAYERS
     assert method.projections["contrast"][2].weight.shape == (128, ctx.model.head.in_channels, 1, 1)
     before = {k: v.clone() for k, v in method.state_dict()["modules"].items()}
