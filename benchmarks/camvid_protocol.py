@@ -180,14 +180,15 @@ def main() -> None:
     def record(v: Variant, seed: int, target: Path, wall: float | None) -> None:
         metrics = last_metrics(target, 1 if v.method == "joint" else len(steps))
         assert metrics is not None, target
+        with lock:
+            earlier = next((r for r in results.get(v.name, []) if r["seed"] == seed), {})
+        # A run read back from an earlier invocation keeps its wall time and margins (an eval pass each).
+        margins = earlier.get("margins") if wall is None else None
         row = {"seed": seed, **summarise(metrics["per_class"], old, new), "per_class": metrics["per_class"],
-               "margins": new_class_margins(target, new)}
+               "margins": margins or new_class_margins(target, new),
+               "wall_s": earlier.get("wall_s") if wall is None else round(wall, 1)}
         with lock:
             rows = [r for r in results.get(v.name, []) if r["seed"] != seed]
-            if wall is None:  # read back from an earlier invocation: keep its wall time
-                row["wall_s"] = next((r.get("wall_s") for r in results.get(v.name, []) if r["seed"] == seed), None)
-            else:
-                row["wall_s"] = round(wall, 1)
             results[v.name] = sorted(rows + [row], key=lambda r: r["seed"])
             results_file.write_text(json.dumps(results, indent=2) + "\n")
             commands_file.write_text("\n".join(commands) + "\n")

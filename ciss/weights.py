@@ -28,6 +28,7 @@ REGISTRY_FILE = config_dir() / "weights.toml"
 URL_TIMEOUT_S = 15
 PIP_TIMEOUT_S = 900
 IMAGENET = "imagenet"  # `--pretrained imagenet`: the preset's own weight file
+AUTO, NONE = "auto", "none"  # the default (imagenet where the preset has a file), and no weights
 
 
 @dataclass(frozen=True)
@@ -130,10 +131,11 @@ def fetch(spec: WeightSpec, log: Callable[[str], None] = lambda s: None) -> Path
 
 def resolve_pretrained(value: str, preset_weights: str = "", preset: str = "",
                        log: Callable[[str], None] = lambda s: None) -> ResolvedWeights | None:
-    """`--pretrained` as a checked file: "" none, "imagenet" the preset's file, a registry name, or a path."""
-    if not value:
+    """`--pretrained` as a checked file: "" or "none" none, "imagenet" the preset's file, "auto" that
+    file when the preset has one (else none), a registry name, or a path."""
+    if value in ("", NONE) or (value == AUTO and not preset_weights):
         return None
-    if value == IMAGENET:
+    if value in (IMAGENET, AUTO):
         if not preset_weights:
             raise CissError(f"model preset '{preset}' has no ImageNet weights; pick a preset that lists "
                             "`weights` in configs/models.toml (e.g. --model mobilenet_v2) or pass --pretrained FILE")

@@ -54,11 +54,8 @@ def pretrained_weights(preset: str, value: str, log: Callable[[str], None] | Non
 
     "imagenet" is the preset's `weights` entry; "auto" is that when the preset has one, else none.
     """
-    spec = model_presets().get(preset, {})
-    known = str(spec.get("weights", ""))
-    if value in ("", "none") or (value == "auto" and not known):
-        return None
-    return resolve_pretrained("imagenet" if value == "auto" else value, known, preset, log or (lambda s: None))
+    known = str(model_presets().get(preset, {}).get("weights", ""))
+    return resolve_pretrained(value, known, preset, log or (lambda s: None))
 
 
 def build_model(preset: str, step_sizes: list[int], output_stride: int | None = None,
