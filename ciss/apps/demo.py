@@ -199,12 +199,15 @@ class _Monitor:
     """A sink of the live loop: checks frame order, says how it goes, keeps the best frame after the
     swap, and ends the loop once version 2 has served `after_swap` frames (or when learning failed).
 
-    It reads each result's own frame index from the stats record: with the stages overlapped, the
-    source has already read the next frames when a result comes out."""
+    How it goes: on a terminal, a tqdm counter of the frames served with the version and the drops
+    (`progress`, closed by the caller); off one, where the bar is silent, a log line every
+    PROGRESS_EVERY_S. It reads each result's own frame index from the stats record: with the stages
+    overlapped, the source has already read the next frames when a result comes out."""
 
-    def __init__(self, source: _Stoppable, learner: _Learner, first_version: int, after_swap: int, log: Log):
+    def __init__(self, source: _Stoppable, learner: _Learner, first_version: int, after_swap: int, log: Log,
+                 progress: Any = None):
         self.source, self.learner, self.first_version = source, learner, first_version
-        self.after_swap, self.log = after_swap, log
+        self.after_swap, self.log, self.progress = after_swap, log, progress
         self.expected_seq = 0
         self.out_of_order = 0
         self.swap_seq: int | None = None
@@ -227,7 +230,11 @@ class _Monitor:
             self.swap_seq = result.seq
         if self.swap_seq is not None and overlay is not None:
             self._keep_best(overlay, result)
-        if now >= self._next_note:
+        if self.progress is not None and not self.progress.disable:
+            self.progress.set_postfix_str(f"version {result.version}, dropped {self.source.stats.get('dropped', 0)}",
+                                          refresh=False)
+            self.progress.update(1)
+        elif now >= self._next_note:
             self._next_note = now + PROGRESS_EVERY_S
             self.log(f"[live] frame {result.seq}: version {result.version}, "
                      f"dropped {self.source.stats.get('dropped', 0)}")
@@ -263,6 +270,7 @@ def run_demo(out: Path, data: Path | None = None, video: str | None = None, meth
     """
     from ciss.trainer import config as configlib
     from ciss.trainer.data import open_dataset
+    from ciss.trainer.log import bar
     from ciss.trainer.methods import build_method
 
     started = time.monotonic()
@@ -302,6 +310,7 @@ def run_demo(out: Path, data: Path | None = None, video: str | None = None, meth
     stages["publish_v1_s"] = time.monotonic() - t
 
     t = time.monotonic()
+    log = _above(log)  # the live bar is redrawn under each line the learner and the live loop print
     live_log: Log = lambda s: log(s if s.startswith("[live]") else f"[live] {s}")
     learner = _Learner([
         (f"[4/5] learning the new classes {', '.join(new_classes)} with {method} (step 1) while live", "learn",
@@ -314,7 +323,8 @@ def run_demo(out: Path, data: Path | None = None, video: str | None = None, meth
     segmenter = Segmenter.from_repository(repo, MODEL, threads=1, log=live_log,
                                           on_error=lambda e: monitor.refuse(e))
     with segmenter, _Stoppable(_open_live(spec, fps)) as source:
-        monitor = _Monitor(source, learner, segmenter.version, max(1, round(after_swap_s * fps)), log)
+        progress = bar(None, "[live] serving", unit=" frames")  # no total: a counter of the frames served
+        monitor = _Monitor(source, learner, segmenter.version, max(1, round(after_swap_s * fps)), log, progress)
         live_log(f"source: {source.describe()}")
         learner.start()
         try:
@@ -323,6 +333,7 @@ def run_demo(out: Path, data: Path | None = None, video: str | None = None, meth
                               sinks=[monitor])
         finally:
             learner.stop()
+            progress.close()
     stages["live_s"] = time.monotonic() - t
     if monitor.error:
         raise CissError(monitor.error)
@@ -337,6 +348,16 @@ def run_demo(out: Path, data: Path | None = None, video: str | None = None, meth
                         "classes": classes, "new_classes": new_classes, "out": str(out)})
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def _above(log: Log) -> Log:
+    """`log`, clearing tqdm's bars for the line and redrawing them after it (a no-op off a terminal)."""
+    from tqdm import tqdm
+
+    def write(line: str) -> None:
+        with tqdm.external_write_mode():
+            log(line)
+    return write
 
 
 def _learn_base(run: Path, data: Path | None, classes: list[str], method: str, config: dict[str, Any],

@@ -22,6 +22,7 @@ from ciss.export.verify import check_parity, evaluate_graph, spread, to_input
 from ciss.trainer.data.base import SegDataset
 from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
 from ciss.trainer.engine import open_splits
+from ciss.trainer.log import bar
 from ciss.trainer.store import RunStore
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -198,15 +199,18 @@ def _int8_variant(logits: Any, calibration: list[np.ndarray], metadata: dict[str
     from ciss.export.quantize import quantize_int8
 
     log(f"quantizing to int8 (QDQ) on {len(calibration)} training images")
-    q_logits = quantize_int8(logits, calibration, target="cpu")
+    q_logits = quantize_int8(logits, calibration, target="cpu",
+                             progress=bar(len(calibration), "int8 calibration", unit="image"))
     _save_int8(q_logits, metadata, options.outputs, work / "model.int8.onnx")
     variant: dict[str, Any] = {"file": "model.int8.onnx", "format": "QDQ", "activations": "uint8",
                                "calibration_images": len(calibration)}
     if eval_ds is None:
         return variant
     protocol = step_manifest["config"]["data"]["eval_protocol"]
-    fp32 = evaluate_graph(onnx_export.add_tail(logits, "mask"), eval_ds, classmap, protocol, size, normalise)
-    int8 = evaluate_graph(onnx_export.add_tail(q_logits, "mask"), eval_ds, classmap, protocol, size, normalise)
+    fp32 = evaluate_graph(onnx_export.add_tail(logits, "mask"), eval_ds, classmap, protocol, size, normalise,
+                          label="fp32 eval")
+    int8 = evaluate_graph(onnx_export.add_tail(q_logits, "mask"), eval_ds, classmap, protocol, size, normalise,
+                          label="int8 eval")
     variant.update(split=step_manifest["config"]["data"]["eval_split"], eval_images=fp32["images"],
                    miou_fp32=fp32["miou_all"], miou_int8=int8["miou_all"],
                    miou_drop=fp32["miou_all"] - int8["miou_all"],
@@ -243,7 +247,9 @@ def _build_engines(files: dict[str, Path], manifest: dict[str, Any], logits: Any
         from ciss.export.quantize import quantize_int8
 
         source = "model.int8-tensorrt.onnx"
-        _save_int8(quantize_int8(logits, calibration, target="tensorrt"), metadata, options.outputs, work / source)
+        q_logits = quantize_int8(logits, calibration, target="tensorrt",
+                                 progress=bar(len(calibration), "int8 calibration", unit="image"))
+        _save_int8(q_logits, metadata, options.outputs, work / source)
         files[source] = work / source
     profile = None
     if options.dynamic:

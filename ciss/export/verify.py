@@ -25,6 +25,7 @@ from ciss.trainer.data.tasks import presence, test_indices, test_lut
 from ciss.trainer.data.transforms import Normalise
 from ciss.trainer.engine import native_ids
 from ciss.trainer.evaluate import ConfusionMatrix, compute_metrics
+from ciss.trainer.log import bar
 
 MIN_AGREEMENT = 0.999
 
@@ -83,8 +84,10 @@ def check_parity(model: nn.Module, graph: onnx.ModelProto, images: Sequence[np.n
 
 
 def evaluate_graph(graph: onnx.ModelProto | bytes, ds: SegDataset, classmap: ClassMap, protocol: str,
-                   size: tuple[int, int], normalise: Normalise, limit: int | None = None) -> dict[str, Any]:
-    """mIoU of a mask-output graph run by ONNX Runtime at its input size, scored at label resolution."""
+                   size: tuple[int, int], normalise: Normalise, limit: int | None = None,
+                   label: str | None = None) -> dict[str, Any]:
+    """mIoU of a mask-output graph run by ONNX Runtime at its input size, scored at label resolution;
+    with a `label`, a progress bar (ciss.trainer.log.bar) counts the images on a terminal."""
     session = cpu_session(graph)
     mask_index = [o.name for o in session.get_outputs()].index("mask")
     seen = native_ids(ds, [c.name for c in classmap if c.id > 0])
@@ -93,11 +96,13 @@ def evaluate_graph(graph: onnx.ModelProto | bytes, ds: SegDataset, classmap: Cla
         indices = indices[spread(len(indices), limit)]
     lut = test_lut(ds.info, classmap)
     confusion = ConfusionMatrix(len(classmap))
-    for i in indices:
-        label = lut[ds.label(int(i))]
-        mask = session.run(None, {INPUT: to_input(ds.image(int(i)), size, normalise)})[mask_index][0]
-        mask = cv2.resize(mask, label.shape[::-1], interpolation=cv2.INTER_NEAREST)
-        confusion.update(torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(label.astype(np.int64)))
+    with bar(len(indices), label or "", enabled=label is not None, unit="image") as progress:
+        for i in indices:
+            target = lut[ds.label(int(i))]
+            mask = session.run(None, {INPUT: to_input(ds.image(int(i)), size, normalise)})[mask_index][0]
+            mask = cv2.resize(mask, target.shape[::-1], interpolation=cv2.INTER_NEAREST)
+            confusion.update(torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(target.astype(np.int64)))
+            progress.update(1)
     metrics = compute_metrics(confusion.matrix, classmap)
     metrics["images"] = len(indices)
     return metrics

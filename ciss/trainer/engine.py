@@ -33,7 +33,7 @@ from ciss.trainer.data.base import SegDataset
 from ciss.trainer.data.tasks import StepData, pad_collate, presence, test_indices, test_lut, train_indices, train_lut
 from ciss.trainer.data.transforms import EvalTransform, TrainTransform
 from ciss.trainer.distributed import Dist, ShardedBatches, shard
-from ciss.trainer.evaluate import evaluate
+from ciss.trainer.evaluate import compute_metrics, confusion
 from ciss.trainer.log import Progress, TrainLog, bar, format_seconds
 from ciss.trainer.methods import build_method
 from ciss.trainer.methods.base import Method, Outputs, StepContext, TrainBatch
@@ -373,8 +373,9 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
     unwrapped.eval()
     loader = eval_loader(eval_ds, classmap, cfg["data"]["eval_protocol"], int(cfg["eval"]["batch_size"]),
                          dist, workers)
-    metrics = evaluate(unwrapped, loader, classmap, device, all_reduce=dist.all_reduce, old_names=plan.old_names,
+    matrix = confusion(unwrapped, loader, classmap, device, all_reduce=dist.all_reduce,
                        progress=bar(len(loader), f"step {step} eval", enabled=dist.main, unit="batch"))
+    metrics = compute_metrics(matrix, classmap, plan.old_names)
     metrics.update(split=cfg["data"]["eval_split"], protocol=cfg["data"]["eval_protocol"])
     manifest = {
         "run": store.name,
@@ -395,7 +396,10 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         "method_report": report,
     }
     if dist.main:
-        extra = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()}
+        from ciss.trainer.plots import confusion_png, iou_png  # matplotlib, only where a step is written
+
+        extra = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(),
+                 "iou.png": iou_png(metrics, classmap, step), "confusion.png": confusion_png(matrix, classmap, step)}
         for name in ("train_log.jsonl", "train_log.csv"):
             if (partial / name).exists():
                 extra[name] = (partial / name).read_bytes()

@@ -14,7 +14,6 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -119,17 +118,25 @@ def compute_metrics(matrix: torch.Tensor | np.ndarray, classmap: ClassMap,
     }
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], classmap: ClassMap,
              device: torch.device | str, all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
              old_names: Sequence[str] | None = None, progress: tqdm | None = None) -> dict[str, Any]:
-    """Run `model` (eval mode, no grad, argmax) over `loader` and return `compute_metrics`.
+    """Run `model` over `loader` and return `compute_metrics` of its `confusion` (same arguments)."""
+    matrix = confusion(model, loader, classmap, device, all_reduce, progress)
+    return compute_metrics(matrix, classmap, old_names)
+
+
+@torch.no_grad()
+def confusion(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], classmap: ClassMap,
+              device: torch.device | str, all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
+              progress: tqdm | None = None) -> torch.Tensor:
+    """Run `model` (eval mode, no grad, argmax) over `loader`: the confusion matrix (CPU int64 counts).
 
     The loader yields (images N,3,H,W, labels N,H,W) with labels in model ids, 255 = ignore (unseen
     classes, padding). Logits smaller than the labels are upsampled bilinearly. The model's mode is
-    restored afterwards. Under DDP every rank runs its shard and the counts are summed. `old_names`:
-    see compute_metrics. `progress` (a tqdm bar, ciss.trainer.log.bar) counts the batches and is
-    closed at the end: a large split takes a minute, which must not look like a hang.
+    restored afterwards. Under DDP every rank runs its shard and the counts are summed. `progress` (a
+    tqdm bar, ciss.trainer.log.bar) counts the batches and is closed at the end: a large split takes a
+    minute, which must not look like a hang.
     """
     device = torch.device(device)
     n = len(classmap)
@@ -153,7 +160,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.
         if progress is not None:
             progress.close()
     cm.to(device).reduce(all_reduce)
-    return compute_metrics(cm.matrix, classmap, old_names)
+    return cm.matrix
 
 
 # --- reports -----------------------------------------------------------------------------------
@@ -197,7 +204,7 @@ def _fmt(v: float | None, scale: float = 1.0, digits: int = 4) -> str:
 
 
 def write_reports(run_dir: Path, history: list[dict[str, Any]], classmap: ClassMap | None = None) -> dict[str, Path]:
-    """Write results.csv, results.md and forgetting.png into `run_dir` (each atomically).
+    """Write results.csv, results.md and forgetting.png (ciss.trainer.plots) into `run_dir` (each atomically).
 
     `history` has one entry per step: {"step", "classes_added", "metrics"} (+ optional "classes",
     the step's class map as JSON, used for class order and colours when `classmap` is not given).
@@ -230,131 +237,7 @@ def write_reports(run_dir: Path, history: list[dict[str, Any]], classmap: ClassM
                                     + [_fmt(v, 100, 1) for v in row[1:]]) + " |")
     write_bytes_atomic(paths["md"], ("\n".join(md) + "\n").encode())
 
-    image = plot_forgetting(rows, cmap)
-    ok, png = cv2.imencode(".png", image)
-    if not ok:
-        raise RuntimeError("OpenCV could not encode forgetting.png")
-    write_bytes_atomic(paths["png"], png.tobytes())
+    from ciss.trainer.plots import forgetting_png  # matplotlib: imported only when a report is drawn
+
+    write_bytes_atomic(paths["png"], forgetting_png(rows, cmap))
     return paths
-
-
-# --- the forgetting plot (OpenCV only) ---------------------------------------------------------
-
-FONT = cv2.FONT_HERSHEY_SIMPLEX
-INK = (40, 40, 40)
-GRID = (225, 225, 225)
-
-
-def _text(img: np.ndarray, s: str, org: tuple[int, int], scale: float = 0.45, color=INK, thickness: int = 1,
-          anchor: str = "left") -> None:
-    (tw, th), _ = cv2.getTextSize(s, FONT, scale, thickness)
-    x, y = org
-    if anchor == "center":
-        x -= tw // 2
-    elif anchor == "right":
-        x -= tw
-    cv2.putText(img, s, (int(x), int(y + th // 2)), FONT, scale, color, thickness, cv2.LINE_AA)
-
-
-def _bgr(rgb: Sequence[int]) -> tuple[int, int, int]:
-    return int(rgb[2]), int(rgb[1]), int(rgb[0])
-
-
-def _light(rgb: Sequence[int]) -> bool:
-    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 200
-
-
-def _dashed(img: np.ndarray, p: tuple[int, int], q: tuple[int, int], color, thickness: int, dash: int = 8) -> None:
-    d = np.hypot(q[0] - p[0], q[1] - p[1])
-    n = max(1, int(d // dash))
-    for i in range(0, n, 2):
-        a = (int(p[0] + (q[0] - p[0]) * i / n), int(p[1] + (q[1] - p[1]) * i / n))
-        b = (int(p[0] + (q[0] - p[0]) * min(i + 1, n) / n), int(p[1] + (q[1] - p[1]) * min(i + 1, n) / n))
-        cv2.line(img, a, b, color, thickness, cv2.LINE_AA)
-
-
-def plot_forgetting(rows: Sequence[Sequence[float | None]], cmap: ClassMap, size: tuple[int, int] = (900, 500)
-                    ) -> np.ndarray:
-    """BGR image: every class's IoU (%) across steps in its class-map colour, mIoU dashed, legend."""
-    width, height = size
-    img = np.full((height, width, 3), 255, np.uint8)
-    legend_w = 220
-    left, right, top, bottom = 64, width - legend_w - 16, 44, height - 52
-    steps = [int(r[0]) for r in rows]  # type: ignore[arg-type]
-    k0, k1 = (min(steps), max(steps)) if steps else (0, 0)
-    x_lo, x_hi = k0 - 0.3, k1 + 0.3
-
-    def px(step: float) -> int:
-        return int(round(left + (step - x_lo) / (x_hi - x_lo) * (right - left)))
-
-    def py(v: float) -> int:
-        return int(round(bottom - v / 100.0 * (bottom - top)))
-
-    _text(img, "Per-class IoU across steps", (left + (right - left) // 2, 20), 0.6, INK, 1, "center")
-    for v in range(0, 101, 20):  # y grid, ticks, labels
-        cv2.line(img, (left, py(v)), (right, py(v)), GRID, 1)
-        cv2.line(img, (left - 5, py(v)), (left, py(v)), INK, 1)
-        _text(img, str(v), (left - 9, py(v)), 0.42, INK, 1, "right")
-    every = max(1, int(np.ceil((k1 - k0 + 1) / 15)))
-    for s in range(k0, k1 + 1):
-        if (s - k0) % every:
-            continue
-        cv2.line(img, (px(s), bottom), (px(s), bottom + 5), INK, 1)
-        _text(img, str(s), (px(s), bottom + 15), 0.42, INK, 1, "center")
-    cv2.line(img, (left, top), (left, bottom), INK, 1)
-    cv2.line(img, (left, bottom), (right, bottom), INK, 1)
-    _text(img, "step", ((left + right) // 2, height - 14), 0.5, INK, 1, "center")
-    label = np.full((22, 80, 3), 255, np.uint8)
-    _text(label, "IoU (%)", (40, 10), 0.5, INK, 1, "center")
-    label = cv2.rotate(label, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    y0 = (top + bottom) // 2 - label.shape[0] // 2
-    img[y0:y0 + label.shape[0], 6:6 + label.shape[1]] = label
-
-    def series(col: int, color, thickness: int, dashed: bool = False, outline: bool = False) -> None:
-        pts = [(px(int(r[0])), py(100.0 * float(r[col]))) if r[col] is not None else None for r in rows]  # type: ignore[arg-type]
-        for a, b in zip(pts, pts[1:]):
-            if a is None or b is None:
-                continue
-            if dashed:
-                _dashed(img, a, b, color, thickness)
-            else:
-                if outline:
-                    cv2.line(img, a, b, (150, 150, 150), thickness + 2, cv2.LINE_AA)
-                cv2.line(img, a, b, color, thickness, cv2.LINE_AA)
-        for p in pts:
-            if p is not None:
-                if outline:
-                    cv2.circle(img, p, 5, (150, 150, 150), -1, cv2.LINE_AA)
-                cv2.circle(img, p, 4 if not dashed else 3, color, -1, cv2.LINE_AA)
-
-    series(3, (90, 90, 90), 2, dashed=True)  # mIoU all, under the classes
-    # a class never scored (no pixels of it in the eval split, e.g. a background nobody labels) has no line
-    scored = [(i, c) for i, c in enumerate(cmap) if any(r[4 + i] is not None for r in rows)]
-    for i, c in scored:
-        series(4 + i, _bgr(c.color), 2, outline=_light(c.color))
-
-    # legend: mIoU first, then the classes in class-map order, in as many columns as fit
-    lx, ly, row_h = right + 20, top, 17
-    entries: list[tuple[str, tuple[int, int, int], bool, bool]] = [("mIoU (all)", (90, 90, 90), True, False)]
-    entries += [(c.name, _bgr(c.color), False, _light(c.color)) for _, c in scored]
-    per_col = max(1, (bottom - top) // row_h)
-    cols = 2 if len(entries) > per_col else 1
-    col_w = (width - lx - 6) // cols
-    max_chars = 22 if cols == 1 else 10
-    shown = entries if len(entries) <= per_col * cols else entries[:per_col * cols - 1]
-    for j, (name, color, dashed, outline) in enumerate(shown):
-        x, y = lx + (j // per_col) * col_w, ly + (j % per_col) * row_h + row_h // 2
-        if dashed:
-            _dashed(img, (x, y), (x + 22, y), color, 2, dash=5)
-        else:
-            if outline:
-                cv2.line(img, (x, y), (x + 22, y), (150, 150, 150), 4, cv2.LINE_AA)
-            cv2.line(img, (x, y), (x + 22, y), color, 2, cv2.LINE_AA)
-            cv2.circle(img, (x + 11, y), 4, color, -1, cv2.LINE_AA)
-        text = name if len(name) <= max_chars else name[:max_chars - 1] + "."
-        _text(img, text, (x + 28, y), 0.42)
-    if len(shown) < len(entries):
-        j = len(shown)
-        x, y = lx + (j // per_col) * col_w, ly + (j % per_col) * row_h + row_h // 2
-        _text(img, f"+{len(entries) - len(shown)} more", (x + 28, y), 0.42)
-    return img

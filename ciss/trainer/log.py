@@ -22,10 +22,11 @@ def format_seconds(s: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
 
 
-def bar(total: int, label: str, start: int = 0, enabled: bool = True, unit: str = "it") -> tqdm:
+def bar(total: int | None, label: str, start: int = 0, enabled: bool = True, unit: str = "it") -> tqdm:
     """A tqdm progress bar on stderr: redrawn in place with a smoothed ETA on a terminal, silent when
     stderr is not one (logs keep the train log's records instead), and off where `enabled` is False
-    (every torchrun process but the first). Training, evaluation, export calibration and the demo use it."""
+    (every torchrun process but the first). Training, evaluation, export calibration and the demo use it;
+    without a `total` it counts (the demo's live frames)."""
     return tqdm(total=total, initial=start, desc=label, unit=unit, disable=None if enabled else True,
                 dynamic_ncols=True, file=sys.stderr)
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 
@@ -47,6 +48,11 @@ def test_two_steps_manifest_and_reports(tmp_path: Path, fast_config: Path):
     for name in ("results.csv", "results.md", "forgetting.png"):
         assert (run / name).exists()
     assert (run / "step-1" / "metrics.json").exists() and (run / "step-1" / "train_log.jsonl").exists()
+    # each step's per-class IoU bars and confusion matrix (tests/trainer/test_plots.py: what they show)
+    for k in (0, 1):
+        for name, shape in (("iou.png", (500, 900, 3)), ("confusion.png", (600, 710, 3))):
+            image = cv2.imread(str(run / f"step-{k}" / name))
+            assert image is not None and image.shape == shape, (k, name)
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
 
 

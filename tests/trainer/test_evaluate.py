@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.trainer.log import bar
-from ciss.trainer.evaluate import ConfusionMatrix, compute_metrics, evaluate, plot_forgetting, write_reports
+from ciss.trainer.evaluate import ConfusionMatrix, compute_metrics, evaluate, write_reports
 
 # background, a, b at step 0; c at step 1; d at step 2
 CMAP = ClassMap.initial(["a", "b"]).extend(["c"]).extend(["d"])
@@ -143,6 +143,10 @@ def test_write_reports(tmp_path):
     img = cv2.imdecode(np.frombuffer(paths["png"].read_bytes(), np.uint8), cv2.IMREAD_COLOR)
     assert img is not None and img.shape == (500, 900, 3)
     assert (img < 250).any(axis=2).mean() > 0.02  # something was drawn
+    # every class scored at some step has its line, in its colour (tests/trainer/test_plots.py: the figure)
+    for c in CMAP:
+        bgr = np.array(c.color[::-1])
+        assert (np.abs(img.astype(int) - bgr).sum(axis=2) < 30).sum() > 50, c.name
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["forgetting.png", "results.csv", "results.md"]
 
 
@@ -153,13 +157,3 @@ def test_write_reports_without_class_maps(tmp_path):
     # a single step still draws
     write_reports(tmp_path, history()[:1])
     assert cv2.imread(str(paths["png"])).shape == (500, 900, 3)
-
-
-def test_forgetting_plot_leaves_out_classes_never_scored():
-    # rows: step, mIoU old, new, all, then one IoU per class (None: no pixels of it in the eval split)
-    rows = [[0, 0.6, None, 0.6, None, 0.6, None], [1, 0.5, 0.2, 0.4, None, 0.5, None]]
-    with_unscored = plot_forgetting(rows, ClassMap.initial(["sky", "grass"]))
-    without = plot_forgetting([r[:-1] for r in rows], ClassMap.initial(["sky"]))
-    assert np.array_equal(with_unscored, without)
-    assert not np.array_equal(with_unscored, plot_forgetting([r[:-1] + [0.3] for r in rows],
-                                                             ClassMap.initial(["sky", "grass"])))
