@@ -403,6 +403,10 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
         for name in ("train_log.jsonl", "train_log.csv"):
             if (partial / name).exists():
                 extra[name] = (partial / name).read_bytes()
+        # TensorBoard's event files (when tensorboard is installed) stay with the step they plot
+        for path in sorted((partial / "tensorboard").rglob("*")):
+            if path.is_file():
+                extra[path.relative_to(partial).as_posix()] = path.read_bytes()
         state = {k: v.detach().cpu() for k, v in unwrapped.state_dict().items()}
         store.commit(step, state, manifest, extra)
         if os.environ.get("CISS_TEST_KILL_AT") == "after-commit":  # tests only: the next `learn` must recover

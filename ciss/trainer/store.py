@@ -125,16 +125,20 @@ class RunStore:
             buf = io.BytesIO()  # torch.save to a path turns a full disk into an opaque RuntimeError
             torch.save(state, buf)
             (staging / WEIGHTS).write_bytes(buf.getvalue())
-            for name, data in (extra_files or {}).items():
+            for name, data in (extra_files or {}).items():  # a name may hold folders: tensorboard/events...
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 (staging / name).write_bytes(data)
             manifest = dict(manifest, format=STEP_FORMAT, step=step,
                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                             weights={"file": WEIGHTS, "sha256": sha256_file(staging / WEIGHTS),
                                      "size": (staging / WEIGHTS).stat().st_size})
             write_json_atomic(staging / MANIFEST, manifest)
-            for p in staging.iterdir():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
+            for p in sorted(staging.rglob("*"), reverse=True):  # files before the folders that hold them
+                if p.is_dir():
+                    fsync_dir(p)
+                else:
+                    with open(p, "rb") as f:
+                        os.fsync(f.fileno())
             fsync_dir(staging)
             os.rename(staging, final)
             fsync_dir(self.root)

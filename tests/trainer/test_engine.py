@@ -56,6 +56,30 @@ def test_two_steps_manifest_and_reports(tmp_path: Path, fast_config: Path):
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
 
 
+def test_tensorboard_events_stay_with_the_step(tmp_path: Path, fast_config: Path):
+    """With tensorboard installed, the event files written in the step's working folder are committed
+    with the step (the working folder itself is removed)."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                            reason="tensorboard is optional and not installed here")
+    run = tmp_path / "run"
+    learn(run, classes=["sky", "grass", "disk"], config_file=fast_config, method="ft", log=lambda s: None)
+    events = list((run / "step-0" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    logged = event_accumulator.EventAccumulator(str(events[0]))
+    logged.Reload()
+    assert "loss" in logged.Tags()["scalars"] and logged.Scalars("loss")
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_commit_keeps_files_in_subfolders(tmp_path: Path):
+    """Extra files may sit in folders of the step (TensorBoard's events); they are written whole."""
+    store = RunStore(tmp_path / "run")
+    final = store.commit(0, {"w": torch.zeros(2)}, {"classes": []},
+                         {"metrics.json": b"{}", "tensorboard/a/events.1": b"abc"})
+    assert (final / "tensorboard" / "a" / "events.1").read_bytes() == b"abc"
+    assert (final / "metrics.json").read_bytes() == b"{}"
+
+
 def test_old_model_stays_frozen_in_eval(tmp_path: Path, fast_config: Path, monkeypatch):
     """The teacher is in eval mode with no gradients at every batch of a step > 0."""
     from ciss.trainer.methods import mib
