@@ -178,7 +178,8 @@ def eval_cmd(run: Path | None, step: int | None, data: Path | None, split: str |
 @click.option("--step", default="latest", show_default=True, help="Step number, or 'latest'.")
 @click.option("--repo", type=click.Path(path_type=Path), help="Model repository folder, created if new (default: models/).")
 @click.option("--name", help="Model name in the repository, letters, digits, . _ - (default: the run's folder name).")
-@click.option("--size", help="Input size HxW (default: the eval split's image size); with --dynamic, the typical size.")
+@click.option("--size", help="Input size HxW, multiples of the model's output stride (default: the training images' "
+                             "typical size, rounded to them); with --dynamic, the typical size.")
 @click.option("--dynamic", is_flag=True, help="Variable height and width instead of a fixed size.")
 @click.option("--outputs", default="mask", show_default=True, type=click.Choice(["mask", "mask+confidence", "logits"]),
               help="What the graph returns: the class mask (uint8), plus per-pixel confidence, or raw logits.")
