@@ -240,3 +240,28 @@ def test_a_fixed_stride_multiple_export_agrees_with_the_dynamic_one(run: Path, t
         a, b = (s.run(None, {"images": x})[0] for s in sessions)
         agree, total = agree + int((a == b).sum()), total + a.size
     assert agree / total >= 0.999
+
+
+def test_the_agreement_benchmark_runs_on_a_tiny_run(run: Path, tmp_path: Path):
+    """benchmarks/export_agreement.py end to end: a legacy size off the stride, the default, --dynamic,
+    each stretched and letterboxed, on eval scenes and a 16:9 clip; at the frames' own size the
+    default export is the dynamic graph's function, so it must agree on every pixel."""
+    import sys
+
+    import cv2
+
+    clip = tmp_path / "wide.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10, (96, 54))
+    for seed in range(4):
+        writer.write(np.ascontiguousarray(scene((54, 96), seed)[..., ::-1]))
+    writer.release()
+    out = subprocess.run([sys.executable, "benchmarks/export_agreement.py", "--run", str(run), "--legacy-size", "44x60",
+                          "--clip", str(clip), "--images", "6", "--frames", "3"],
+                         check=False, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    rows = {tuple(cells[:3]): cells[3:] for line in out.stdout.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert ("export", "input", "resize") in rows and len(rows) == 8
+    assert rows[("dynamic", "frame's own size", "native")][:2] == ["100.00%", "100.00%"]
+    assert rows[("default", "48x64", "stretch")][0] == "100.00%"
+    assert {("legacy", "44x60", "stretch"), ("legacy", "44x60", "letterbox"), ("dynamic", "dynamic", "letterbox")} < set(rows)
