@@ -123,7 +123,8 @@ def measure(run: Path, step: int | None, legacy: tuple[int, int], clip: Path | N
                 if set_name == "eval":
                     confusion = ConfusionMatrix(len(classmap))
                     for mask, (_, label) in zip(masks, items):
-                        confusion.update(torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(label.astype(np.int64)))
+                        confusion.update(torch.from_numpy(mask.astype(np.int64)),
+                                         torch.from_numpy(label.astype(np.int64)))
                     row["miou"] = compute_metrics(confusion.matrix, classmap)["miou_all"]
     return {"run": str(run), "step": step, "sizes": sizes, "stride": int(step_manifest["model"]["output_stride"]),
             "sets": {k: [len(v), list(v[0][0].shape[:2])] for k, v in sets.items()}, "scores": scores}
@@ -154,8 +155,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     ap.add_argument("--out", type=Path, help="also write the Markdown report here")
     args = ap.parse_args()
-    legacy = tuple(int(v) for v in args.legacy_size.lower().split("x"))
-    report = measure(args.run, args.step, legacy, args.clip, args.images, args.frames, args.threads)  # type: ignore[arg-type]
+    h, w = (int(v) for v in args.legacy_size.lower().split("x"))
+    report = measure(args.run, args.step, (h, w), args.clip, args.images, args.frames, args.threads)
     lines = [f"# Export sizes and resize modes against the dynamic export: {args.run} step {report['step']}", "",
              *markdown(report), "",
              f"Agreement: the share of pixels whose class equals the dynamic graph's run at the image's own size "

@@ -104,9 +104,11 @@ class Model:
 
     def aspect_warning(self, frame_hw: tuple[int, int]) -> str | None:
         """One line when stretching frames of this shape would distort them noticeably, else None."""
+        if self.resize != "stretch":
+            return None
         input_hw = input_size(self.spec, frame_hw)
         change = aspect_change(frame_hw, input_hw)
-        if self.resize != "stretch" or change <= ASPECT_WARNING:
+        if change <= ASPECT_WARNING:
             return None
         h, w = matching_size(frame_hw, input_hw, int(self.spec.get("stride") or 1))
         return (f"frames of {frame_hw[0]}x{frame_hw[1]} are stretched to version {self.version}'s input "

@@ -264,4 +264,5 @@ def test_the_agreement_benchmark_runs_on_a_tiny_run(run: Path, tmp_path: Path):
     assert ("export", "input", "resize") in rows and len(rows) == 8
     assert rows[("dynamic", "frame's own size", "native")][:2] == ["100.00%", "100.00%"]
     assert rows[("default", "48x64", "stretch")][0] == "100.00%"
-    assert {("legacy", "44x60", "stretch"), ("legacy", "44x60", "letterbox"), ("dynamic", "dynamic", "letterbox")} < set(rows)
+    assert {("legacy", "44x60", "stretch"), ("legacy", "44x60", "letterbox"),
+            ("dynamic", "dynamic", "letterbox")} < set(rows)

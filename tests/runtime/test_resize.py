@@ -42,7 +42,8 @@ def red_where_positive(path: Path) -> None:
              helper.make_node("Cast", ["flat"], ["mask"], to=TensorProto.UINT8)]
     consts = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("start", 0), ("end", 1), ("axis", 1))]
     consts.append(helper.make_tensor("threshold", TensorProto.FLOAT, [], [-0.5]))
-    graph = helper.make_graph(nodes, "red", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, SIDE, SIDE])],
+    graph = helper.make_graph(nodes, "red",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, SIDE, SIDE])],
                               [helper.make_tensor_value_info("mask", TensorProto.UINT8, [1, SIDE, SIDE])], consts)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", ox.OPSET)], ir_version=10), str(path))
 
