@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ciss.errors import CissError, environment_error
+from ciss.sizes import DEFAULT_RESIZE, RESIZE_MODES
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -178,7 +179,8 @@ def eval_cmd(run: Path | None, step: int | None, data: Path | None, split: str |
 @click.option("--step", default="latest", show_default=True, help="Step number, or 'latest'.")
 @click.option("--repo", type=click.Path(path_type=Path), help="Model repository folder, created if new (default: models/).")
 @click.option("--name", help="Model name in the repository, letters, digits, . _ - (default: the run's folder name).")
-@click.option("--size", help="Input size HxW (default: the eval split's image size); with --dynamic, the typical size.")
+@click.option("--size", help="Input size HxW, multiples of the model's output stride (default: the training images' "
+                             "typical size, rounded to them); with --dynamic, the typical size.")
 @click.option("--dynamic", is_flag=True, help="Variable height and width instead of a fixed size.")
 @click.option("--outputs", default="mask", show_default=True, type=click.Choice(["mask", "mask+confidence", "logits"]),
               help="What the graph returns: the class mask (uint8), plus per-pixel confidence, or raw logits.")
@@ -217,6 +219,9 @@ def export(run: Path | None, step: str, repo: Path | None, name: str | None, siz
 @click.option("--poll", "poll_s", default=0.5, show_default=True, type=float, help="Seconds between repository checks.")
 @click.option("--threads", type=int, help="Inference (intra-op) threads; 0: the backend's default. Default: half the "
                                           "cores this process may use, the rest for the other stages.")
+@click.option("--resize", default=DEFAULT_RESIZE, show_default=True, type=click.Choice(RESIZE_MODES),
+              help="How frames of another shape fit a fixed-size model: keep their aspect ratio and pad "
+                   "(letterbox), or fill the input (stretch).")
 @click.option("--headless", is_flag=True, help="No window (automatic when there is no display).")
 @click.option("--save", type=click.Path(path_type=Path), help="Write the annotated video here (.mp4 or .avi).")
 @click.option("--save-masks", type=click.Path(path_type=Path), help="Write each frame's class ids here as a PNG in the class colours "
@@ -238,7 +243,7 @@ def export(run: Path | None, step: str, repo: Path | None, name: str | None, siz
 @click.option("--foxglove", is_flag=False, flag_value="127.0.0.1:8765", metavar="[HOST:PORT]",
               help="Serve a live Foxglove view (default 127.0.0.1:8765; other hosts only when given).")
 def live(camera: int | None, source: str | None, repo: Path | None, name: str | None, backend: str, pin: int | None, poll_s: float,
-         threads: int | None, headless: bool, save: Path | None, save_masks: Path | None, stats: Path | None,
+         threads: int | None, resize: str, headless: bool, save: Path | None, save_masks: Path | None, stats: Path | None,
          max_frames: int | None, loop: bool, fps: float | None, alpha: float, no_legend: bool, no_hud: bool,
          topic: str | None, realtime: bool,
          save_bag: Path | None, foxglove: str | None) -> None:
@@ -282,7 +287,7 @@ def live(camera: int | None, source: str | None, repo: Path | None, name: str | 
     name = name or latest_model(repo, log=echo)
     cv2.setNumThreads(split.opencv)  # OpenCV's own pool would otherwise compete with the backend's threads
     with Segmenter.from_repository(repo, name, backend=backend, version=pin, poll_s=poll_s, threads=split.backend,
-                                   log=echo) as segmenter:
+                                   resize=resize, log=echo) as segmenter:
         echo(split.describe())
         # Opened after the model is ready, so a live source does not count start-up frames as dropped.
         with open_source(f"camera:{camera}" if camera is not None else source, loop=loop, fps=fps, log=echo,
@@ -399,6 +404,9 @@ def weights_verify() -> None:
 @click.option("--classes", help="Base classes, comma-separated (default: sky,grass,water,sand,disk,box; "
                                 "CamVid: sky,building,pole,road,sidewalk,tree).")
 @click.option("--new-classes", help="Classes learned while live (default: triangle,ring; CamVid: car,pedestrian).")
+@click.option("--resize", default=DEFAULT_RESIZE, show_default=True, type=click.Choice(RESIZE_MODES),
+              help="How frames of another shape fit a fixed-size model: keep their aspect ratio and pad "
+                   "(letterbox), or fill the input (stretch).")
 @click.option("--headless", is_flag=True, help="No window (automatic when there is no display).")
 @click.option("--force", is_flag=True, help="Replace an earlier demo's files in --out (nothing else there is touched).")
 def demo(out: Path, data: Path | None, video: str | None, method: str, classes: str | None, new_classes: str | None,

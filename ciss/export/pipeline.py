@@ -19,6 +19,7 @@ from ciss.errors import CissError
 from ciss.export import onnx as onnx_export
 from ciss.export.repository import ModelRepository, check_name
 from ciss.export.verify import check_parity, evaluate_graph, spread, to_input
+from ciss.sizes import Size, check_stride, stride_size, typical_size
 from ciss.trainer.data.base import SegDataset
 from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
 from ciss.trainer.engine import open_splits
@@ -27,12 +28,14 @@ from ciss.trainer.store import RunStore
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PARITY_IMAGES = 4
+SIZE_SAMPLE = 32     # training images whose sizes choose the default input size
+SYNTHETIC_SIZE = (240, 320)
 
 
 @dataclass
 class ExportOptions:
     step: int | None = None            # None: the run's last step
-    size: tuple[int, int] | None = None  # None: the size of the eval split's images
+    size: tuple[int, int] | None = None  # None: the training images' typical size in stride multiples
     dynamic: bool = False
     outputs: str = "mask"
     opset: int = onnx_export.OPSET
@@ -72,6 +75,19 @@ def _images(ds: SegDataset | None, n: int, size: tuple[int, int]) -> list[np.nda
     return [ds.image(i) for i in spread(len(ds), n)] if ds is not None and len(ds) else _synthetic_images(n, size)
 
 
+def _default_size(datasets: tuple[SegDataset | None, ...], stride: int, log: Callable[[str], None]) -> Size:
+    """The training images' typical size (the eval split's where training is not readable), each side
+    rounded to the nearest multiple of the output stride: one image alone may have another shape."""
+    ds = next((d for d in datasets if d is not None and len(d)), None)
+    sizes = [ds.image(i).shape[:2] for i in spread(len(ds), SIZE_SAMPLE)] if ds is not None else [SYNTHETIC_SIZE]
+    typical = typical_size(sizes)
+    size = stride_size(typical, stride, onnx_export.MIN_SIDE, onnx_export.MAX_SIDE)
+    what = f"{len(sizes)} images of the step's data" if ds is not None else "the synthetic scenes"
+    log(f"input size {size[0]}x{size[1]}: {what} are typically {typical[0]}x{typical[1]}, rounded to multiples "
+        f"of the output stride {stride} (--size HxW to choose)")
+    return size
+
+
 def _resolve_step(store: RunStore, step: int | None) -> int:
     if step is not None:
         return step
@@ -102,13 +118,15 @@ def export_step(run: Path, repo: Path, name: str, options: ExportOptions,
         raise CissError(f"{run} is not a run with finished steps; train one with `ciss learn --run {run}`")
     step = _resolve_step(store, options.step)
     model, step_manifest = store.load(step)
+    if options.size:
+        check_stride(options.size, model.output_stride)  # before minutes of export work
     classmap = ClassMap.from_json(step_manifest["classes"])
     repository = ModelRepository(repo)
     parent = repository.latest(name)
     if parent is not None and not options.allow_class_change:
         repository.check_extends(name, parent, classmap)  # fail before minutes of export work
     train_ds, eval_ds = _step_datasets(step_manifest, log)
-    size = options.size or (eval_ds.image(0).shape[:2] if eval_ds is not None and len(eval_ds) else (240, 320))
+    size = options.size or _default_size((train_ds, eval_ds), model.output_stride, log)
     normalise = Normalise(IMAGENET_MEAN, IMAGENET_STD)
 
     log(f"exporting step {step} of {store.root} ({len(classmap)} classes) at {size[0]}x{size[1]}"

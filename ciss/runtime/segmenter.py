@@ -33,6 +33,7 @@ from ciss.runtime.backends import Backend, check_kind, load_backend, return_free
 from ciss.runtime.hotswap import HotSwap, prepare
 from ciss.runtime.sources import Frame, Source
 from ciss.runtime.stages import Pipeline
+from ciss.sizes import ASPECT_WARNING, DEFAULT_RESIZE, aspect_change, check_resize, input_size, matching_size, placement
 
 Log = Callable[[str], None]
 _LOG = logging.getLogger("ciss.runtime")
@@ -55,19 +56,6 @@ class Result:
     frame_id: str | None = None      # the input's header frame_id when it came from ROS
 
 
-def input_size(spec: dict[str, Any], frame_hw: tuple[int, int]) -> tuple[int, int]:
-    """The network input (H, W) for a frame: the fixed export size, or for a dynamic graph the frame's
-    size rounded to the output stride (so the mask aligns) and kept inside the exported range."""
-    if spec.get("size"):
-        h, w = spec["size"]
-        return int(h), int(w)
-    stride = int(spec.get("stride") or 1)
-    low = spec.get("min_size") or (stride, stride)
-    high = spec.get("max_size") or frame_hw
-    return tuple(int(min(max(round(side / stride) * stride, lo), hi))  # type: ignore[return-value]
-                 for side, lo, hi in zip(frame_hw, low, high))
-
-
 def mask_from_logits(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Class ids and top-class probability from C×H×W logits, for graphs exported with `logits` only."""
     top = logits.max(axis=0)
@@ -77,10 +65,12 @@ def mask_from_logits(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Model:
-    """One loaded version: its backend and the pre/post-processing its manifest describes."""
+    """One loaded version: its backend and the pre/post-processing its manifest describes; `resize`
+    says how a frame of another shape fits the input (ciss.sizes: stretch, or letterbox)."""
 
-    def __init__(self, version: int, manifest: dict[str, Any], backend: Backend):
+    def __init__(self, version: int, manifest: dict[str, Any], backend: Backend, resize: str = "stretch"):
         self.version, self.manifest, self.backend = version, manifest, backend
+        self.resize = check_resize(resize)
         self.classmap = ClassMap.from_json(manifest["classes"])
         self.unlearned = unlearned(self.classmap, manifest.get("metrics"))
         self.warning = unlearned_warning(self.classmap, manifest.get("metrics"))  # said when it starts serving
@@ -92,19 +82,38 @@ class Model:
         self._rgb = self.spec.get("color", "RGB") == "RGB"
 
     @classmethod
-    def load(cls, path: Path, manifest: dict[str, Any], kind: str, threads: int, log: Log) -> Model:
-        return cls(int(manifest["version"]), manifest, load_backend(path, manifest, kind, threads, log))
+    def load(cls, path: Path, manifest: dict[str, Any], kind: str, threads: int, log: Log,
+             resize: str = "stretch") -> Model:
+        return cls(int(manifest["version"]), manifest, load_backend(path, manifest, kind, threads, log), resize)
 
     def preprocess(self, frame: np.ndarray) -> np.ndarray:
-        h, w = input_size(self.spec, frame.shape[:2])
-        if frame.shape[:2] != (h, w):
-            frame = cv2.resize(frame, (w, h), interpolation=cv2.INTER_LINEAR)
+        (h, w), box = placement(self.spec, frame.shape[:2], self.resize)
+        if frame.shape[:2] != (box.height, box.width):
+            frame = cv2.resize(frame, (box.width, box.height), interpolation=cv2.INTER_LINEAR)
         if self._rgb:
             frame = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
         x = frame.astype(np.float32)
         x *= self._mul
         x += self._add
-        return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+        if (box.height, box.width) == (h, w):
+            return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+        # Letterbox: the padding is 0 after normalisation, i.e. the mean pixel, which the network saw most.
+        padded = np.zeros((1, 3, h, w), np.float32)
+        padded[0, :, box.top:box.top + box.height, box.left:box.left + box.width] = x.transpose(2, 0, 1)
+        return padded
+
+    def aspect_warning(self, frame_hw: tuple[int, int]) -> str | None:
+        """One line when stretching frames of this shape would distort them noticeably, else None."""
+        if self.resize != "stretch":
+            return None
+        input_hw = input_size(self.spec, frame_hw)
+        change = aspect_change(frame_hw, input_hw)
+        if change <= ASPECT_WARNING:
+            return None
+        h, w = matching_size(frame_hw, input_hw, int(self.spec.get("stride") or 1))
+        return (f"frames of {frame_hw[0]}x{frame_hw[1]} are stretched to version {self.version}'s input "
+                f"{input_hw[0]}x{input_hw[1]}, changing their aspect ratio by {100 * change:.0f}%; "
+                f"--resize letterbox keeps it, or export with --size {h}x{w}")
 
     def postprocess(self, outputs: dict[str, np.ndarray],
                     frame_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -113,6 +122,11 @@ class Model:
             mask = outputs["mask"][0]
         else:
             mask, confidence = mask_from_logits(outputs["logits"][0])
+        _, box = placement(self.spec, frame_hw, self.resize)
+        if (box.height, box.width) != mask.shape:  # letterboxed: the padding's mask goes
+            mask = mask[box.top:box.top + box.height, box.left:box.left + box.width]
+            if confidence is not None:
+                confidence = confidence[box.top:box.top + box.height, box.left:box.left + box.width]
         h, w = frame_hw
         if mask.shape != (h, w):
             # NEAREST_EXACT samples pixel centres; plain NEAREST shifts the mask by up to half a model pixel
@@ -179,10 +193,11 @@ class Segmenter:
         self._on_swap = on_swap
         self._log = log
         self._swapper: HotSwap | None = None
+        self._aspect_warned = False  # the stretch warning is said once, not on every frame
 
     @classmethod
     def from_repository(cls, repo: Path | str, name: str, backend: str = "auto", version: int | None = None,
-                        watch: bool = True, poll_s: float = 0.5, threads: int = 0,
+                        watch: bool = True, poll_s: float = 0.5, threads: int = 0, resize: str = DEFAULT_RESIZE,
                         on_swap: Callable[[int, int], None] | None = None,
                         on_error: Callable[[Exception], None] | None = None, log: Log | None = None) -> Segmenter:
         """Serve `name` from the repository at `repo`: version `version` only (pinned), or the latest
@@ -194,8 +209,11 @@ class Segmenter:
         in check_updates' caller), instead of `log`. With `watch=False` and no `version`, new
         versions are taken only when check_updates() is called. `threads` is the backend's intra-op
         threads (0: its default); ciss.runtime.stages.thread_split chooses them for a stream.
+        `resize` fits frames of another shape to a fixed-size model: "letterbox" keeps their aspect
+        ratio and pads, "stretch" fills the input (ciss.sizes).
         """
         check_kind(backend)
+        check_resize(resize)
         if not (math.isfinite(poll_s) and poll_s > 0):  # 0 would re-check the repository in a busy loop
             raise CissError(f"--poll {poll_s:g} is not a positive number of seconds; give e.g. --poll 0.5")
         if threads < 0:
@@ -209,7 +227,7 @@ class Segmenter:
         path = repository.path(name, version)
 
         def load(version_dir: Path, manifest: dict[str, Any]) -> Model:
-            return Model.load(version_dir, manifest, backend, threads, log)
+            return Model.load(version_dir, manifest, backend, threads, log, resize)
 
         model, _ = prepare(path, [], load, frame=None)
         segmenter = cls(model, on_swap=on_swap, log=log)
@@ -285,6 +303,10 @@ class Segmenter:
             seq, self._seq = self._seq, self._seq + 1
             idle = self._idle_retired()
             job = _Job(image, model, seq, list(self._new_classes), start, stamp, frame_id, swapped_from)
+            warning = None if self._aspect_warned else model.aspect_warning(image.shape[:2])
+            self._aspect_warned |= warning is not None
+        if warning:
+            self._log(warning)
         for old in idle:
             old.close()
         return job

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import CISS, REPO, write_config
+from conftest import CISS, REPO, make_folder_dataset, write_config
 from onnx import TensorProto, helper
 from torch import nn
 
@@ -172,6 +172,8 @@ def test_bad_input_is_one_line_and_publishes_nothing(run: Path, tmp_path: Path):
         (["--name", "../escape"], "name"),
         (["--size", "12x12"], "between 32 and 4096"),
         (["--size", "big"], "is not HxW"),
+        (["--size", "40x64"], "is not a multiple of the model's output stride 16 (its mask would drift against "
+                              "the image); give --size 32x64 or --size 48x64"),
         (["--precision", "fp16"], "add --trt"),
     ]
     for extra, message in cases:
@@ -210,3 +212,57 @@ def test_trt_without_tensorrt_publishes_the_onnx_then_exits_2(run: Path, tmp_pat
         "error: no TensorRT engine built (TensorRT is not installed (pip install tensorrt on a machine with an "
         "NVIDIA GPU)); version 1 holds the ONNX model only")
     assert ModelRepository(repo).versions("robot") == [1] and ModelRepository(repo).verify() == []
+
+
+def test_the_default_size_is_the_training_images_typical_size_in_stride_multiples(tmp_path: Path):
+    """It used to be the first eval image's size: 50x70 here, which no stride-16 network fits."""
+    data = make_folder_dataset(tmp_path / "data", size=(50, 70))
+    run = tmp_path / "run"
+    learn(run, data=data, classes=["b", "c"], config_file=write_config(tmp_path / "fast.toml", synthetic=False),
+          method="ft", log=quiet)
+    said: list[str] = []
+    result = export_step(run, tmp_path / "models", "robot", ExportOptions(), log=said.append)
+    assert result.manifest["input"]["size"] == [48, 64] and result.manifest["input"]["stride"] == 16
+    assert ("input size 48x64: 6 images of the step's data are typically 50x70, rounded to multiples of the "
+            "output stride 16 (--size HxW to choose)") in said
+
+
+def test_a_fixed_stride_multiple_export_agrees_with_the_dynamic_one(run: Path, tmp_path: Path):
+    """Same size, same function: measured 100% of 8 scenes' pixels; 99.9% is the exporter's own bar."""
+    fixed = export_step(run, tmp_path / "models", "fixed", ExportOptions(), log=quiet)
+    dynamic = export_step(run, tmp_path / "models", "dynamic", ExportOptions(dynamic=True), log=quiet)
+    size = tuple(fixed.manifest["input"]["size"])
+    assert size == (48, 64) and dynamic.manifest["input"]["example_size"] == [48, 64]
+    sessions = [cpu_session(str(r.path / "model.onnx")) for r in (fixed, dynamic)]
+    agree = total = 0
+    for seed in range(8):
+        x = to_input(scene(size, seed), size, NORMALISE)
+        a, b = (s.run(None, {"images": x})[0] for s in sessions)
+        agree, total = agree + int((a == b).sum()), total + a.size
+    assert agree / total >= 0.999
+
+
+def test_the_agreement_benchmark_runs_on_a_tiny_run(run: Path, tmp_path: Path):
+    """benchmarks/export_agreement.py end to end: a legacy size off the stride, the default, --dynamic,
+    each stretched and letterboxed, on eval scenes and a 16:9 clip; at the frames' own size the
+    default export is the dynamic graph's function, so it must agree on every pixel."""
+    import sys
+
+    import cv2
+
+    clip = tmp_path / "wide.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10, (96, 54))
+    for seed in range(4):
+        writer.write(np.ascontiguousarray(scene((54, 96), seed)[..., ::-1]))
+    writer.release()
+    out = subprocess.run([sys.executable, "benchmarks/export_agreement.py", "--run", str(run), "--legacy-size", "44x60",
+                          "--clip", str(clip), "--images", "6", "--frames", "3"],
+                         check=False, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    rows = {tuple(cells[:3]): cells[3:] for line in out.stdout.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert ("export", "input", "resize") in rows and len(rows) == 8
+    assert rows[("dynamic", "frame's own size", "native")][:2] == ["100.00%", "100.00%"]
+    assert rows[("default", "48x64", "stretch")][0] == "100.00%"
+    assert {("legacy", "44x60", "stretch"), ("legacy", "44x60", "letterbox"),
+            ("dynamic", "dynamic", "letterbox")} < set(rows)
