@@ -63,6 +63,22 @@ def test_compensation_weights_by_hand():
     assert w.flatten().tolist() == pytest.approx([g[0] / mean_0, g[1] / mean_0, 1.0, g[2] / mean_0, 0.0], rel=1e-6)
 
 
+def test_compensation_weights_are_bounded_as_hfc_bounds_them():
+    """Bounds clamp an earlier step's weights (HFC's [0.5, 1.2]); this step's classes and background keep 1.
+    Unbounded, GSC diverged at iteration 20 of CamVid 6-1's step 1 from the pretrained base: a badly
+    predicted old class (few pixels, all with large gradients) took a class-mean weight up to 10 in
+    the relation term; bounded, the CE stayed under 0.2 (docs/methods.md)."""
+    steps = torch.tensor([0, 0, 1])
+    z = logits((0.0, 5.0, 0.0), (5.0, 0.0, 0.0), (0.0, 0.0, 5.0), (5.0, 0.0, 0.0), grad=True)
+    y = lab(1, 1, 2, 0)  # the first pixel is confident, the second wrong: weights far from 1 either way
+    free = compensation_weights(z, y, steps, 1).flatten().tolist()
+    assert free[0] < 0.5 and free[1] > 1.2
+    bounded = compensation_weights(z, y, steps, 1, bounds=(0.5, 1.2)).flatten().tolist()
+    assert bounded == pytest.approx([0.5, 1.2, 1.0, 1.0])
+    with pytest.raises(CissError, match="0 <= min <= 1 <= max"):
+        build_method("gsc", {"compensation_max": 0.9})
+
+
 def test_compensation_groups_are_disjoint_per_step():
     # step 2 of bg, a | b | c: each earlier step's pixels average to 1 on their own
     steps = torch.tensor([0, 0, 1, 2])
@@ -84,7 +100,7 @@ def test_compensation_is_a_constant_factor_on_the_ce():
     ce.backward()
     # PLOP's labels are what the CE sees; w is recomputed outside the graph
     target, _ = pseudo_label(y, old.logits, m.thresholds, N_TOTAL, "median")
-    w = compensation_weights(out.logits, target, torch.tensor([0, 0, 0, 1, 1]), 1)
+    w = compensation_weights(out.logits, target, torch.tensor([0, 0, 0, 1, 1]), 1, bounds=(0.5, 1.2))
     z = out.logits.detach().requires_grad_(True)
     expected = (pixel_cross_entropy(z, target) * w).sum() / (target != 255).sum()
     expected.backward()

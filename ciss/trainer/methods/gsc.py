@@ -12,8 +12,9 @@ Step 0: plain cross-entropy. Steps t > 0, every part switchable by an option:
   >= proto_threshold; a pixel the old model calls background stays background, the rest is 255.
   Off: PLOP's entropy labels alone.
 - compensation: the CE of each pixel × w, the gradient magnitude at its target (1 − p_ỹ) raised to
-  κ = n_old / n_total and divided by its mean over the pixels of classes from the same step
-  (1 for this step's classes and, unless compensate_background, for background).
+  κ = n_old / n_total and divided by its mean over the pixels of classes from the same step, clamped
+  to [0.5, 1.2] as HFC does (1 for this step's classes and, unless compensate_background, for
+  background).
 - soft: CE towards a soft-sharp target (old softmax on old channels, one-hot on a GT new class);
   sharp: entropy sharpening; both divided by the number of classes as FBL's are; relation:
   class-mean old-class distributions match the old model's.
@@ -39,14 +40,14 @@ PROTO_FEATURES = ("stage4", "aspp")
 # --- loss terms (pure functions) -----------------------------------------------------------------
 
 def compensation_weights(logits: torch.Tensor, target: torch.Tensor, class_steps: torch.Tensor, step: int,
-                         background: bool = False) -> torch.Tensor:
+                         background: bool = False, bounds: tuple[float, float] | None = None) -> torch.Tensor:
     """Step-aware gradient compensation weights (N,H,W), constants.
 
     g = 1 − softmax(z)_ỹ is |∂CE/∂z_ỹ|; ĝ = g^κ with κ = |C^{0:t−1}| / |C^{0:t}| (background counted)
     lifts small gradients. For a pixel of an earlier step's class, w = ĝ / mean of ĝ over the pixels
-    whose class came in the same step (disjoint groups); this step's classes get 1, ignored pixels 0.
-    Background pixels get 1 and stay out of step 0's mean unless `background`. `class_steps[c]` is
-    the step that introduced class c.
+    whose class came in the same step (disjoint groups), clamped to `bounds` when given; this step's
+    classes get 1, ignored pixels 0. Background pixels get 1 and stay out of step 0's mean unless
+    `background`. `class_steps[c]` is the step that introduced class c.
     """
     with torch.no_grad():
         valid = target != IGNORE
@@ -61,7 +62,10 @@ def compensation_weights(logits: torch.Tensor, target: torch.Tensor, class_steps
         sums = g.new_zeros(step + 1).index_add_(0, group[grouped], g[grouped])
         counts = torch.bincount(group[grouped], minlength=step + 1)
         mean = sums / counts.clamp(min=1)
-        w = torch.where(fixed, torch.ones_like(g), g / mean[group].clamp(min=1e-12))
+        w = g / mean[group].clamp(min=1e-12)
+        if bounds is not None:
+            w = w.clamp(*bounds)
+        w = torch.where(fixed, torch.ones_like(g), w)
         return torch.where(valid, w, torch.zeros_like(w))
 
 
@@ -164,6 +168,8 @@ class GSC(PLOP):
         "threshold_quantile": 0.8,
         "compensation": True,
         "compensate_background": False,
+        "compensation_min": 0.5,
+        "compensation_max": 1.2,
         "soft": True,
         "sharp": True,
         "relation": True,
@@ -183,6 +189,10 @@ class GSC(PLOP):
         for key in ("soft_weight", "sharp_weight", "relation_weight"):
             if o[key] < 0:
                 raise CissError(f"option '{key}' of method 'gsc' must not be negative; got {o[key]}")
+        if not 0 <= o["compensation_min"] <= 1 <= o["compensation_max"]:
+            raise CissError(f"options 'compensation_min' and 'compensation_max' of method 'gsc' bound weights whose "
+                            f"mean is 1: need 0 <= min <= 1 <= max; got {o['compensation_min']} and "
+                            f"{o['compensation_max']} (e.g. --opt gsc.compensation_max=1.2)")
         if not -1.0 <= o["proto_threshold"] <= 1.0:
             raise CissError(f"option 'proto_threshold' of method 'gsc' is a cosine, in [-1, 1]; "
                             f"got {o['proto_threshold']}")
@@ -268,7 +278,7 @@ class GSC(PLOP):
                                        o["proto_threshold"])
         if o["compensation"]:
             weights = compensation_weights(logits, target, self._class_steps, self._step,
-                                           o["compensate_background"])
+                                           o["compensate_background"], (o["compensation_min"], o["compensation_max"]))
         else:
             weights = (target != IGNORE).float()
         per_pixel = pixel_cross_entropy(logits, target) * weights
