@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--clip", type=Path, default=CLIPS / "udacity_solidWhiteRight.mp4")
     ap.add_argument("--presets", default=PRESETS)
     ap.add_argument("--precisions", default="fp32,int8")
-    ap.add_argument("--size", default="360x480", help="HxW of the exported input")
+    ap.add_argument("--size", default="352x480", help="HxW of the exported input")
     ap.add_argument("--repo", type=Path, help="a model repository to measure instead of random-weight presets")
     ap.add_argument("--name", help="the model in --repo")
     ap.add_argument("--threads", type=int, help="backend intra-op threads (default: the split `ciss live` chooses)")

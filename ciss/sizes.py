@@ -29,6 +29,11 @@ def _nearest(side: float, stride: int) -> int:
     return max(stride, round(side / stride) * stride)
 
 
+def nearest_on_stride(size: Size, stride: int) -> Size:
+    """Each side rounded to the nearest multiple of `stride` (at least one stride)."""
+    return _nearest(size[0], stride), _nearest(size[1], stride)
+
+
 def check_stride(size: Size, stride: int) -> None:
     """Refuse a fixed size whose sides are not multiples of the output stride, naming the sizes to give."""
     h, w = size

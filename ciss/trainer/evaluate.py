@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ciss.classmap import BACKGROUND, ClassMap
 from ciss.errors import CissError
 from ciss.manifest import write_bytes_atomic
+from ciss.sizes import nearest_on_stride
 from ciss.trainer.methods.losses import logits_of
 
 if TYPE_CHECKING:
@@ -133,7 +134,9 @@ def confusion(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch
     """Run `model` (eval mode, no grad, argmax) over `loader`: the confusion matrix (CPU int64 counts).
 
     The loader yields (images N,3,H,W, labels N,H,W) with labels in model ids, 255 = ignore (unseen
-    classes, padding). Logits smaller than the labels are upsampled bilinearly. The model's mode is
+    classes, padding). An image whose sides are not multiples of the model's output stride is resized
+    to the nearest multiples first, as the runtime serves it (an off-stride input shifts the upsampled
+    logits against the labels: ciss.sizes); logits are upsampled bilinearly to the labels. The model's mode is
     restored afterwards. Under DDP every rank runs its shard and the counts are summed. `progress` (a
     tqdm bar, ciss.trainer.log.bar) counts the batches and is closed at the end: a large split takes a
     minute, which must not look like a hang.
@@ -141,12 +144,16 @@ def confusion(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch
     device = torch.device(device)
     n = len(classmap)
     cm = ConfusionMatrix(n)
+    stride = int(getattr(getattr(model, "module", model), "output_stride", 1))
     was_training = model.training
     model.eval()
     try:
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True).long()
+            on_stride = nearest_on_stride((images.shape[-2], images.shape[-1]), stride)
+            if tuple(images.shape[-2:]) != on_stride:
+                images = F.interpolate(images, size=on_stride, mode="bilinear", align_corners=False)
             logits = logits_of(model(images))
             if logits.shape[1] != n:
                 raise CissError(f"the model has {logits.shape[1]} outputs but the class map has {n} classes")

@@ -104,6 +104,33 @@ def test_evaluate_matches_confusion_and_restores_mode():
         evaluate(Fixed(3), [(img, lab)], CMAP, "cpu")
 
 
+class Strided(Fixed):
+    """Fixed, with an output stride: records the input sizes it was given."""
+
+    output_stride = 16
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.sizes: list[tuple[int, int]] = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return super().forward(x)
+
+
+def test_an_off_stride_image_is_evaluated_at_the_nearest_stride_multiple():
+    """A 180x240 CamVid frame reaches a stride-16 model as 176x240, as the runtime serves it; the
+    logits come back to the labels' size, so a top/bottom split stays exact."""
+    images = torch.zeros(1, 3, 180, 240)
+    images[:, 0, 90:] = 2.0
+    images[:, 0, :90] = 1.0
+    labels = images[:, 0].long()
+    model = Strided(5)
+    r = evaluate(model, [(images, labels), (images[..., :176, :], labels[..., :176, :])], CMAP, "cpu")
+    assert model.sizes == [(176, 240), (176, 240)]
+    assert r["per_class"] == {"a": 1.0, "b": 1.0}
+
+
 def test_evaluation_shows_its_progress_and_is_quiet_off_a_terminal():
     """Issue 14.8: a minute of silent evaluation looked like a hang."""
     images = torch.zeros(1, 3, 1, 11)
