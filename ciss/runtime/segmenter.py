@@ -29,7 +29,7 @@ import numpy as np
 from ciss.classmap import ClassMap, unlearned, unlearned_warning
 from ciss.errors import CissError
 from ciss.export.repository import ModelRepository
-from ciss.runtime.backends import Backend, check_kind, load_backend, return_freed_memory
+from ciss.runtime.backends import Backend, check_kind, keep_large_blocks_mapped, load_backend, return_freed_memory
 from ciss.runtime.hotswap import HotSwap, prepare
 from ciss.runtime.sources import Frame, Source
 from ciss.runtime.stages import Pipeline
@@ -229,6 +229,8 @@ class Segmenter:
         def load(version_dir: Path, manifest: dict[str, Any]) -> Model:
             return Model.load(version_dir, manifest, backend, threads, log, resize)
 
+        if version is None:  # models will be retired: their memory must go back to the system
+            keep_large_blocks_mapped()
         model, _ = prepare(path, [], load, frame=None)
         segmenter = cls(model, on_swap=on_swap, log=log)
         following = "pinned"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import SIZE, exported, manifest_of, publish
+from tiny_models import NAME, SIZE, exported, manifest_of, publish
 
 from ciss.errors import CissError
 from ciss.runtime.backends import KINDS, gpu_problem, load_backend
@@ -96,3 +96,37 @@ def test_the_runtime_imports_without_torch():
             "extras = [m for m in ('torch', 'matplotlib', 'tqdm') if m in sys.modules]; "
             "assert not extras, f'{extras} imported: the training extra, not installed on a robot'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# Where a 1 MiB block lands after an 8 MiB one was freed: in the heap once glibc has raised its mmap
+# threshold, in a mapping of its own when the threshold is fixed.
+_BLOCK_PLACEMENT = """
+import sys
+import numpy as np
+{setup}
+big = np.ones(1 << 20)  # 8 MiB: mapped on its own, and freeing it raises glibc's threshold unless fixed
+del big
+block = np.ones(1 << 17)  # 1 MiB
+address = block.ctypes.data
+for line in open("/proc/self/maps"):
+    if line.rstrip().endswith("[heap]"):
+        low, high = (int(a, 16) for a in line.split()[0].split("-"))
+        sys.exit(3 if low <= address < high else 0)
+sys.exit(0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator and /proc/self/maps: Linux only")
+def test_a_watching_segmenter_keeps_large_blocks_out_of_the_heap(v2: Path, tmp_path: Path):
+    """Hot-swapping retires models; their buffers must be mappings that go back to the system when freed,
+    not heap that a frame's allocations pin (benchmarks/soak.py: 188 -> 222 MiB over 10 swaps before)."""
+    repo = tmp_path / "models"
+    publish(repo, v2)
+    plain = subprocess.run([sys.executable, "-c", _BLOCK_PLACEMENT.format(setup="")])
+    if plain.returncode != 3:
+        pytest.skip("this libc does not move large blocks into the heap after a free (not glibc)")
+    watching = ("from ciss.runtime.segmenter import Segmenter\n"
+                f"Segmenter.from_repository({str(repo)!r}, {NAME!r}, backend='ort-cpu', watch=False)")
+    assert subprocess.run([sys.executable, "-c", _BLOCK_PLACEMENT.format(setup=watching)]).returncode == 0
+    pinned = watching.replace("watch=False", "version=1")  # a pinned model is never retired: malloc untouched
+    assert subprocess.run([sys.executable, "-c", _BLOCK_PLACEMENT.format(setup=pinned)]).returncode == 3
