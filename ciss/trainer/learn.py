@@ -124,13 +124,20 @@ def carried_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def describe_carried(store: RunStore, step: int, cfg: Mapping[str, Any], method: Mapping[str, Any]) -> str:
-    """One line: what the run brings from `step` to this call (the settings that differ from the defaults)."""
+def describe_carried(store: RunStore, step: int, cfg: Mapping[str, Any], method: Mapping[str, Any],
+                     file_cfg: Mapping[str, Any] | None = None, source: str = "") -> str:
+    """One line: what the run brings from `step` to this call (the settings that differ from the defaults),
+    and what a config file given to this call replaces of them."""
     defaults = configlib.flatten(configlib.defaults())
-    items = [f"{k}={configlib.toml_text(v)}" for k, v in configlib.flatten(cfg).items() if defaults.get(k) != v]
+    replaced = {k: v for k, v in configlib.flatten(file_cfg or {}).items()}
+    items = [f"{k}={configlib.toml_text(v)}" for k, v in configlib.flatten(cfg).items()
+             if defaults.get(k) != v and k not in replaced]
     options = ", ".join(f"{k}={configlib.toml_text(v)}" for k, v in method.get("options", {}).items())
     items.append(f"method={method['name']}" + (f" ({options})" if options else ""))
-    return f"carried over from step {step} of {store.root}: {', '.join(items)}"
+    line = f"carried over from step {step} of {store.root}: {', '.join(items)}"
+    if replaced:
+        line += f"; from {source}: " + ", ".join(f"{k}={configlib.toml_text(v)}" for k, v in replaced.items())
+    return line
 
 
 def _reported_steps(run: Path) -> list[int]:
@@ -190,14 +197,14 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
     base_method = stored.pop("method", None) or {"name": configlib.DEFAULT_METHOD, "options": {}}
     # Keys added to the defaults since the run began take their default values.
     base = configlib.merge(configlib.defaults(), stored)
-    if last is not None:
-        log(describe_carried(store, last, base, base_method))
     if isinstance(config_file, Mapping):
         file_cfg, source = copy.deepcopy(dict(config_file)), "the config"
     else:
         file_cfg, source = configlib.load_toml(Path(config_file)) if config_file else {}, str(config_file)
     configlib.check_file(file_cfg, source)
     file_method = file_cfg.pop("method", {})
+    if last is not None:
+        log(describe_carried(store, last, base, base_method, file_cfg, source))
     carried, per_call = configlib.split_per_call(overrides or {})
     data_cli = dataset_overrides(data, dataset, root)
     if data_cli:

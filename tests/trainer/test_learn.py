@@ -122,6 +122,21 @@ def test_flags_apply_to_their_call_only(tmp_path: Path, fast_config: Path):
     assert step1["train"]["epochs_next"] == 1 and step1["seed"] == 3  # the config file and --seed stay
 
 
+def test_a_config_file_at_a_later_step_is_named_with_what_it_replaces(tmp_path: Path, fast_config: Path):
+    """The carried-over line must not show a value that this call's --config replaced."""
+    run = tmp_path / "r"
+    assert _cli("learn", "--run", str(run), "--classes", "sky,grass", "--config", str(fast_config),
+                "--method", "ft").exit_code == 0
+    later = tmp_path / "later.toml"
+    later.write_text(fast_config.read_text().replace("[train]", "[train]\nlr_next = 0.002", 1))
+    r = _cli("learn", "--run", str(run), "--new-classes", "water", "--config", str(later))
+    assert r.exit_code == 0, r.output
+    carried = [ln for ln in r.stderr.splitlines() if ln.startswith("carried over from step 0")]
+    assert len(carried) == 1 and f"; from {later}: " in carried[0] and "train.lr_next=0.002" in carried[0], r.stderr
+    assert carried[0].count("train.lr_next") == 1
+    assert RunStore(run).manifest(1)["config"]["train"]["lr_next"] == 0.002
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--set", "train.clip_grad_nrom=3"], "did you mean --set train.clip_grad_norm=3?"),
     (["--set", "train.epochs=many"], "train.epochs must be an integer, not a string; e.g. --set train.epochs=30"),
