@@ -65,7 +65,7 @@ def run(step: Step, clone: Path, python: str, iterations: int) -> dict:
     errors = [line for line in lines if line.startswith("error:")]
     ok = done.returncode in step.exit_codes and not missing and (done.returncode != 2 or len(errors) == 1)
     return {"command": " ".join(argv), "code": done.returncode, "wall": wall, "ok": ok, "missing": missing,
-            "said": [line for line in lines if "using" in line or "chose" in line or "published" in line
+            "said": [line for line in lines if any(k in line for k in ("runs/", "models/", "aspect", "of training"))
                      or line.startswith(("error:", "warning:", "serving"))][:6],
             "last": lines[-1] if lines else ""}
 
