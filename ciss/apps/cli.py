@@ -404,9 +404,6 @@ def weights_verify() -> None:
 @click.option("--classes", help="Base classes, comma-separated (default: sky,grass,water,sand,disk,box; "
                                 "CamVid: sky,building,pole,road,sidewalk,tree).")
 @click.option("--new-classes", help="Classes learned while live (default: triangle,ring; CamVid: car,pedestrian).")
-@click.option("--resize", default=DEFAULT_RESIZE, show_default=True, type=click.Choice(RESIZE_MODES),
-              help="How frames of another shape fit a fixed-size model: keep their aspect ratio and pad "
-                   "(letterbox), or fill the input (stretch).")
 @click.option("--headless", is_flag=True, help="No window (automatic when there is no display).")
 @click.option("--force", is_flag=True, help="Replace an earlier demo's files in --out (nothing else there is touched).")
 def demo(out: Path, data: Path | None, video: str | None, method: str, classes: str | None, new_classes: str | None,
