@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from ciss.classmap import ClassMap, unlearned_warning
 from ciss.errors import CissError
 from ciss.manifest import library_versions, write_bytes_atomic
-from ciss.trainer.data import open_dataset
+from ciss.trainer.data import native_ids, open_splits
 from ciss.trainer.data.base import SegDataset
 from ciss.trainer.data.tasks import StepData, pad_collate, presence, test_indices, test_lut, train_indices, train_lut
 from ciss.trainer.data.transforms import EvalTransform, TrainTransform
@@ -36,8 +36,9 @@ from ciss.trainer.distributed import Dist, ShardedBatches, shard
 from ciss.trainer.evaluate import compute_metrics, confusion
 from ciss.trainer.log import Progress, TrainLog, bar, format_seconds
 from ciss.trainer.methods import build_method
-from ciss.trainer.methods.base import Method, Outputs, StepContext, TrainBatch
+from ciss.trainer.methods.base import Method, StepContext, TrainBatch
 from ciss.trainer.models import DeepLabV3, build_model, pretrained_weights
+from ciss.trainer.models.outputs import Outputs
 from ciss.trainer.models.norm import convert_sync_batchnorm, freeze_batchnorm
 from ciss.trainer.store import RunStore, load_weights
 
@@ -53,18 +54,6 @@ class StepPlan:
     new_native: list[int]
     future_native: list[int]  # known future classes (protocols); dropped by the disjoint filter
     old_names: list[str] | None = None  # a joint step of a protocol: its step 0 classes, for the old/new split
-
-
-def open_splits(cfg: dict[str, Any]) -> tuple[SegDataset, SegDataset]:
-    d = cfg["data"]
-    kind = d["kind"] or None
-    root = Path(d["root"]) if d["root"] else None
-    return open_dataset(kind, root, d["train_split"], **d["options"]), open_dataset(kind, root, d["eval_split"], **d["options"])
-
-
-def native_ids(ds: SegDataset, names: Iterable[str]) -> list[int]:
-    index = {n: i for i, n in enumerate(ds.info.class_names)}
-    return [index[n] for n in names]
 
 
 def eval_loader(ds: SegDataset, classmap: ClassMap, protocol: str, batch: int, dist: Dist,

@@ -17,10 +17,11 @@ from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.trainer.learn import learn
 from ciss.trainer.methods import build_method
-from ciss.trainer.methods.base import Outputs, StepContext, TrainBatch
+from ciss.trainer.methods.base import StepContext, TrainBatch
 from ciss.trainer.methods.gsc import (_class_feature_sums, compensation_weights, entropy_sharpening,
                                       prototype_relabel, relation_distillation, soft_sharp_distillation)
 from ciss.trainer.methods.losses import cross_entropy, pixel_cross_entropy, pseudo_label, reduce_pixels
+from ciss.trainer.models.outputs import Outputs
 from conftest import write_config
 
 E = math.e

@@ -18,10 +18,11 @@ from torch import nn
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.trainer.methods import build_method
-from ciss.trainer.methods.base import Outputs, StepContext, TrainBatch
+from ciss.trainer.methods.base import StepContext, TrainBatch
 from ciss.trainer.methods.idec import (IDEC, class_confidence, feature_distance, region_embeddings,
                                        region_info_nce, region_labels)
 from ciss.trainer.models import build_model
+from ciss.trainer.models.outputs import Outputs
 
 SIG10 = 1 / (1 + math.exp(-10))  # softmax confidence of logits (10, 0)
 LAYERS = ("stage1", "stage2", "stage3", "aspp")

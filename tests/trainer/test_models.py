@@ -11,13 +11,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ciss.errors import CissError
-from ciss.trainer.methods.base import Outputs
 from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ciss.trainer.models import build_model, load_pretrained, load_step_model, model_presets, pretrained_weights
 from ciss.trainer.models.efficientnet_lite import EfficientNetLite0
 from ciss.trainer.models.mobilenet import MobileNetV3Large
 from ciss.trainer.models.mobilenet_v2 import MobileNetV2
 from ciss.trainer.models.norm import GlooSyncBatchNorm, convert_sync_batchnorm, freeze_batchnorm
+from ciss.trainer.models.outputs import Outputs
 from ciss.trainer.models.resnet import ResNet
 from ciss.trainer.models.tiny import TinyNet
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ciss.errors import CissError
 from ciss.trainer.data.base import SegDataset
@@ -44,3 +44,17 @@ def open_dataset(kind: str | None, root: Path | str | None, split: str, **option
         if options and "unexpected keyword argument" in str(e):
             raise CissError(f"dataset kind '{kind}' does not take options {', '.join(options)}") from e
         raise
+
+
+def open_splits(cfg: dict[str, Any]) -> tuple[SegDataset, SegDataset]:
+    """The train and eval splits that a resolved config's `[data]` table names."""
+    d = cfg["data"]
+    kind = d["kind"] or None
+    root = Path(d["root"]) if d["root"] else None
+    return open_dataset(kind, root, d["train_split"], **d["options"]), open_dataset(kind, root, d["eval_split"], **d["options"])
+
+
+def native_ids(ds: SegDataset, names: Iterable[str]) -> list[int]:
+    """The dataset's own class indices of `names`, in their order."""
+    index = {n: i for i, n in enumerate(ds.info.class_names)}
+    return [index[n] for n in names]

@@ -7,21 +7,14 @@ back-propagates them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from ciss.classmap import ClassMap
-
-
-@dataclass
-class Outputs:
-    """One forward pass: full-resolution logits and, when asked for, named intermediate features."""
-
-    logits: torch.Tensor
-    features: dict[str, torch.Tensor] = field(default_factory=dict)
+from ciss.trainer.models.outputs import Outputs
 
 
 @dataclass

@@ -34,10 +34,11 @@ import torch.nn.functional as F
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch
 from ciss.trainer.methods.losses import (IGNORE, REDUCTIONS, UNCERTAINTY_MODES, cross_entropy, local_pod,
-                                         logits_of, merge_extra_channels, pixel_cross_entropy,
+                                         merge_extra_channels, pixel_cross_entropy,
                                          plop_median_thresholds, plop_uncertainty, pseudo_label,
                                          quantile_thresholds, reduce_pixels, uncertainty_histogram)
 from ciss.trainer.methods.options import resolve_options
+from ciss.trainer.models.outputs import logits_of
 
 POD_FEATURES = ("stage1", "stage2", "stage3", "stage4", "aspp")
 THRESHOLD_MODES = ("auto",) + UNCERTAINTY_MODES

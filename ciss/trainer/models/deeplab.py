@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciss.trainer.methods.base import Outputs
 from ciss.trainer.models.heads import IncrementalHead
 from ciss.trainer.models.layers import init_weights
+from ciss.trainer.models.outputs import Outputs
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
