@@ -254,7 +254,9 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
     elif dist.main and partial.exists():
         shutil.rmtree(partial)
     dist.barrier()
-    method.prepare(ctx)  # before the optimizer, which must see modules a method builds here
+    # set up, restore a resumed step's state, estimate what it lacks; before the optimizer, which
+    # must see the modules a method builds here
+    method.prepare(ctx, state["method"] if state is not None else None)
 
     params = [p for p in unwrapped.parameters() if p.requires_grad]
     method_params = list(method.parameters())
@@ -265,7 +267,6 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
     start_it = 0
     if state is not None:
         unwrapped.load_state_dict(state["model"])
-        method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_it = int(state["iteration"])

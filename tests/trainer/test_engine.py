@@ -127,6 +127,60 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path: Path):
         assert torch.equal(a[k], b[k]), k
 
 
+
+class Interrupted(Exception):
+    """Stands for a kill: raised from a batch after the step's first checkpoint."""
+
+
+def test_resumed_step_makes_no_second_estimation_pass(tmp_path: Path, monkeypatch):
+    """GSC estimates PLOP's thresholds and its prototypes with a pass of the old model over the data;
+    a resumed step restores both from its checkpoint instead of passing over the data again, and ends
+    with the weights of an uninterrupted step."""
+    from ciss.trainer.methods.gsc import GSC
+    from ciss.trainer.methods.plop import PLOP
+
+    cfg = write_config(tmp_path / "c.toml", size=24, epochs=2, checkpoint_every=4)  # 6 iterations per epoch
+    run = tmp_path / "run"
+    learn(run, classes=["sky", "grass", "disk"], config_file=cfg, method="ft", log=lambda s: None)
+    full = tmp_path / "full"
+    shutil.copytree(run, full)
+    passes: list[str] = []
+
+    def counted(cls: type, name: str) -> None:
+        original = getattr(cls, name)
+
+        def spy(self, ctx):
+            passes.append(name)
+            return original(self, ctx)
+
+        monkeypatch.setattr(cls, name, spy)
+
+    counted(PLOP, "estimate_thresholds")
+    counted(GSC, "estimate_prototypes")
+    learn(full, new_classes=["box"], config_file=cfg, method="gsc", log=lambda s: None)
+    assert passes == ["estimate_thresholds", "estimate_prototypes"]
+
+    calls = []
+    losses = GSC.losses
+
+    def interrupt(self, batch):
+        calls.append(1)
+        if len(calls) == 6:  # iteration 6: the checkpoint of iteration 4 is on disk
+            raise Interrupted
+        return losses(self, batch)
+
+    monkeypatch.setattr(GSC, "losses", interrupt)
+    with pytest.raises(Interrupted):
+        learn(run, new_classes=["box"], config_file=cfg, method="gsc", log=lambda s: None)
+    assert torch.load(run / ".partial-step-1" / "checkpoint.pt", weights_only=True)["iteration"] == 4
+    monkeypatch.setattr(GSC, "losses", losses)
+    passes.clear()
+    learn(run, new_classes=["box"], config_file=cfg, method="gsc", resume=True, log=lambda s: None)
+    assert passes == []
+    a = torch.load(full / "step-1" / "model.pt", weights_only=True)
+    b = torch.load(run / "step-1" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
 def test_torchrun_two_processes_match_one(tmp_path: Path):
     """Two gloo processes with half the batch each train the weights one process trains: step 0
     (synchronised BatchNorm) and a PLOP step 1 (frozen teacher, features, thresholds reduced
