@@ -384,7 +384,7 @@ def test_state_dict_round_trip():
     m2.load_state_dict(state)
     m2.prepare(context(batches=no_pass))
     assert torch.equal(m2.prototypes, m.prototypes) and torch.equal(m2.thresholds, m.thresholds)
-    # the engine's order: prepare, then load, ends with the saved values too
+    # loaded after prepare, the saved values replace the estimated ones
     m3 = build_method("gsc", {})
     m3.prepare(context())
     m3.prototypes = torch.zeros_like(m.prototypes)

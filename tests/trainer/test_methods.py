@@ -168,7 +168,7 @@ def test_plop_prepare_losses_and_resume():
 
     m2.prepare(context(step=1, old=FakeOld(), batches=no_pass))
     assert torch.equal(m2.thresholds, m.thresholds)
-    # the engine's order (prepare, then load) ends with the saved thresholds too
+    # loaded after prepare, the saved thresholds replace the estimated ones
     m3 = build_method("plop", {"threshold_mode": "plop"})
     m3.prepare(context(step=1, old=FakeOld()))
     m3.thresholds = torch.ones(N_OLD)

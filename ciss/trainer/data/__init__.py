@@ -1,4 +1,4 @@
-"""Dataset readers behind one entry point, so the CLI and engine never import a reader by name."""
+"""Dataset readers behind one entry point, so the CLI and the step loop never import a reader by name."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The method interface: the engine calls it and knows no method by name.
+"""The method interface: the step loop calls it and knows no method by name.
 
 A method prepares once per step (auxiliary modules, then thresholds or prototypes unless a resumed
 step restored them) and then turns one batch of model outputs into named, already weighted loss
-terms; the engine sums, logs and back-propagates them.
+terms; the step loop sums, logs and back-propagates them.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Method:
     """
 
     name: str = ""
-    uses_old_model: bool = False  # at steps > 0 the engine runs the frozen old model on every batch
+    uses_old_model: bool = False  # at steps > 0 the step loop runs the frozen old model on every batch
     init_new_heads: bool = False  # MiB initialisation of the new head from the background head
 
     def __init__(self, **options: Any):
@@ -96,7 +96,7 @@ class Method:
 
     @property
     def needs_old_model(self) -> bool:
-        """Whether the engine runs the frozen old model on this step's batches."""
+        """Whether the step loop runs the frozen old model on this step's batches."""
         return self.uses_old_model and self.incremental
 
     @property
@@ -120,7 +120,7 @@ class Method:
         raise NotImplementedError(f"method '{self.name}' has no loss for a batch with old-model outputs")
 
     def report(self) -> dict[str, Any]:
-        """What the method decided for this step (after `prepare`), JSON-able: the engine logs it and
+        """What the method decided for this step (after `prepare`), JSON-able: the step loop logs it and
         writes it into the step manifest under `method_report`. Empty when there is nothing to say."""
         return {}
 

@@ -2,7 +2,7 @@
 
 Step 0: plain cross-entropy. Steps t > 0: unbiased cross-entropy (background pixels may be any
 old class) + kd_weight · unbiased distillation from the frozen old model (new classes merged into
-background), and the new head initialised from the background head (the engine does it when
+background), and the new head initialised from the background head (the step loop does it when
 `init_new_heads` is set). Losses: `losses.unbiased_cross_entropy`, `losses.unbiased_kd`.
 """
 
