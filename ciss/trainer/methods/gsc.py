@@ -33,8 +33,9 @@ from ciss.trainer.methods.base import StepContext, TrainBatch, restored, saved
 from ciss.trainer.methods.losses import (IGNORE, pixel_cross_entropy, plop_uncertainty, pseudo_label,
                                          reduce_pixels)
 from ciss.trainer.methods.plop import PLOP, POD_FEATURES, POD_LOGITS
+from ciss.trainer.models.features import DECODER, STAGE4
 
-PROTO_FEATURES = ("stage4", "aspp")
+PROTO_FEATURES = (STAGE4, DECODER)
 
 
 # --- loss terms (pure functions) -----------------------------------------------------------------
@@ -178,7 +179,7 @@ class GSC(PLOP):
         "soft_weight": 0.3,
         "sharp_weight": 0.1,
         "relation_weight": 0.5,
-        "proto_feature": "stage4",
+        "proto_feature": STAGE4,
         "proto_threshold": 0.5,
     }
     choices: dict[str, tuple[str, ...]] = {**PLOP.choices, "proto_feature": PROTO_FEATURES}

@@ -32,9 +32,10 @@ from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, saved
 from ciss.trainer.methods.losses import IGNORE, REDUCTIONS, cross_entropy, unbiased_kd
 from ciss.trainer.methods.options import resolve_options
+from ciss.trainer.models.features import DECODER, STAGES
 
-STAGES = ("stage1", "stage2", "stage3")
-FEATURE_LAYERS = STAGES + ("aspp",)
+DECAYED = STAGES[:3]  # the backbone stages whose distillation decays with progress
+FEATURE_LAYERS = DECAYED + (DECODER,)  # option "<layer>_weight" weighs each
 FEATURE_DISTANCES = ("cosine", "channel_kd")
 
 
@@ -201,7 +202,7 @@ class IDEC(Method):
         return self.projections
 
     def features(self) -> tuple[str, ...]:
-        wanted = set(self.layer_weights) | ({"aspp"} if self.options["contrast"] else set())
+        wanted = set(self.layer_weights) | ({DECODER} if self.options["contrast"] else set())
         return tuple(k for k in FEATURE_LAYERS if k in wanted)
 
     def setup(self, ctx: StepContext) -> None:
@@ -261,7 +262,7 @@ class IDEC(Method):
         total = batch.out.logits.new_zeros((), dtype=torch.float32)
         for layer, weight in self.layer_weights.items():
             new, old = batch.out.features[layer], batch.old.features[layer]
-            if layer in STAGES:
+            if layer in DECAYED:
                 weight = weight * decay
             total = total + weight * feature_distance(new, old, o["feature_distance"], o["kd_alpha"])
         return total
@@ -269,9 +270,9 @@ class IDEC(Method):
     def _contrast(self, batch: TrainBatch, regions: torch.Tensor, n_old: int, n_total: int) -> torch.Tensor:
         assert batch.old is not None
         head = self.projections["contrast"]
-        new = head(batch.out.features["aspp"])
+        new = head(batch.out.features[DECODER])
         with torch.no_grad():
-            old = head(batch.old.features["aspp"])
+            old = head(batch.old.features[DECODER])
         n_ids = n_total + 1  # classes, then the unknown region
         emb_new, counts = region_embeddings(new, regions, n_ids)
         emb_old, _ = region_embeddings(old, regions, n_ids)

@@ -38,11 +38,12 @@ from ciss.trainer.methods.losses import (IGNORE, REDUCTIONS, UNCERTAINTY_MODES, 
                                          plop_median_thresholds, plop_uncertainty, pseudo_label,
                                          quantile_thresholds, reduce_pixels, uncertainty_histogram)
 from ciss.trainer.methods.options import resolve_options
+from ciss.trainer.models.features import DECODER, LOGITS_LOWRES, STAGES
 from ciss.trainer.models.outputs import logits_of
 
-POD_FEATURES = ("stage1", "stage2", "stage3", "stage4", "aspp")
+POD_FEATURES = STAGES + (DECODER,)
 THRESHOLD_MODES = ("auto",) + UNCERTAINTY_MODES
-POD_LOGITS = "logits_lowres"
+POD_LOGITS = LOGITS_LOWRES
 
 
 def degenerate_classes(thresholds: torch.Tensor, counts: torch.Tensor, n_old: int, n_total: int,
