@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from ciss.classmap import ClassMap
-from ciss.trainer.data import open_dataset
+from ciss.trainer.data import open_dataset, open_splits
 from ciss.trainer.data.tasks import StepData, pad_collate, presence, test_indices, test_lut
 from ciss.trainer.data.transforms import EvalTransform
 from ciss.trainer.distributed import Dist
-from ciss.trainer.engine import eval_loader, open_splits
 from ciss.trainer.evaluate import evaluate
+from ciss.trainer.step import eval_loader
 from ciss.trainer.store import RunStore
 
 EPS = 1e-3

@@ -32,9 +32,9 @@ from ciss.export.repository import ModelRepository
 from ciss.export.verify import cpu_session, spread, to_input
 from ciss.runtime.segmenter import Model
 from ciss.sizes import RESIZE_MODES
+from ciss.trainer.data import native_ids, open_splits
 from ciss.trainer.data.tasks import presence, test_indices, test_lut
 from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
-from ciss.trainer.engine import native_ids, open_splits
 from ciss.trainer.evaluate import ConfusionMatrix, compute_metrics
 from ciss.trainer.store import RunStore
 

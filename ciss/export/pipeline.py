@@ -20,9 +20,9 @@ from ciss.export import onnx as onnx_export
 from ciss.export.repository import ModelRepository, check_name
 from ciss.export.verify import check_parity, evaluate_graph, spread, to_input
 from ciss.sizes import Size, check_stride, stride_size, typical_size
+from ciss.trainer.data import open_splits
 from ciss.trainer.data.base import SegDataset
 from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
-from ciss.trainer.engine import open_splits
 from ciss.trainer.log import bar
 from ciss.trainer.store import RunStore
 

@@ -20,10 +20,10 @@ from torch import nn
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.export.onnx import INPUT
+from ciss.trainer.data import native_ids
 from ciss.trainer.data.base import SegDataset
 from ciss.trainer.data.tasks import presence, test_indices, test_lut
 from ciss.trainer.data.transforms import Normalise
-from ciss.trainer.engine import native_ids
 from ciss.trainer.evaluate import ConfusionMatrix, compute_metrics
 from ciss.trainer.log import bar
 

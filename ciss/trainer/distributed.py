@@ -42,13 +42,6 @@ class Dist:
         if self.active:
             dist.barrier()
 
-    def broadcast_object(self, obj):
-        if not self.active:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def pick_device(choice: str, local_rank: int = 0) -> torch.device:
     if choice not in ("auto", "cpu", "cuda"):

@@ -22,7 +22,7 @@ from ciss.classmap import BACKGROUND, ClassMap
 from ciss.errors import CissError
 from ciss.manifest import write_bytes_atomic
 from ciss.sizes import nearest_on_stride
-from ciss.trainer.methods.losses import logits_of
+from ciss.trainer.models.outputs import logits_of
 
 if TYPE_CHECKING:
     from tqdm import tqdm

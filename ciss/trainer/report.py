@@ -8,10 +8,10 @@ from typing import Any
 
 from ciss.classmap import ClassMap, unlearned_warning
 from ciss.trainer.distributed import Dist, pick_device
-from ciss.trainer.engine import eval_loader
 from ciss.trainer.data import open_dataset
 from ciss.trainer.evaluate import evaluate
 from ciss.trainer.log import bar
+from ciss.trainer.step import eval_loader
 from ciss.trainer.store import RunStore
 
 

@@ -17,10 +17,11 @@ from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.trainer.learn import learn
 from ciss.trainer.methods import build_method
-from ciss.trainer.methods.base import Outputs, StepContext, TrainBatch
+from ciss.trainer.methods.base import StepContext, TrainBatch
 from ciss.trainer.methods.gsc import (_class_feature_sums, compensation_weights, entropy_sharpening,
                                       prototype_relabel, relation_distillation, soft_sharp_distillation)
 from ciss.trainer.methods.losses import cross_entropy, pixel_cross_entropy, pseudo_label, reduce_pixels
+from ciss.trainer.models.outputs import Outputs
 from conftest import write_config
 
 E = math.e
@@ -383,7 +384,7 @@ def test_state_dict_round_trip():
     m2.load_state_dict(state)
     m2.prepare(context(batches=no_pass))
     assert torch.equal(m2.prototypes, m.prototypes) and torch.equal(m2.thresholds, m.thresholds)
-    # the engine's order: prepare, then load, ends with the saved values too
+    # loaded after prepare, the saved values replace the estimated ones
     m3 = build_method("gsc", {})
     m3.prepare(context())
     m3.prototypes = torch.zeros_like(m.prototypes)

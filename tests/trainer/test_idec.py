@@ -18,10 +18,11 @@ from torch import nn
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.trainer.methods import build_method
-from ciss.trainer.methods.base import Outputs, StepContext, TrainBatch
+from ciss.trainer.methods.base import StepContext, TrainBatch
 from ciss.trainer.methods.idec import (IDEC, class_confidence, feature_distance, region_embeddings,
                                        region_info_nce, region_labels)
 from ciss.trainer.models import build_model
+from ciss.trainer.models.outputs import Outputs
 
 SIG10 = 1 / (1 + math.exp(-10))  # softmax confidence of logits (10, 0)
 LAYERS = ("stage1", "stage2", "stage3", "aspp")
@@ -267,7 +268,7 @@ def test_terms_finite_without_valid_pixels_or_regions():
     assert all(p.grad is not None for p in m.parameters())  # DDP averages every parameter's gradient
 
 
-# --- with the real tiny model: projections, the engine's order, resume -------------------------
+# --- with the real tiny model: projections, optimizer before prepare, resume ----------------
 
 def tiny_setup():
     torch.manual_seed(0)
@@ -292,7 +293,7 @@ def tiny_batch(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, pro
 def test_projections_are_training_only_and_optimised_in_the_engine_order():
     ctx, images, labels = tiny_setup()
     method = build_method("idec", {"threshold_init": 0.5})  # some confident pixels for the random teacher
-    # The engine builds its optimizer from method.parameters() before prepare sizes them.
+    # An optimizer built from method.parameters() before prepare sizes them keeps working.
     optimizer = torch.optim.SGD(list(ctx.model.parameters()) + list(method.parameters()), lr=0.1)
     method.prepare(ctx)
     assert method.feature_names == LAYERS

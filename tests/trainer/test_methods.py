@@ -13,8 +13,9 @@ from torch import nn
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.trainer.methods import METHODS, build_method, load_presets, method_options
-from ciss.trainer.methods.base import Outputs, StepContext, TrainBatch
+from ciss.trainer.methods.base import StepContext, TrainBatch
 from ciss.trainer.methods.losses import plop_uncertainty, quantile_thresholds
+from ciss.trainer.models.outputs import Outputs
 
 N_OLD, N_TOTAL = 3, 5  # background + 2 old classes, 2 new classes
 FEATS = {"stage1": 4, "stage2": 4, "stage3": 6, "stage4": 6, "aspp": 5}
@@ -167,7 +168,7 @@ def test_plop_prepare_losses_and_resume():
 
     m2.prepare(context(step=1, old=FakeOld(), batches=no_pass))
     assert torch.equal(m2.thresholds, m.thresholds)
-    # the engine's order (prepare, then load) ends with the saved thresholds too
+    # loaded after prepare, the saved thresholds replace the estimated ones
     m3 = build_method("plop", {"threshold_mode": "plop"})
     m3.prepare(context(step=1, old=FakeOld()))
     m3.thresholds = torch.ones(N_OLD)

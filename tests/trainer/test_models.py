@@ -11,13 +11,15 @@ import torch.distributed as dist
 from torch import nn
 
 from ciss.errors import CissError
-from ciss.trainer.methods.base import Outputs
 from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ciss.trainer.models import build_model, load_pretrained, load_step_model, model_presets, pretrained_weights
+from ciss.trainer.models import (BACKBONES, build_model, load_pretrained, load_step_model, model_presets,
+                                 pretrained_weights)
 from ciss.trainer.models.efficientnet_lite import EfficientNetLite0
+from ciss.trainer.models.features import Backbone
 from ciss.trainer.models.mobilenet import MobileNetV3Large
 from ciss.trainer.models.mobilenet_v2 import MobileNetV2
 from ciss.trainer.models.norm import GlooSyncBatchNorm, convert_sync_batchnorm, freeze_batchnorm
+from ciss.trainer.models.outputs import Outputs
 from ciss.trainer.models.resnet import ResNet
 from ciss.trainer.models.tiny import TinyNet
 
@@ -383,3 +385,15 @@ def test_gloo_sync_batchnorm_two_processes(tmp_path: Path):
     torch.testing.assert_close(ranks[0][3] + ranks[1][3], gb, **close)
     for r in ranks:
         torch.testing.assert_close(r[4:], [mean, var, n], **close)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_backbone_keeps_the_contract(name: str):
+    """What DeepLabV3 and the methods rely on: the declared channels and stride, and STAGES by name."""
+    backbone = BACKBONES[name](16).eval()
+    assert isinstance(backbone, Backbone) and backbone.output_stride == 16
+    with torch.no_grad():
+        feats = backbone(torch.zeros(1, 3, 64, 64))
+    assert tuple(feats) == STAGES
+    assert [f.shape[1] for f in feats.values()] == list(backbone.stage_channels)
+    assert backbone.out_channels == backbone.stage_channels[-1] and feats[STAGES[-1]].shape[-1] == 64 // 16

@@ -106,12 +106,6 @@ class FileDataset:
     def stems(self) -> list[str]:
         return [stem for stem, _, _ in self._items]
 
-    def image_path(self, i: int) -> Path:
-        return self._items[i][1]
-
-    def label_path(self, i: int) -> Path:
-        return self._items[i][2]
-
     def image(self, i: int) -> np.ndarray:
         return read_image(self._items[i][1])
 

@@ -1,4 +1,4 @@
-"""Method registry: names -> classes, and building one from its preset plus user options.
+"""Method registry: names -> classes (a new method is its module plus one entry in METHODS), and building one from its preset plus user options.
 
 Presets live in configs/methods.toml, one table per method with every option. Options resolve as
 class defaults <- preset <- the options given to `build_method`; an unknown key is a CissError
@@ -19,18 +19,17 @@ from ciss.trainer.methods.idec import IDEC
 from ciss.trainer.methods.mib import MiB
 from ciss.trainer.methods.options import resolve_options
 from ciss.trainer.methods.plop import PLOP
+from ciss.trainer.registry import Registry
 
-METHODS: dict[str, type[Method]] = {"ft": FineTuning, "joint": Joint, "mib": MiB, "plop": PLOP, "gsc": GSC, "idec": IDEC}
+METHODS: Registry[type[Method]] = Registry("method", {"ft": FineTuning, "gsc": GSC, "idec": IDEC, "joint": Joint,
+                                                       "mib": MiB, "plop": PLOP})
 PRESETS = config_dir() / "methods.toml"
 
 __all__ = ["METHODS", "PRESETS", "Method", "build_method", "load_presets", "method_options"]
 
 
 def _lookup(name: str) -> type[Method]:
-    cls = METHODS.get(str(name).strip().lower())
-    if cls is None:
-        raise CissError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
-    return cls
+    return METHODS[str(name).strip().lower()]
 
 
 def load_presets(path: Path | None = None) -> dict[str, dict[str, Any]]:

@@ -1,27 +1,22 @@
-"""The method interface: the engine calls it and knows no method by name.
+"""The method interface: the step loop calls it and knows no method by name.
 
-A method prepares once per step (thresholds, prototypes, auxiliary modules) and then turns one
-batch of model outputs into named, already weighted loss terms; the engine sums, logs and
-back-propagates them.
+A method prepares once per step (auxiliary modules, then thresholds or prototypes unless a resumed
+step restored them) and then turns one batch of model outputs into named, already weighted loss
+terms; the step loop sums, logs and back-propagates them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from ciss.classmap import ClassMap
-
-
-@dataclass
-class Outputs:
-    """One forward pass: full-resolution logits and, when asked for, named intermediate features."""
-
-    logits: torch.Tensor
-    features: dict[str, torch.Tensor] = field(default_factory=dict)
+from ciss.errors import CissError
+from ciss.trainer.methods.losses import cross_entropy
+from ciss.trainer.models.outputs import Outputs
 
 
 @dataclass
@@ -57,28 +52,79 @@ class StepContext:
 
 
 class Method:
-    """Base class. Subclasses set the class attributes and override `losses` (and `prepare`)."""
+    """Base class: step 0 is plain cross-entropy for every method, and a method that distils from the
+    previous model refuses to start a later step without it.
+
+    Subclasses set the class attributes and override `incremental_losses` (the terms of a step > 0),
+    `features` (what those terms read), and where they need them `setup` (modules sized for the step)
+    and `estimate` (statistics from a pass over the data). Options hold at least "reduction".
+    """
 
     name: str = ""
-    needs_old_model: bool = False  # the engine runs the frozen old model on every batch
-    feature_names: tuple[str, ...] = ()  # intermediate features the method reads (both models)
+    uses_old_model: bool = False  # at steps > 0 the step loop runs the frozen old model on every batch
     init_new_heads: bool = False  # MiB initialisation of the new head from the background head
 
     def __init__(self, **options: Any):
         self.options = options
+        self.ctx: StepContext | None = None
 
-    def prepare(self, ctx: StepContext) -> None:
-        """Called once per step before the first batch (also when resuming)."""
+    # --- once per step -------------------------------------------------------------------------
+    def prepare(self, ctx: StepContext, state: dict[str, Any] | None = None) -> None:
+        """Before the first batch: set up for `ctx`, restore `state` (a resumed step's), then estimate
+        only what it did not hold. One order for every method, so a resumed step never repeats a pass
+        over the data."""
+        if self.uses_old_model and ctx.step > 0 and ctx.old_model is None:
+            raise CissError(f"method '{self.name}' needs the model of step {ctx.step - 1} to train step {ctx.step}")
         self.ctx = ctx
+        self.setup(ctx)
+        if state is not None:
+            self.load_state_dict(state)
+        if ctx.step > 0:
+            self.estimate(ctx)
 
+    def setup(self, ctx: StepContext) -> None:
+        """Size the method's modules and state for `ctx`'s step; no pass over the data."""
+
+    def estimate(self, ctx: StepContext) -> None:
+        """At steps > 0: what a pass over `ctx.batches()` gives and neither the restored state nor an
+        earlier call holds (thresholds, prototypes)."""
+
+    @property
+    def incremental(self) -> bool:
+        """Prepared for a step > 0."""
+        return self.ctx is not None and self.ctx.step > 0
+
+    @property
+    def needs_old_model(self) -> bool:
+        """Whether the step loop runs the frozen old model on this step's batches."""
+        return self.uses_old_model and self.incremental
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The intermediate features this step's losses read from both models."""
+        return self.features() if self.incremental else ()
+
+    def features(self) -> tuple[str, ...]:
+        """The intermediate features a step > 0 reads, as the options decide."""
+        return ()
+
+    # --- every batch ---------------------------------------------------------------------------
     def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Named, already weighted loss terms: cross-entropy without an old model's outputs (step 0)."""
+        if batch.old is None:
+            return {"ce": cross_entropy(batch.out.logits, batch.labels, self.options["reduction"])}
+        return self.incremental_losses(batch)
+
+    def incremental_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """The terms of a step > 0, where `batch.old` holds the frozen old model's outputs."""
+        raise NotImplementedError(f"method '{self.name}' has no loss for a batch with old-model outputs")
 
     def report(self) -> dict[str, Any]:
-        """What the method decided for this step (after `prepare`), JSON-able: the engine logs it and
+        """What the method decided for this step (after `prepare`), JSON-able: the step loop logs it and
         writes it into the step manifest under `method_report`. Empty when there is nothing to say."""
         return {}
 
+    # --- modules and resume --------------------------------------------------------------------
     def modules(self) -> nn.ModuleDict:
         """Training-only modules with parameters (optimised with the model, never exported)."""
         return nn.ModuleDict()
@@ -92,3 +138,13 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.modules().load_state_dict(state["modules"])
+
+
+def saved(t: torch.Tensor | None) -> torch.Tensor:
+    """`t` as a checkpoint holds it: a CPU copy, empty for None (weights_only loading takes tensors only)."""
+    return torch.zeros(0) if t is None else t.detach().cpu().clone()
+
+
+def restored(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A tensor `saved` wrote, as float32 on the CPU; None where it stood for None (or is absent)."""
+    return None if t is None or t.numel() == 0 else t.detach().float().cpu().clone()

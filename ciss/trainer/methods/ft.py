@@ -9,25 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from ciss.trainer.methods.base import Method, TrainBatch
-from ciss.trainer.methods.losses import REDUCTIONS, cross_entropy
+from ciss.trainer.methods.base import Method
+from ciss.trainer.methods.losses import REDUCTIONS
 from ciss.trainer.methods.options import resolve_options
 
 
 class FineTuning(Method):
-    name = "ft"
-    needs_old_model = False
-    init_new_heads = False
+    name = "ft"  # the base class's cross-entropy at every step: no old model, so never incremental losses
     defaults: dict[str, Any] = {"reduction": "all"}
     choices: dict[str, tuple[str, ...]] = {"reduction": REDUCTIONS}
 
     def __init__(self, **options: Any):
         super().__init__(**resolve_options(self.name, self.defaults, options, self.choices))
-
-    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        return {"ce": cross_entropy(batch.out.logits, batch.labels, self.options["reduction"])}
 
 
 class Joint(FineTuning):

@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from ciss.errors import CissError
-from ciss.trainer.methods.base import StepContext, TrainBatch
-from ciss.trainer.methods.losses import (IGNORE, cross_entropy, pixel_cross_entropy, plop_uncertainty, pseudo_label,
+from ciss.trainer.methods.base import StepContext, TrainBatch, restored, saved
+from ciss.trainer.methods.losses import (IGNORE, pixel_cross_entropy, plop_uncertainty, pseudo_label,
                                          reduce_pixels)
 from ciss.trainer.methods.plop import PLOP, POD_FEATURES, POD_LOGITS
+from ciss.trainer.models.features import DECODER, STAGE4
 
-PROTO_FEATURES = ("stage4", "aspp")
+PROTO_FEATURES = (STAGE4, DECODER)
 
 
 # --- loss terms (pure functions) -----------------------------------------------------------------
@@ -178,7 +179,7 @@ class GSC(PLOP):
         "soft_weight": 0.3,
         "sharp_weight": 0.1,
         "relation_weight": 0.5,
-        "proto_feature": "stage4",
+        "proto_feature": STAGE4,
         "proto_threshold": 0.5,
     }
     choices: dict[str, tuple[str, ...]] = {**PLOP.choices, "proto_feature": PROTO_FEATURES}
@@ -198,29 +199,32 @@ class GSC(PLOP):
                             f"got {o['proto_threshold']}")
         self.prototypes: torch.Tensor | None = None  # (n_old, D) float32 on the CPU, unit or zero rows
         self._class_steps: torch.Tensor | None = None
-        self._pod_on = False
-        self._restored_prototypes: tuple[int, int, torch.Tensor] | None = None
         self._proto_cache: torch.Tensor | None = None
 
     # --- once per step -------------------------------------------------------------------------
-    def prepare(self, ctx: StepContext) -> None:
-        super().prepare(ctx)  # PLOP: needs_old_model, per-class entropy thresholds
+    def _uses_pod(self) -> bool:
         o = self.options
-        incremental = ctx.step > 0
-        self._class_steps = torch.tensor([c.step for c in ctx.classmap])
-        self._pod_on = incremental and o["pod"] and (o["pod_weight"] > 0 or o["pod_logits_weight"] > 0)
+        return bool(o["pod"]) and (o["pod_weight"] > 0 or o["pod_logits_weight"] > 0)
+
+    def features(self) -> tuple[str, ...]:
         # PLOP._pod reads its layers from feature_names; the prototype feature is one of them.
-        if self._pod_on:
-            self.feature_names = POD_FEATURES + (POD_LOGITS,)
-        else:
-            self.feature_names = (o["proto_feature"],) if incremental and o["pseudo"] else ()
+        if self._uses_pod():
+            return POD_FEATURES + (POD_LOGITS,)
+        return (self.options["proto_feature"],) if self.options["pseudo"] else ()
+
+    def setup(self, ctx: StepContext) -> None:
+        super().setup(ctx)
+        self._class_steps = torch.tensor([c.step for c in ctx.classmap])
         self._proto_cache = None
-        restored, self._restored_prototypes = self._restored_prototypes, None
-        if not (incremental and o["pseudo"]):
-            self.prototypes = None
-        elif restored is not None and restored[:2] == (ctx.step, ctx.n_old):
-            self.prototypes = restored[2]
-        else:
+
+    def clear_estimates(self) -> None:
+        super().clear_estimates()
+        self.prototypes = None
+
+    def estimate(self, ctx: StepContext) -> None:
+        """PLOP's thresholds, then the prototypes they select pixels for."""
+        super().estimate(ctx)
+        if self.options["pseudo"] and self.prototypes is None:
             self.prototypes = self.estimate_prototypes(ctx)
 
     @torch.no_grad()
@@ -259,11 +263,10 @@ class GSC(PLOP):
         return F.normalize(sums, dim=1).cpu()
 
     # --- every batch ---------------------------------------------------------------------------
-    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    def incremental_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        assert batch.old is not None and self.ctx is not None
         o = self.options
         logits, labels = batch.out.logits, batch.labels
-        if batch.old is None:  # step 0
-            return {"ce": cross_entropy(logits, labels, o["reduction"])}
         old = batch.old.logits
         n_old, n_total = old.shape[1], logits.shape[1]
         if self._class_steps is None or self._class_steps.numel() != n_total:
@@ -277,7 +280,7 @@ class GSC(PLOP):
             target = prototype_relabel(labels, target, old, self._old_feature(batch), self._protos(logits.device),
                                        o["proto_threshold"])
         if o["compensation"]:
-            weights = compensation_weights(logits, target, self._class_steps, self._step,
+            weights = compensation_weights(logits, target, self._class_steps, self.ctx.step,
                                            o["compensate_background"], (o["compensation_min"], o["compensation_max"]))
         else:
             weights = (target != IGNORE).float()
@@ -293,7 +296,7 @@ class GSC(PLOP):
             terms["sharp"] = o["sharp_weight"] / n_total * entropy_sharpening(logits, labels != IGNORE)
         if o["relation"]:
             terms["relation"] = o["relation_weight"] * relation_distillation(logits, old, target, weights)
-        if self._pod_on:
+        if self._uses_pod():
             terms["pod"] = self._pod(batch, n_old, n_total)
         return terms
 
@@ -314,17 +317,12 @@ class GSC(PLOP):
     # --- resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["prototypes"] = (self.prototypes if self.prototypes is not None else torch.zeros(0)).clone()
+        state["prototypes"] = saved(self.prototypes)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """As PLOP's thresholds: the prototypes are kept with them, for the step they were estimated for."""
         super().load_state_dict(state)
-        p = state.get("prototypes")
-        if p is None or p.numel() == 0:
-            return
-        p = p.detach().float().cpu().clone()
-        step, n_old = int(state["step"]), int(state["n_old"])
-        # As PLOP's thresholds: before `prepare` they replace its pass, after it they replace its result.
-        self._restored_prototypes = (step, n_old, p)
-        if self._step == step and self._n_old == n_old:
-            self.prototypes, self._proto_cache = p, None
+        prototypes = restored(state.get("prototypes"))
+        if prototypes is not None:
+            self.prototypes, self._proto_cache = prototypes, None

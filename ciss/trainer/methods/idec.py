@@ -29,20 +29,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciss.errors import CissError
-from ciss.trainer.methods.base import Method, StepContext, TrainBatch
+from ciss.trainer.methods.base import Method, StepContext, TrainBatch, saved
 from ciss.trainer.methods.losses import IGNORE, REDUCTIONS, cross_entropy, unbiased_kd
 from ciss.trainer.methods.options import resolve_options
+from ciss.trainer.models.features import DECODER, STAGES
 
-STAGES = ("stage1", "stage2", "stage3")
-FEATURE_LAYERS = STAGES + ("aspp",)
+DECAYED = STAGES[:3]  # the backbone stages whose distillation decays with progress
+FEATURE_LAYERS = DECAYED + (DECODER,)  # option "<layer>_weight" weighs each
 FEATURE_DISTANCES = ("cosine", "channel_kd")
 
 
 class LateConv1x1(nn.Module):
-    """A 1x1 convolution whose input width is set by `build` in `prepare`.
+    """A 1x1 convolution whose input width is set by `build` in `setup`.
 
-    The engine hands `Method.parameters()` to the optimizer before `prepare` sees the model, so the
-    parameters are created uninitialised and materialised in place (the optimizer keeps the same
+    The method's modules exist from its construction, before any step's model is known, so the
+    parameters are created uninitialised and materialised in place (whoever holds them keeps the same
     objects). At step 0, where nothing is distilled, they are materialised empty so checkpoints hold them.
     Initialised as nn.Conv2d's default.
     """
@@ -153,7 +154,7 @@ def region_info_nce(anchors: torch.Tensor, embeddings: torch.Tensor, classes: to
 
 class IDEC(Method):
     name = "idec"
-    needs_old_model = True  # until `prepare` says otherwise (step 0 has no old model)
+    uses_old_model = True
     init_new_heads = True  # MiB init: softmax head (SSUL's unknown-head transfer does not apply)
     defaults: dict[str, Any] = {
         "reduction": "all",
@@ -200,26 +201,23 @@ class IDEC(Method):
     def modules(self) -> nn.ModuleDict:
         return self.projections
 
-    def prepare(self, ctx: StepContext) -> None:
-        super().prepare(ctx)
+    def features(self) -> tuple[str, ...]:
+        wanted = set(self.layer_weights) | ({DECODER} if self.options["contrast"] else set())
+        return tuple(k for k in FEATURE_LAYERS if k in wanted)
+
+    def setup(self, ctx: StepContext) -> None:
         o = self.options
         incremental = ctx.step > 0
-        self.needs_old_model = incremental
-        if incremental and ctx.old_model is None:
-            raise CissError(f"method 'idec' needs the model of step {ctx.step - 1} to train step {ctx.step}")
         for conv in self.projections.modules():
             if isinstance(conv, LateConv1x1):  # the contrast head reads the ASPP output; its hidden layer is as wide
                 conv.build(ctx.model.head.in_channels if incremental else 0, ctx.device)
-        wanted = set(self.layer_weights) | ({"aspp"} if o["contrast"] else set())
-        self.feature_names = tuple(k for k in FEATURE_LAYERS if k in wanted) if incremental else ()
         use_thresholds = incremental and (o["pseudo"] or o["contrast"])
         self.thresholds = torch.full((ctx.n_old,), o["threshold_init"], device=ctx.device) if use_thresholds else None
 
-    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    def incremental_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        assert batch.old is not None
         o = self.options
         logits, labels = batch.out.logits, batch.labels
-        if batch.old is None:  # step 0
-            return {"ce": cross_entropy(logits, labels, o["reduction"])}
         old = batch.old.logits
         n_old, n_total = old.shape[1], logits.shape[1]
         missing = [k for k in self.feature_names if k not in batch.out.features or k not in batch.old.features]
@@ -248,6 +246,7 @@ class IDEC(Method):
         """One EMA step of τ_c towards this batch's mean confidence of class c (all processes)."""
         assert self.thresholds is not None
         stats = class_confidence(old_logits, labels)
+        assert self.ctx is not None
         reduced = self.ctx.all_reduce(stats)
         stats = stats if reduced is None else reduced
         seen = stats[1] > 0
@@ -263,7 +262,7 @@ class IDEC(Method):
         total = batch.out.logits.new_zeros((), dtype=torch.float32)
         for layer, weight in self.layer_weights.items():
             new, old = batch.out.features[layer], batch.old.features[layer]
-            if layer in STAGES:
+            if layer in DECAYED:
                 weight = weight * decay
             total = total + weight * feature_distance(new, old, o["feature_distance"], o["kd_alpha"])
         return total
@@ -271,9 +270,9 @@ class IDEC(Method):
     def _contrast(self, batch: TrainBatch, regions: torch.Tensor, n_old: int, n_total: int) -> torch.Tensor:
         assert batch.old is not None
         head = self.projections["contrast"]
-        new = head(batch.out.features["aspp"])
+        new = head(batch.out.features[DECODER])
         with torch.no_grad():
-            old = head(batch.old.features["aspp"])
+            old = head(batch.old.features[DECODER])
         n_ids = n_total + 1  # classes, then the unknown region
         emb_new, counts = region_embeddings(new, regions, n_ids)
         emb_old, _ = region_embeddings(old, regions, n_ids)
@@ -289,12 +288,12 @@ class IDEC(Method):
     # --- resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["thresholds"] = self.thresholds.detach().cpu().clone() if self.thresholds is not None else torch.zeros(0)
+        state["thresholds"] = saved(self.thresholds)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """After `prepare` (as the engine does): prepare sizes the projections."""
-        if not hasattr(self, "ctx"):
+        """After `setup`, which sizes the projections (`prepare` calls them in that order)."""
+        if self.ctx is None:
             raise RuntimeError("IDEC.load_state_dict needs prepare() first: it sizes the projections")
         super().load_state_dict(state)
         t = state["thresholds"]

@@ -18,7 +18,7 @@ with a gradient path, when a batch has no valid pixel.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,19 +28,6 @@ REDUCTIONS = ("valid", "all")
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits tensor of a model output: a tensor, an `Outputs`, or a dict with 'logits'/'out'."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, dict):
-        for key in ("logits", "out"):
-            if key in output:
-                return output[key]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
-
 
 def reduce_pixels(per_pixel: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
     """Average a per-pixel loss (zero where ignored).

@@ -32,16 +32,18 @@ import torch
 import torch.nn.functional as F
 
 from ciss.errors import CissError
-from ciss.trainer.methods.base import Method, StepContext, TrainBatch
-from ciss.trainer.methods.losses import (IGNORE, REDUCTIONS, UNCERTAINTY_MODES, cross_entropy, local_pod,
-                                         logits_of, merge_extra_channels, pixel_cross_entropy,
+from ciss.trainer.methods.base import Method, StepContext, TrainBatch, restored, saved
+from ciss.trainer.methods.losses import (IGNORE, REDUCTIONS, UNCERTAINTY_MODES, local_pod,
+                                         merge_extra_channels, pixel_cross_entropy,
                                          plop_median_thresholds, plop_uncertainty, pseudo_label,
                                          quantile_thresholds, reduce_pixels, uncertainty_histogram)
 from ciss.trainer.methods.options import resolve_options
+from ciss.trainer.models.features import DECODER, LOGITS_LOWRES, STAGES
+from ciss.trainer.models.outputs import logits_of
 
-POD_FEATURES = ("stage1", "stage2", "stage3", "stage4", "aspp")
+POD_FEATURES = STAGES + (DECODER,)
 THRESHOLD_MODES = ("auto",) + UNCERTAINTY_MODES
-POD_LOGITS = "logits_lowres"
+POD_LOGITS = LOGITS_LOWRES
 
 
 def degenerate_classes(thresholds: torch.Tensor, counts: torch.Tensor, n_old: int, n_total: int,
@@ -59,9 +61,8 @@ def degenerate_classes(thresholds: torch.Tensor, counts: torch.Tensor, n_old: in
 
 class PLOP(Method):
     name = "plop"
-    needs_old_model = True  # until `prepare` says otherwise (step 0 has no old model)
+    uses_old_model = True
     init_new_heads = True
-    feature_names: tuple[str, ...] = POD_FEATURES + (POD_LOGITS,)
     defaults: dict[str, Any] = {
         "threshold_mode": "auto",
         "threshold_floor": 0.001,
@@ -97,32 +98,29 @@ class PLOP(Method):
             raise CissError(f"POD weights of method '{self.name}' must not be negative")
         self.thresholds: torch.Tensor | None = None  # (n_old,) float32 on the CPU
         self.histogram: torch.Tensor | None = None  # (n_old, bins) counts of the last estimation
-        self._step = -1
-        self._n_old = 0
+        self.estimated_for = (-1, 0)  # (step, n_old) the thresholds were estimated (or restored) for
         self.mode = "median" if self.options["threshold_mode"] == "median" else "plop"  # the routine in use
         self.degenerate: list[int] = []  # classes whose released threshold was degenerate (auto mode)
-        self._restored: tuple[int, int, torch.Tensor, str, list[int]] | None = None
         self._tau_cache: torch.Tensor | None = None
 
     # --- once per step -------------------------------------------------------------------------
-    def prepare(self, ctx: StepContext) -> None:
-        super().prepare(ctx)
+    def features(self) -> tuple[str, ...]:
+        o = self.options
+        return POD_FEATURES + (POD_LOGITS,) if o["pod_weight"] > 0 or o["pod_logits_weight"] > 0 else ()
+
+    def setup(self, ctx: StepContext) -> None:
+        """Forget estimates made for another step (restored ones of this step stay)."""
         self._tau_cache = None
-        incremental = ctx.step > 0
-        self.needs_old_model = incremental
-        use_pod = self.options["pod_weight"] > 0 or self.options["pod_logits_weight"] > 0
-        self.feature_names = POD_FEATURES + (POD_LOGITS,) if incremental and use_pod else ()
-        self._step, self._n_old = ctx.step, ctx.n_old
-        if not incremental:
-            self.thresholds = None
-            return
-        if ctx.old_model is None:
-            raise CissError(f"method '{self.name}' needs the model of step {ctx.step - 1} to train step {ctx.step}")
-        restored, self._restored = self._restored, None
-        if restored is not None and restored[0] == ctx.step and restored[1] == ctx.n_old:
-            self.thresholds, self.mode, self.degenerate = restored[2:]
-            return
-        self.thresholds = self.estimate_thresholds(ctx)
+        if self.estimated_for != (ctx.step, ctx.n_old):
+            self.clear_estimates()
+
+    def clear_estimates(self) -> None:
+        self.thresholds = None
+
+    def estimate(self, ctx: StepContext) -> None:
+        if self.thresholds is None:
+            self.thresholds = self.estimate_thresholds(ctx)
+            self.estimated_for = (ctx.step, ctx.n_old)
 
     @torch.no_grad()
     def estimate_thresholds(self, ctx: StepContext) -> torch.Tensor:
@@ -184,11 +182,10 @@ class PLOP(Method):
                 "thresholds": [round(float(t), 6) for t in self.thresholds]}
 
     # --- every batch ---------------------------------------------------------------------------
-    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    def incremental_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        assert batch.old is not None
         o = self.options
         logits, labels = batch.out.logits, batch.labels
-        if batch.old is None:  # step 0
-            return {"ce": cross_entropy(logits, labels, o["reduction"])}
         old = batch.old.logits
         n_old, n_total = old.shape[1], logits.shape[1]
         if n_total <= n_old:
@@ -230,24 +227,21 @@ class PLOP(Method):
     # --- resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["thresholds"] = (self.thresholds if self.thresholds is not None else torch.zeros(0)).clone()
-        state["step"] = torch.tensor(self._step)
-        state["n_old"] = torch.tensor(self._n_old)
+        state["thresholds"] = saved(self.thresholds)
+        state["step"] = torch.tensor(self.estimated_for[0])
+        state["n_old"] = torch.tensor(self.estimated_for[1])
         state["median"] = torch.tensor(self.mode == "median")
         state["degenerate"] = torch.tensor(self.degenerate, dtype=torch.long)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Before or after `prepare`: restored thresholds replace estimated ones, and `prepare` makes
+        no pass for the step they were estimated for."""
         super().load_state_dict(state)
-        t = state.get("thresholds")
-        if t is None or t.numel() == 0:
+        thresholds = restored(state.get("thresholds"))
+        if thresholds is None:
             return
-        t = t.detach().float().cpu().clone()
-        step, n_old = int(state["step"]), int(state["n_old"])
-        mode = "median" if bool(state["median"]) else "plop"
-        degenerate = [int(c) for c in state["degenerate"]]
-        # Works before or after `prepare`: prepare uses restored thresholds of its own step
-        # instead of a new pass; after prepare they simply replace the estimated ones.
-        self._restored = (step, n_old, t, mode, degenerate)
-        if self._step == step and self._n_old == n_old:
-            self.thresholds, self.mode, self.degenerate, self._tau_cache = t, mode, degenerate, None
+        self.thresholds, self._tau_cache = thresholds, None
+        self.estimated_for = (int(state["step"]), int(state["n_old"]))
+        self.mode = "median" if bool(state["median"]) else "plop"
+        self.degenerate = [int(c) for c in state["degenerate"]]

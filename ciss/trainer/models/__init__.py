@@ -19,11 +19,13 @@ from ciss.errors import CissError
 from ciss.weights import ResolvedWeights, resolve_pretrained
 from ciss.trainer.models.deeplab import DeepLabV3
 from ciss.trainer.models.efficientnet_lite import EfficientNetLite0
+from ciss.trainer.models.features import Backbone
 from ciss.trainer.models.heads import IncrementalHead
 from ciss.trainer.models.mobilenet import MobileNetV3Large
 from ciss.trainer.models.mobilenet_v2 import MobileNetV2
 from ciss.trainer.models.resnet import ResNet
 from ciss.trainer.models.tiny import TinyNet
+from ciss.trainer.registry import Registry
 
 __all__ = ["DeepLabV3", "IncrementalHead", "build_model", "load_pretrained", "load_step_model", "model_presets",
            "pretrained_weights"]
@@ -34,14 +36,14 @@ PRESETS_FILE = config_dir() / "models.toml"
 DEFAULT_ASPP_RATES = (6, 12, 18)  # at output stride 16; doubled at 8
 DECODERS = ("aspp", "lraspp")
 
-BACKBONES: dict[str, Callable[[int], nn.Module]] = {
+BACKBONES: Registry[Callable[[int], Backbone]] = Registry("backbone", {
     "tiny": TinyNet,
     "mobilenet_v3_large": MobileNetV3Large,
     "mobilenet_v2": MobileNetV2,
     "efficientnet_lite0": EfficientNetLite0,
     "resnet50": lambda output_stride: ResNet(50, output_stride),
     "resnet101": lambda output_stride: ResNet(101, output_stride),
-}
+})  # each takes the output stride
 
 
 def model_presets() -> dict[str, dict[str, Any]]:
@@ -70,8 +72,7 @@ def build_model(preset: str, step_sizes: list[int], output_stride: int | None = 
     if preset not in presets:
         raise CissError(f"unknown model preset '{preset}'; available: {', '.join(presets)}")
     spec = presets[preset]
-    make_backbone = BACKBONES.get(spec.get("backbone", ""))
-    if make_backbone is None:
+    if spec.get("backbone", "") not in BACKBONES:
         raise CissError(f"preset '{preset}' in {PRESETS_FILE} names backbone {spec.get('backbone')!r}; "
                         f"use one of {', '.join(BACKBONES)}")
     decoder = spec.get("decoder", "aspp")
@@ -84,7 +85,7 @@ def build_model(preset: str, step_sizes: list[int], output_stride: int | None = 
     except (KeyError, TypeError, ValueError) as e:
         raise CissError(f"preset '{preset}' in {PRESETS_FILE} is malformed ({e!r}); it needs an integer "
                         "aspp_channels and optional integer aspp_rates/output_stride") from e
-    backbone = make_backbone(output_stride)
+    backbone = BACKBONES[spec["backbone"]](output_stride)
     if pretrained:
         load_pretrained(backbone, pretrained, preset)
     scaled = [r * 16 // backbone.output_stride for r in rates] if decoder == "aspp" else None

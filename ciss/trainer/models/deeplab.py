@@ -7,8 +7,8 @@ Two decoders, chosen by the preset's `decoder`:
   stage2. The paper adds two classifiers' outputs; projecting stage2 into the same width and
   classifying the sum with one head is the same function with the low-level classifier factored
   through that projection, and keeps one per-step head for the methods and MiB's initialisation.
-The decoder's output is the feature named "aspp" in `Outputs` (the name PLOP gave it) whichever
-decoder made it, and it is what the heads classify.
+The decoder's output is the feature named `features.DECODER` ("aspp", the name PLOP gave it) in
+`Outputs` whichever decoder made it, and it is what the heads classify.
 
 No dropout anywhere, so a resumed run replays bit for bit. The pooling branches have no
 BatchNorm (their map is 1x1 per image, which BN cannot normalise at batch size 1), and only
@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciss.trainer.methods.base import Outputs
+from ciss.trainer.models.features import DECODER, LOGITS_LOWRES, STAGE2, STAGE4, Backbone
 from ciss.trainer.models.heads import IncrementalHead
 from ciss.trainer.models.layers import init_weights
+from ciss.trainer.models.outputs import Outputs
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
@@ -50,7 +51,7 @@ class ASPP(nn.Module):
         init_weights(self)
 
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = feats["stage4"]
+        x = feats[STAGE4]
         pooled = self.pool(x.mean(dim=(2, 3), keepdim=True)).expand(-1, -1, x.shape[2], x.shape[3])
         y = torch.cat([b(x) for b in self.branches] + [pooled], dim=1)
         return self.refine(self.project(y))
@@ -67,7 +68,7 @@ class LRASPP(nn.Module):
         init_weights(self)
 
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        x, low = feats["stage4"], feats["stage2"]
+        x, low = feats[STAGE4], feats[STAGE2]
         y = self.high(x) * self.gate(x.mean(dim=(2, 3), keepdim=True))
         y = F.interpolate(y, size=low.shape[-2:], mode="bilinear", align_corners=False)
         return y + self.low(low)
@@ -80,7 +81,7 @@ class DeepLabV3(nn.Module):
     so checkpoints and the methods' feature names do not depend on the decoder.
     """
 
-    def __init__(self, backbone: nn.Module, step_sizes: list[int], aspp_channels: int,
+    def __init__(self, backbone: Backbone, step_sizes: list[int], aspp_channels: int,
                  aspp_rates: Sequence[int] | None, preset: str):
         super().__init__()
         self.backbone = backbone
@@ -107,7 +108,7 @@ class DeepLabV3(nn.Module):
         logits = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if not features:
             return logits
-        return Outputs(logits, {**feats, "aspp": aspp, "logits_lowres": low})
+        return Outputs(logits, {**feats, DECODER: aspp, LOGITS_LOWRES: low})
 
     def add_step(self, n_new: int, init_from_background: bool) -> None:
         """Grow the classifier by `n_new` classes (see `IncrementalHead.add_step`)."""

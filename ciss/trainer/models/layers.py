@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ciss.trainer.models.features import STAGES
+
 
 def init_weights(module: nn.Module) -> None:
     """He-normal (fan-out) convolutions with zero biases, BatchNorm as the identity: the reference
@@ -22,10 +24,10 @@ def init_weights(module: nn.Module) -> None:
 
 
 def stage_features(layers: Iterable[nn.Module], x: torch.Tensor, indices: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """Run `layers` in order; the outputs of the layers at `indices` are stage1, stage2, ..."""
+    """Run `layers` in order; the outputs of the layers at `indices` are the STAGES, in order."""
     out: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(layers):
         x = layer(x)
         if i in indices:
-            out[f"stage{indices.index(i) + 1}"] = x
+            out[STAGES[indices.index(i)]] = x
     return out

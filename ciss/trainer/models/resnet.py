@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ciss.errors import CissError
+from ciss.trainer.models.features import STAGES
 from ciss.trainer.models.layers import init_weights
 
 DEPTHS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -89,4 +90,4 @@ class ResNet(nn.Module):
         s2 = self.layer2(s1)
         s3 = self.layer3(s2)
         s4 = self.layer4(s3)
-        return {"stage1": s1, "stage2": s2, "stage3": s3, "stage4": s4}
+        return dict(zip(STAGES, (s1, s2, s3, s4)))

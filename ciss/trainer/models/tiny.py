@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ciss.errors import CissError
+from ciss.trainer.models.features import STAGES
 from ciss.trainer.models.layers import init_weights
 
 CHANNELS = (8, 16, 32, 64)
@@ -59,5 +60,5 @@ class TinyNet(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for i, stage in enumerate(self.stages):
             x = stage(x)
-            out[f"stage{i + 1}"] = x
+            out[STAGES[i]] = x
         return out

@@ -1,4 +1,4 @@
-"""The step loop end to end on the synthetic scenes: steps, manifests, reports, resume, DDP."""
+"""One step end to end on the synthetic scenes: steps, manifests, reports, resume, DDP."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from ciss.classmap import ClassMap
-from ciss.errors import CissError
 from ciss.trainer.learn import learn
 from ciss.trainer.store import RunStore, load_step
 from conftest import CISS, REPO, write_config
@@ -127,6 +126,60 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path: Path):
         assert torch.equal(a[k], b[k]), k
 
 
+
+class Interrupted(Exception):
+    """Stands for a kill: raised from a batch after the step's first checkpoint."""
+
+
+def test_resumed_step_makes_no_second_estimation_pass(tmp_path: Path, monkeypatch):
+    """GSC estimates PLOP's thresholds and its prototypes with a pass of the old model over the data;
+    a resumed step restores both from its checkpoint instead of passing over the data again, and ends
+    with the weights of an uninterrupted step."""
+    from ciss.trainer.methods.gsc import GSC
+    from ciss.trainer.methods.plop import PLOP
+
+    cfg = write_config(tmp_path / "c.toml", size=24, epochs=2, checkpoint_every=4)  # 6 iterations per epoch
+    run = tmp_path / "run"
+    learn(run, classes=["sky", "grass", "disk"], config_file=cfg, method="ft", log=lambda s: None)
+    full = tmp_path / "full"
+    shutil.copytree(run, full)
+    passes: list[str] = []
+
+    def counted(cls: type, name: str) -> None:
+        original = getattr(cls, name)
+
+        def spy(self, ctx):
+            passes.append(name)
+            return original(self, ctx)
+
+        monkeypatch.setattr(cls, name, spy)
+
+    counted(PLOP, "estimate_thresholds")
+    counted(GSC, "estimate_prototypes")
+    learn(full, new_classes=["box"], config_file=cfg, method="gsc", log=lambda s: None)
+    assert passes == ["estimate_thresholds", "estimate_prototypes"]
+
+    calls = []
+    losses = GSC.losses
+
+    def interrupt(self, batch):
+        calls.append(1)
+        if len(calls) == 6:  # iteration 6: the checkpoint of iteration 4 is on disk
+            raise Interrupted
+        return losses(self, batch)
+
+    monkeypatch.setattr(GSC, "losses", interrupt)
+    with pytest.raises(Interrupted):
+        learn(run, new_classes=["box"], config_file=cfg, method="gsc", log=lambda s: None)
+    assert torch.load(run / ".partial-step-1" / "checkpoint.pt", weights_only=True)["iteration"] == 4
+    monkeypatch.setattr(GSC, "losses", losses)
+    passes.clear()
+    learn(run, new_classes=["box"], config_file=cfg, method="gsc", resume=True, log=lambda s: None)
+    assert passes == []
+    a = torch.load(full / "step-1" / "model.pt", weights_only=True)
+    b = torch.load(run / "step-1" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
 def test_torchrun_two_processes_match_one(tmp_path: Path):
     """Two gloo processes with half the batch each train the weights one process trains: step 0
     (synchronised BatchNorm) and a PLOP step 1 (frozen teacher, features, thresholds reduced
@@ -169,37 +222,6 @@ def test_gradient_clipping_bounds_the_update(tmp_path: Path, fast_config: Path):
     assert moved[0.0] > 0 and moved[1e-9] < 1e-3 * moved[0.0], moved
 
 
-def test_parameter_groups_and_their_learning_rates():
-    """Every trainable parameter sits in one named group whose lr is the base lr times its multiplier."""
-    from ciss.trainer import config as configlib
-    from ciss.trainer.engine import _set_lr, lr_multipliers, param_groups
-    from ciss.trainer.models import build_model
-
-    cfg = configlib.defaults()
-    assert lr_multipliers(cfg, 1) == {"backbone": 1.0, "decoder": 1.0, "head_old": 1.0, "head_new": 10.0,
-                                      "method": 1.0}
-    assert lr_multipliers(cfg, 0)["backbone"] == 1.0
-    assert lr_multipliers(cfg, 0, pretrained=True)["backbone"] == 0.1
-    assert lr_multipliers(cfg, 0, pretrained=True)["head_new"] == 1.0
-    cfg["train"]["lr_mult_next"]["decoder"] = -1
-    with pytest.raises(CissError, match="lr_mult_next.decoder"):
-        lr_multipliers(cfg, 1)
-
-    model = build_model("tiny", [3])
-    extra = torch.nn.Parameter(torch.zeros(2))
-    groups = param_groups(model, [extra], 0, lr_multipliers(configlib.defaults(), 0))
-    assert [g["name"] for g in groups] == ["backbone", "decoder", "head_new", "method"]
-    model.add_step(2, init_from_background=True)
-    groups = param_groups(model, [], 1, lr_multipliers(configlib.defaults(), 1))
-    assert [g["name"] for g in groups] == ["backbone", "decoder", "head_old", "head_new"]
-    ids = [id(p) for g in groups for p in g["params"]]
-    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
-    assert {id(p) for p in groups[3]["params"]} == {id(p) for p in model.head.heads[1].parameters()}
-    opt = torch.optim.SGD(groups, lr=1.0)
-    _set_lr(opt, 0.001)
-    assert [g["lr"] for g in opt.param_groups] == [0.001, 0.001, 0.001, pytest.approx(0.01)]
-
-
 def test_a_group_with_multiplier_zero_stays_put(tmp_path: Path, fast_config: Path):
     """lr_mult_next trains only the groups it gives a rate: here the new head alone moves."""
     learn(tmp_path / "r", classes=["sky", "grass"], config_file=fast_config, method="ft", log=lambda s: None)
@@ -215,21 +237,6 @@ def test_a_group_with_multiplier_zero_stays_put(tmp_path: Path, fast_config: Pat
             assert torch.equal(after[k], v), k
     init = before["head.heads.0.weight"][:1]  # MiB: the new head starts as a copy of the background's
     assert not torch.equal(after["head.heads.1.weight"], init)
-
-
-def test_clipping_is_per_group_and_never_touches_the_heads():
-    from ciss.trainer.engine import clip_groups
-
-    params = {name: torch.nn.Parameter(torch.zeros(4)) for name in ("backbone", "decoder", "head_new")}
-    opt = torch.optim.SGD([{"params": [p], "name": k} for k, p in params.items()], lr=1.0)
-    for k, scale in (("backbone", 100.0), ("decoder", 0.5), ("head_new", 50.0)):
-        params[k].grad = torch.full((4,), scale / 2)  # norm = scale
-    norms = clip_groups(opt, 3.0, measure=True)
-    assert norms == {"gradnorm_backbone": 100.0, "gradnorm_decoder": 0.5, "gradnorm_head_new": 50.0}
-    assert float(params["backbone"].grad.norm()) == pytest.approx(3.0)  # clipped on its own
-    assert float(params["decoder"].grad.norm()) == pytest.approx(0.5)  # not scaled by the backbone's norm
-    assert float(params["head_new"].grad.norm()) == pytest.approx(50.0)  # heads are never clipped
-    assert clip_groups(opt, 3.0, measure=False) == {}
 
 
 def test_gradient_norm_logging_leaves_the_weights_unchanged(tmp_path: Path):
