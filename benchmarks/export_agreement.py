@@ -28,8 +28,8 @@ import torch
 from ciss.classmap import ClassMap
 from ciss.export import onnx as onnx_export
 from ciss.export.pipeline import ExportOptions, export_step
-from ciss.export.repository import ModelRepository
 from ciss.export.verify import cpu_session, spread, to_input
+from ciss.repository import ModelRepository
 from ciss.runtime.segmenter import Model
 from ciss.sizes import RESIZE_MODES
 from ciss.trainer.data.tasks import presence, test_indices, test_lut

@@ -17,8 +17,8 @@ import numpy as np
 from ciss.classmap import ClassMap, unlearned_warning
 from ciss.errors import CissError
 from ciss.export import onnx as onnx_export
-from ciss.export.repository import ModelRepository, check_name
 from ciss.export.verify import check_parity, evaluate_graph, spread, to_input
+from ciss.repository import ModelRepository, check_name
 from ciss.sizes import Size, check_stride, stride_size, typical_size
 from ciss.trainer.data.base import SegDataset
 from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise

@@ -22,8 +22,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ciss.errors import CissError
-from ciss.export.repository import member
 from ciss.manifest import read_json
+from ciss.repository import member
 
 KINDS = ("auto", "tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "ort-int8", "torch")
 _PROVIDERS = {"ort-trt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider",

@@ -32,7 +32,7 @@ import numpy as np
 
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
-from ciss.export.repository import MANIFEST, _first_difference, verify_version
+from ciss.repository import MANIFEST, first_difference, verify_version
 
 if TYPE_CHECKING:
     from ciss.runtime.segmenter import Model
@@ -173,7 +173,7 @@ def prepare(path: Path, serving: list[Model], load: Load, frame: np.ndarray | No
     for old in serving:
         if not classmap.is_extension_of(old.classmap):
             raise CissError(f"its class map does not extend version {old.version}'s "
-                            f"({_first_difference(classmap, old.classmap)}); a version may only append classes")
+                            f"({first_difference(classmap, old.classmap)}); a version may only append classes")
     t1 = time.perf_counter()
     model = load(path, manifest)
     t2 = time.perf_counter()

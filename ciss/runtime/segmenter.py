@@ -28,7 +28,7 @@ import numpy as np
 
 from ciss.classmap import ClassMap, unlearned, unlearned_warning
 from ciss.errors import CissError
-from ciss.export.repository import ModelRepository
+from ciss.repository import ModelRepository
 from ciss.runtime.backends import Backend, check_kind, keep_large_blocks_mapped, load_backend, return_freed_memory
 from ciss.runtime.hotswap import HotSwap, prepare
 from ciss.runtime.sources import Frame, Source

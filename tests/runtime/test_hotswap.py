@@ -19,7 +19,7 @@ from tiny_models import NAME, SIZE, Exported, exported, manifest_of, publish
 
 from ciss.apps.cli import main
 from ciss.errors import CissError
-from ciss.export.repository import ModelRepository
+from ciss.repository import ModelRepository
 from ciss.runtime.hotswap import watch_folder
 from ciss.runtime.segmenter import Result, Segmenter
 

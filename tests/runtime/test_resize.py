@@ -15,7 +15,7 @@ from tiny_models import Exported, exported, manifest_of, publish
 
 from ciss.errors import CissError
 from ciss.export import onnx as ox
-from ciss.export.repository import ModelRepository
+from ciss.repository import ModelRepository
 from ciss.runtime.segmenter import Model, Segmenter
 from ciss.sizes import Box, placement
 from ciss.synthetic import render_scene
