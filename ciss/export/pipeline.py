@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ciss.classmap import ClassMap, unlearned_warning
+from ciss.engines import engine_unavailable_reason, local_gpu
 from ciss.errors import CissError
 from ciss.export import onnx as onnx_export
 from ciss.export.verify import check_parity, evaluate_graph, spread, to_input
@@ -251,9 +252,9 @@ def _build_engines(files: dict[str, Path], manifest: dict[str, Any], logits: Any
     from ciss.config_paths import cache_dir
     from ciss.export import tensorrt
 
-    local = tensorrt.local_gpu()
+    local = local_gpu()
     if local is None:
-        reason = tensorrt.engine_unavailable_reason()
+        reason = engine_unavailable_reason()
         log(f"no TensorRT engine: {reason}")
         return reason
     source = "model.onnx"

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ciss.engines import engine_unavailable_reason, load_engine
 from ciss.errors import CissError
 from ciss.manifest import read_json
 from ciss.repository import member
@@ -114,7 +115,7 @@ class OrtBackend(Backend):
 class TensorRTBackend(Backend):
     """A deserialized engine run through the named-tensor API (TensorRT >= 10, runtime.md §4.2).
 
-    Device buffers are torch CUDA tensors, as in ciss.export.tensorrt and Ultralytics (§1.3); they are
+    Device buffers are torch CUDA tensors, as in ciss.export.tensorrt's calibrator and Ultralytics (§1.3); they are
     kept between frames and reallocated only when a dynamic input changes the output shapes.
     """
 
@@ -278,9 +279,7 @@ def _load_ort(version_dir: Path, manifest: dict[str, Any], kind: str, threads: i
 
 def _load_tensorrt(version_dir: Path, manifest: dict[str, Any]) -> Backend:
     """The fastest listed engine whose sidecar matches this machine (checked before deserializing)."""
-    from ciss.export import tensorrt as trt_export
-
-    if reason := trt_export.engine_unavailable_reason():
+    if reason := engine_unavailable_reason():
         raise CissError(f"cannot use backend tensorrt: {reason}")
     engines = sorted(manifest.get("engines") or [], key=lambda e: _FASTEST_FIRST.get(e.get("precision"), 3))
     if not engines:
@@ -291,9 +290,9 @@ def _load_tensorrt(version_dir: Path, manifest: dict[str, Any]) -> Backend:
     for entry in engines:
         try:
             sidecar = read_json(member(version_dir, entry.get("manifest")), "engine manifest")
-            engine = trt_export.load_engine(member(version_dir, entry.get("file")), sidecar,
-                                            onnx_sha256=(files.get(entry.get("onnx")) or {}).get("sha256"),
-                                            classmap_version=len(manifest["classes"]))
+            engine = load_engine(member(version_dir, entry.get("file")), sidecar,
+                                 onnx_sha256=(files.get(entry.get("onnx")) or {}).get("sha256"),
+                                 classmap_version=len(manifest["classes"]))
             return TensorRTBackend(engine, str(entry.get("precision", sidecar.get("precision"))))
         except CissError as e:
             refusals.append(str(e))
