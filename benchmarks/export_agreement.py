@@ -30,7 +30,7 @@ from ciss.export import onnx as onnx_export
 from ciss.export.pipeline import ExportOptions, export_step
 from ciss.export.verify import cpu_session, spread, to_input
 from ciss.repository import ModelRepository
-from ciss.runtime.segmenter import Model
+from ciss.runtime.model import Model
 from ciss.sizes import RESIZE_MODES
 from ciss.trainer.data.tasks import presence, test_indices, test_lut
 from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise

@@ -26,8 +26,9 @@ import numpy as np
 
 from ciss.errors import CissError
 from ciss.manifest import write_json_atomic
+from ciss.runtime.model import Result
 from ciss.runtime.pipeline import LiveOptions, run_live
-from ciss.runtime.segmenter import Result, Segmenter
+from ciss.runtime.segmenter import Segmenter
 from ciss.runtime.sources import Frame, Source, SyntheticSource, open_source
 
 Log = Callable[[str], None]

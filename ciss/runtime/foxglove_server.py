@@ -15,8 +15,8 @@ from typing import Any, Self
 import numpy as np
 
 from ciss.errors import CissError
+from ciss.runtime.model import Result
 from ciss.runtime.ros import classmap_record, jpeg, when
-from ciss.runtime.segmenter import Result
 
 DEFAULT_ADDRESS = "127.0.0.1:8765"  # Foxglove's usual port
 CLASSMAP_EVERY_S = 1.0

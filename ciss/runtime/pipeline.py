@@ -25,8 +25,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from ciss.errors import CissError
+from ciss.runtime.model import Result
 from ciss.runtime.render import class_lut, hud, legend, overlay
-from ciss.runtime.segmenter import Result, Segmenter
+from ciss.runtime.segmenter import Segmenter
 from ciss.runtime.sinks import Display, MaskSink, StatsSink, VideoSink, pixel_shares
 from ciss.runtime.sources import Frame, Source
 from ciss.runtime.stages import Reservoir
