@@ -132,7 +132,7 @@ def _live_spec(data: Path | None, video: str | None, eval_split: str) -> str:
 def _open_live(spec: str, fps: float) -> Source:
     if spec == "synthetic":
         return SyntheticSource(fps=fps)  # 320x240: big enough for the legend, cheap to render and segment
-    return open_source(spec, loop=True, fps=fps)
+    return open_source(spec, loop=True, fps=fps, log=print)
 
 
 class _Stoppable(Source):

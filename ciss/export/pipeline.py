@@ -6,6 +6,7 @@ published, so a failed export never leaves a version that readers could pick up.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 PARITY_IMAGES = 4
 SIZE_SAMPLE = 32     # training images whose sizes choose the default input size
 SYNTHETIC_SIZE = (240, 320)
+LOGGER = logging.getLogger("ciss.export")
 
 
 @dataclass
@@ -110,8 +112,9 @@ def _check_options(options: ExportOptions) -> None:
 
 
 def export_step(run: Path, repo: Path, name: str, options: ExportOptions,
-                log: Callable[[str], None] = print) -> ExportResult:
-    """Export a step of `run` as the next version of `name` in the repository at `repo`."""
+                log: Callable[[str], None] = LOGGER.info) -> ExportResult:
+    """Export a step of `run` as the next version of `name` in the repository at `repo`; progress lines
+    go to `log` (`ciss export` passes one that writes to stderr)."""
     check_name(name)
     _check_options(options)
     store = RunStore(run)

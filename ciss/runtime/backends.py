@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +23,12 @@ from ciss.engines import engine_unavailable_reason, load_engine
 from ciss.errors import CissError
 from ciss.manifest import read_json
 from ciss.repository import member
+from ciss.runtime.log import LOGGER, Log
 
 KINDS = ("auto", "tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "ort-int8", "torch")
 _PROVIDERS = {"ort-trt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
               "ort-cpu": "CPUExecutionProvider", "ort-int8": "CPUExecutionProvider"}
 _FASTEST_FIRST = {"int8": 0, "fp16": 1, "fp32": 2}  # engine precisions, by usual TensorRT speed
-Log = Callable[[str], None]
-_LOG = logging.getLogger("ciss.runtime")
 
 
 class Backend(ABC):
@@ -338,7 +335,7 @@ def load_backend(version_dir: Path, manifest: dict[str, Any], kind: str = "auto"
     raises a one-line CissError; only `auto` falls back, logging each step down through `log`.
     """
     check_kind(kind)
-    log = log or _LOG.info
+    log = log or LOGGER.info
     if kind == "auto":
         return _auto(Path(version_dir), manifest, threads, log)
     backend = _load(Path(version_dir), manifest, kind, threads)

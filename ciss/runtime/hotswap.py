@@ -33,6 +33,7 @@ import numpy as np
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.repository import MANIFEST, first_difference, verify_version
+from ciss.runtime.log import Log
 from ciss.runtime.model import Model
 
 WARMUP_RUNS = 3
@@ -222,7 +223,7 @@ class HotSwap:
     loading each with `load`."""
 
     def __init__(self, folder: Path, serving: Serving, *, load: Load, on_error: Callable[[Exception], None] | None,
-                 log: Callable[[str], None], poll_s: float, inotify: bool = True):
+                 log: Log, poll_s: float, inotify: bool = True):
         self.folder = Path(folder)
         self._serving, self._load = serving, load
         self._on_error, self._log = on_error, log

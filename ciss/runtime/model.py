@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 
 from ciss.classmap import ClassMap, unlearned, unlearned_warning
-from ciss.runtime.backends import Backend, Log, load_backend, return_freed_memory
+from ciss.runtime.backends import Backend, load_backend, return_freed_memory
+from ciss.runtime.log import Log
 from ciss.sizes import ASPECT_WARNING, aspect_change, check_resize, input_size, matching_size, placement
 
 

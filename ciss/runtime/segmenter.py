@@ -13,7 +13,6 @@ post-processing of successive frames on their own threads (ciss.runtime.stages) 
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
@@ -28,14 +27,14 @@ import numpy as np
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.repository import ModelRepository
-from ciss.runtime.backends import Log, check_kind, keep_large_blocks_mapped
+from ciss.runtime.backends import check_kind, keep_large_blocks_mapped
 from ciss.runtime.hotswap import HotSwap, prepare
+from ciss.runtime.log import LOGGER, Log
 from ciss.runtime.model import Model, Result
 from ciss.runtime.sources import Frame, Source
 from ciss.runtime.stages import Pipeline
 from ciss.sizes import DEFAULT_RESIZE, check_resize
 
-_LOG = logging.getLogger("ciss.runtime")
 
 
 @dataclass
@@ -101,7 +100,7 @@ class _ServingState:
 class Segmenter:
     """Segments frames with the serving version of a model and swaps to newer ones between frames."""
 
-    def __init__(self, model: Model, *, on_swap: Callable[[int, int], None] | None = None, log: Log = _LOG.info):
+    def __init__(self, model: Model, *, on_swap: Callable[[int, int], None] | None = None, log: Log = LOGGER.info):
         self._state = _ServingState(model, log)
         self._lock = self._state.lock      # the serving model, pending, seq, users
         self._serial = threading.Lock()    # plain calls run one at a time, as robot code expects
@@ -138,7 +137,7 @@ class Segmenter:
             raise CissError(f"--poll {poll_s:g} is not a positive number of seconds; give e.g. --poll 0.5")
         if threads < 0:
             raise CissError(f"--threads {threads} is negative; give 0 (the backend's default) or more")
-        log = log or _LOG.info
+        log = log or LOGGER.info
         root = Path(repo)
         if not root.is_dir():
             raise CissError(f"model repository {root} does not exist; publish a model with "
