@@ -3,7 +3,7 @@
 Exports one step three ways into a scratch repository: at a legacy fixed size (by default 180x240,
 CamVid's own size and what the default used to be, not a multiple of the output stride), at the
 exporter's default (the training images' typical size in stride multiples), and with --dynamic. Each
-runs through the runtime's own pre- and post-processing (ciss.runtime.segmenter.Model on ONNX
+runs through the runtime's own pre- and post-processing (ciss.runtime.model.Model on ONNX
 Runtime) with --resize stretch and letterbox. The reference is the dynamic graph run at each image's
 own size, with no resampling. Prints the pixel agreement with it on the step's eval images and on
 frames of a video clip, and mIoU against the eval labels.

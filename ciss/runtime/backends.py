@@ -112,8 +112,8 @@ class OrtBackend(Backend):
 class TensorRTBackend(Backend):
     """A deserialized engine run through the named-tensor API (TensorRT >= 10, runtime.md §4.2).
 
-    Device buffers are torch CUDA tensors, as in ciss.export.tensorrt's calibrator and Ultralytics (§1.3); they are
-    kept between frames and reallocated only when a dynamic input changes the output shapes.
+    Device buffers are torch CUDA tensors, as in ciss.export.tensorrt's calibrator and Ultralytics (§1.3);
+    they are kept between frames and reallocated only when a dynamic input changes the output shapes.
     """
 
     def __init__(self, engine: Any, precision: str):
