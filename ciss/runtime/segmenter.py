@@ -36,7 +36,6 @@ from ciss.runtime.stages import Pipeline
 from ciss.sizes import DEFAULT_RESIZE, check_resize
 
 
-
 @dataclass
 class _Job:
     """A frame between its start and its Result: the model chosen at the start serves it to the end."""
