@@ -34,7 +34,6 @@ from ciss.runtime.sources import Frame, Source
 from ciss.runtime.stages import Reservoir
 
 
-
 class FrameSink(Protocol):
     """An output fed every frame: its result, the annotated overlay and the stats record (ciss.runtime.ros.BagSink,
     ciss.runtime.foxglove_server.FoxgloveSink). The caller opens and closes it."""
