@@ -3,7 +3,7 @@
 Exports one step three ways into a scratch repository: at a legacy fixed size (by default 180x240,
 CamVid's own size and what the default used to be, not a multiple of the output stride), at the
 exporter's default (the training images' typical size in stride multiples), and with --dynamic. Each
-runs through the runtime's own pre- and post-processing (ciss.runtime.segmenter.Model on ONNX
+runs through the runtime's own pre- and post-processing (ciss.runtime.model.Model on ONNX
 Runtime) with --resize stretch and letterbox. The reference is the dynamic graph run at each image's
 own size, with no resampling. Prints the pixel agreement with it on the step's eval images and on
 frames of a video clip, and mIoU against the eval labels.
@@ -28,9 +28,9 @@ import torch
 from ciss.classmap import ClassMap
 from ciss.export import onnx as onnx_export
 from ciss.export.pipeline import ExportOptions, export_step
-from ciss.export.repository import ModelRepository
 from ciss.export.verify import cpu_session, spread, to_input
-from ciss.runtime.segmenter import Model
+from ciss.repository import ModelRepository
+from ciss.runtime.model import Model
 from ciss.sizes import RESIZE_MODES
 from ciss.trainer.data import native_ids, open_splits
 from ciss.trainer.data.tasks import presence, test_indices, test_lut

@@ -43,7 +43,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as repo:
         result = export_step(args.run, Path(repo), "bench",
-                             ExportOptions(step=args.step, precision="int8", calib_images=args.calib_images))
+                             ExportOptions(step=args.step, precision="int8", calib_images=args.calib_images), log=print)
         fp32 = cpu_session(str(result.path / "model.onnx"), args.threads)
         int8 = cpu_session(str(result.path / "model.int8.onnx"), args.threads)
         h, w = result.manifest["input"]["size"]

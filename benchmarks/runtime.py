@@ -33,9 +33,10 @@ import numpy as np
 
 from machine import cpu_description
 from ciss.classmap import ClassMap
-from ciss.export.repository import ModelRepository
+from ciss.repository import ModelRepository
+from ciss.runtime.model import Model
 from ciss.runtime.pipeline import LiveOptions, run_live
-from ciss.runtime.segmenter import Model, Segmenter
+from ciss.runtime.segmenter import Segmenter
 from ciss.runtime.sources import LiveSource, VideoCaptureProducer, VideoFileSource
 from ciss.runtime.stages import thread_split
 

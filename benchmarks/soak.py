@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ciss.export.repository import ModelRepository
+from ciss.repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT.parent / "shared" / "data" / "videos" / "udacity_solidWhiteRight.mp4"

@@ -97,7 +97,7 @@ class Run:
         """
         from ciss.export.pipeline import ExportOptions, export_step
 
-        from ciss.export.repository import check_name
+        from ciss.repository import check_name
 
         run = self._existing()
         if name is None:

@@ -82,7 +82,7 @@ def latest_run(runs: Path = RUNS, log: Callable[[str], None] | None = None) -> P
 
 def latest_model(repo: Path = MODELS, log: Callable[[str], None] | None = None) -> str:
     """The name in the model repository `repo` whose newest version was published most recently."""
-    from ciss.export.repository import ModelRepository
+    from ciss.repository import ModelRepository
 
     repository = ModelRepository(repo)
     found = {}

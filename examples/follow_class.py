@@ -41,7 +41,7 @@ def main() -> None:
 
     with Segmenter.from_repository(args.repo, args.name, on_swap=lambda old, new: print(f"model v{old} -> v{new}"),
                                    on_error=lambda e: print(f"ignored a bad version: {e}")) as seg, \
-            open_source(args.source) as source:
+            open_source(args.source, log=print) as source:
         frames = 0
         while (frame := source.read()) is not None and frames != args.max_frames:
             result = seg(frame.image)

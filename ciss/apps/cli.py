@@ -327,7 +327,7 @@ def runs(path: Path) -> None:
 @click.argument("args", nargs=-1, metavar="[verify] [DIR [NAME]]")
 def models(args: tuple[str, ...]) -> None:
     """Published models and their versions (DIR: models/ if not given); `verify` re-hashes every file."""
-    from ciss.export.repository import ModelRepository
+    from ciss.repository import ModelRepository
     from ciss.workspace import MODELS
 
     verify = bool(args) and args[0] == "verify"

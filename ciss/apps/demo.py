@@ -26,8 +26,9 @@ import numpy as np
 
 from ciss.errors import CissError
 from ciss.manifest import write_json_atomic
+from ciss.runtime.model import Result
 from ciss.runtime.pipeline import LiveOptions, run_live
-from ciss.runtime.segmenter import Result, Segmenter
+from ciss.runtime.segmenter import Segmenter
 from ciss.runtime.sources import Frame, Source, SyntheticSource, open_source
 
 Log = Callable[[str], None]
@@ -131,7 +132,7 @@ def _live_spec(data: Path | None, video: str | None, eval_split: str) -> str:
 def _open_live(spec: str, fps: float) -> Source:
     if spec == "synthetic":
         return SyntheticSource(fps=fps)  # 320x240: big enough for the legend, cheap to render and segment
-    return open_source(spec, loop=True, fps=fps)
+    return open_source(spec, loop=True, fps=fps, log=print)
 
 
 class _Stoppable(Source):

@@ -6,19 +6,21 @@ published, so a failed export never leaves a version that readers could pick up.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ciss.classmap import ClassMap, unlearned_warning
+from ciss.engines import engine_unavailable_reason, local_gpu
 from ciss.errors import CissError
 from ciss.export import onnx as onnx_export
-from ciss.export.repository import ModelRepository, check_name
 from ciss.export.verify import check_parity, evaluate_graph, spread, to_input
+from ciss.repository import ModelRepository, check_name
 from ciss.sizes import Size, check_stride, stride_size, typical_size
 from ciss.trainer.data import open_splits
 from ciss.trainer.data.base import SegDataset
@@ -30,6 +32,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 PARITY_IMAGES = 4
 SIZE_SAMPLE = 32     # training images whose sizes choose the default input size
 SYNTHETIC_SIZE = (240, 320)
+LOGGER = logging.getLogger("ciss.export")
 
 
 @dataclass
@@ -109,8 +112,9 @@ def _check_options(options: ExportOptions) -> None:
 
 
 def export_step(run: Path, repo: Path, name: str, options: ExportOptions,
-                log: Callable[[str], None] = print) -> ExportResult:
-    """Export a step of `run` as the next version of `name` in the repository at `repo`."""
+                log: Callable[[str], None] = LOGGER.info) -> ExportResult:
+    """Export a step of `run` as the next version of `name` in the repository at `repo`; progress lines
+    go to `log` (`ciss export` passes one that writes to stderr)."""
     check_name(name)
     _check_options(options)
     store = RunStore(run)
@@ -153,38 +157,133 @@ def export_step(run: Path, repo: Path, name: str, options: ExportOptions,
                 "exporter": onnx_export.exporter_versions(onnx_export.graph_opset(logits))}
 
     with tempfile.TemporaryDirectory(prefix="ciss-export-") as tmp:
-        work = Path(tmp)
-        files: dict[str, Path] = {}
-        final = onnx_export.add_tail(logits, options.outputs)
-        onnx_export.set_metadata(final, {**metadata, "precision": "fp32", "outputs": onnx_export.output_specs(final)})
-        files["model.onnx"] = work / "model.onnx"
-        onnx_export.save_checked(final, files["model.onnx"])
-        manifest: dict[str, Any] = {
-            "classes": classmap.to_json(), "input": input_spec, "outputs": onnx_export.output_specs(final),
-            "precision": "fp32", "source": source, "metrics": step_manifest.get("metrics"), "parity": parity,
-            "exporter": metadata["exporter"], "variants": {}, "engines": []}
-
-        calibration: list[np.ndarray] = []
+        session = ExportSession(Path(tmp), logits, metadata, options, size, classmap, step_manifest, log)
+        session.onnx(parity)
         if options.precision == "int8":
-            if train_ds is None:
-                raise CissError("--precision int8 calibrates on the step's training images, which are not readable "
-                                "here; export on a machine that has the dataset")
-            calibration = [to_input(im, size, normalise) for im in _images(train_ds, options.calib_images, size)]
-            int8 = _int8_variant(logits, calibration, metadata, options, eval_ds, classmap, step_manifest, size,
-                                 normalise, work, log)
-            files["model.int8.onnx"] = work / "model.int8.onnx"
-            manifest["variants"]["int8"] = int8
-
-        engine_error = None
-        if options.trt:
-            engine_error = _build_engines(files, manifest, logits, metadata, calibration, classmap, options, size,
-                                          work, log)
-
-        version = repository.publish(name, files, manifest, allow_class_change=options.allow_class_change,
-                                     stamp=_stamp_onnx)
+            session.int8(train_ds, eval_ds, normalise)
+        engine_error = session.engines() if options.trt else None
+        version = session.publish(repository, name)
     path = repository.path(name, version)
     log(f"published {name} version {version} at {path}")
     return ExportResult(name, version, path, repository.manifest(name, version), engine_error)
+
+
+@dataclass
+class ExportSession:
+    """One export from the checked graph to the published version: each step writes its files into
+    the scratch folder `work` and records them, and what the manifest says of them, here; `publish`
+    hands the lot to the repository at once."""
+
+    work: Path
+    logits: Any                       # the fused model's graph up to the logits, without the output tail
+    metadata: dict[str, Any]          # what every ONNX file carries: classes, step, input, source, exporter
+    options: ExportOptions
+    size: Size
+    classmap: ClassMap
+    step_manifest: dict[str, Any]
+    log: Callable[[str], None]
+    files: dict[str, Path] = field(default_factory=dict)     # path inside the version -> file in `work`
+    manifest: dict[str, Any] = field(default_factory=dict)
+    calibration: list[np.ndarray] = field(default_factory=list)  # int8 only: the training images, as inputs
+
+    def onnx(self, parity: dict[str, Any]) -> None:
+        """model.onnx (fp32, the outputs asked for) and the manifest that describes it."""
+        final = onnx_export.add_tail(self.logits, self.options.outputs)
+        outputs = onnx_export.output_specs(final)
+        onnx_export.set_metadata(final, {**self.metadata, "precision": "fp32", "outputs": outputs})
+        self.files["model.onnx"] = self.work / "model.onnx"
+        onnx_export.save_checked(final, self.files["model.onnx"])
+        self.manifest = {
+            "classes": self.classmap.to_json(), "input": self.metadata["input"], "outputs": outputs,
+            "precision": "fp32", "source": self.metadata["source"], "metrics": self.step_manifest.get("metrics"),
+            "parity": parity, "exporter": self.metadata["exporter"], "variants": {}, "engines": []}
+
+    def int8(self, train_ds: SegDataset | None, eval_ds: SegDataset | None, normalise: Normalise) -> None:
+        """model.int8.onnx, quantized on the training images; then what it costs: mIoU of int8
+        against fp32 on the eval split, both through ONNX Runtime."""
+        if train_ds is None:
+            raise CissError("--precision int8 calibrates on the step's training images, which are not readable "
+                            "here; export on a machine that has the dataset")
+        from ciss.export.quantize import quantize_int8
+
+        size = self.size
+        self.calibration = [to_input(im, size, normalise) for im in _images(train_ds, self.options.calib_images, size)]
+        self.log(f"quantizing to int8 (QDQ) on {len(self.calibration)} training images")
+        q_logits = quantize_int8(self.logits, self.calibration, target="cpu",
+                                 progress=bar(len(self.calibration), "int8 calibration", unit="image"))
+        self._save_int8(q_logits, "model.int8.onnx")
+        variant: dict[str, Any] = {"file": "model.int8.onnx", "format": "QDQ", "activations": "uint8",
+                                   "calibration_images": len(self.calibration)}
+        self.manifest["variants"]["int8"] = variant
+        if eval_ds is None:
+            return
+        data = self.step_manifest["config"]["data"]
+        fp32 = evaluate_graph(onnx_export.add_tail(self.logits, "mask"), eval_ds, self.classmap, data["eval_protocol"],
+                              size, normalise, label="fp32 eval")
+        int8 = evaluate_graph(onnx_export.add_tail(q_logits, "mask"), eval_ds, self.classmap, data["eval_protocol"],
+                              size, normalise, label="int8 eval")
+        variant.update(split=data["eval_split"], eval_images=fp32["images"],
+                       miou_fp32=fp32["miou_all"], miou_int8=int8["miou_all"],
+                       miou_drop=fp32["miou_all"] - int8["miou_all"],
+                       per_class_fp32=fp32["per_class"], per_class_int8=int8["per_class"])
+        self.log(f"int8 mIoU {100 * int8['miou_all']:.1f} vs fp32 {100 * fp32['miou_all']:.1f} on {fp32['images']} "
+                 f"eval images at {size[0]}x{size[1]} (drop {100 * variant['miou_drop']:.2f} points)")
+
+    def engines(self) -> str | None:
+        """Build the TensorRT engine where TensorRT and a GPU are present; else say why not (returned).
+
+        TensorRT 10 takes the fp32 graph with precision flags (int8 through entropy calibration on the
+        training images); TensorRT 11 builds strongly typed only, so it gets a float16 graph or a QDQ graph
+        with the symmetric activations TensorRT requires.
+        """
+        from ciss.config_paths import cache_dir
+        from ciss.export import tensorrt
+
+        options = self.options
+        local = local_gpu()
+        if local is None:
+            reason = engine_unavailable_reason()
+            self.log(f"no TensorRT engine: {reason}")
+            return reason
+        source = "model.onnx"
+        if int(local.tensorrt.split(".")[0]) >= 11 and options.precision == "fp16":
+            source = "model.fp16.onnx"
+            tensorrt.to_float16(self.files["model.onnx"], self.work / source)
+            self.files[source] = self.work / source
+        elif int(local.tensorrt.split(".")[0]) >= 11 and options.precision == "int8":
+            from ciss.export.quantize import quantize_int8
+
+            source = "model.int8-tensorrt.onnx"
+            q_logits = quantize_int8(self.logits, self.calibration, target="tensorrt",
+                                     progress=bar(len(self.calibration), "int8 calibration", unit="image"))
+            self._save_int8(q_logits, source)
+        profile = None
+        if options.dynamic:
+            h, w = self.size
+            biggest = (min(onnx_export.MAX_SIDE, 2 * h), min(onnx_export.MAX_SIDE, 2 * w))
+            profile = {onnx_export.INPUT: ((1, 3, onnx_export.MIN_SIDE, onnx_export.MIN_SIDE), (1, 3, h, w),
+                                           (1, 3, *biggest))}
+        self.log(f"building a TensorRT {local.tensorrt} {options.precision} engine from {source} on {local.gpu}")
+        engine, sidecar = tensorrt.build_engine(
+            self.files[source], self.work / "engines", precision=options.precision,
+            workspace_gb=options.workspace_gb, calibration=self.calibration or None, profile=profile,
+            classmap_version=len(self.classmap), cache_dir=cache_dir() / "tensorrt")
+        self.files[f"engines/{engine.name}"], self.files[f"engines/{sidecar.name}"] = engine, sidecar
+        self.manifest["engines"].append({"file": f"engines/{engine.name}", "manifest": f"engines/{sidecar.name}",
+                                         "precision": options.precision, "onnx": source})
+        return None
+
+    def publish(self, repository: ModelRepository, name: str) -> int:
+        """Publish the files as the next version of `name`; returns its number."""
+        return repository.publish(name, self.files, self.manifest,
+                                  allow_class_change=self.options.allow_class_change, stamp=_stamp_onnx)
+
+    def _save_int8(self, q_logits: Any, file: str) -> None:
+        graph = onnx_export.add_tail(q_logits, self.options.outputs)
+        onnx_export.set_metadata(graph, {**self.metadata, "precision": "int8",
+                                         "outputs": onnx_export.output_specs(graph)})
+        self.files[file] = self.work / file
+        onnx_export.save_checked(graph, self.files[file])
 
 
 def _stamp_onnx(staging: Path, version: int) -> list[str]:
@@ -202,84 +301,3 @@ def _stamp_onnx(staging: Path, version: int) -> list[str]:
         write_json_atomic(path, sidecar)
         changed.append(f"engines/{path.name}")
     return changed
-
-
-def _save_int8(q_logits: Any, metadata: dict[str, Any], outputs: str, path: Path) -> None:
-    graph = onnx_export.add_tail(q_logits, outputs)
-    onnx_export.set_metadata(graph, {**metadata, "precision": "int8", "outputs": onnx_export.output_specs(graph)})
-    onnx_export.save_checked(graph, path)
-
-
-def _int8_variant(logits: Any, calibration: list[np.ndarray], metadata: dict[str, Any], options: ExportOptions,
-                  eval_ds: SegDataset | None, classmap: ClassMap, step_manifest: dict[str, Any],
-                  size: tuple[int, int], normalise: Normalise, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """Quantize, then measure what it costs: mIoU of int8 against fp32, both through ONNX Runtime."""
-    from ciss.export.quantize import quantize_int8
-
-    log(f"quantizing to int8 (QDQ) on {len(calibration)} training images")
-    q_logits = quantize_int8(logits, calibration, target="cpu",
-                             progress=bar(len(calibration), "int8 calibration", unit="image"))
-    _save_int8(q_logits, metadata, options.outputs, work / "model.int8.onnx")
-    variant: dict[str, Any] = {"file": "model.int8.onnx", "format": "QDQ", "activations": "uint8",
-                               "calibration_images": len(calibration)}
-    if eval_ds is None:
-        return variant
-    protocol = step_manifest["config"]["data"]["eval_protocol"]
-    fp32 = evaluate_graph(onnx_export.add_tail(logits, "mask"), eval_ds, classmap, protocol, size, normalise,
-                          label="fp32 eval")
-    int8 = evaluate_graph(onnx_export.add_tail(q_logits, "mask"), eval_ds, classmap, protocol, size, normalise,
-                          label="int8 eval")
-    variant.update(split=step_manifest["config"]["data"]["eval_split"], eval_images=fp32["images"],
-                   miou_fp32=fp32["miou_all"], miou_int8=int8["miou_all"],
-                   miou_drop=fp32["miou_all"] - int8["miou_all"],
-                   per_class_fp32=fp32["per_class"], per_class_int8=int8["per_class"])
-    log(f"int8 mIoU {100 * int8['miou_all']:.1f} vs fp32 {100 * fp32['miou_all']:.1f} "
-        f"on {fp32['images']} eval images at {size[0]}x{size[1]} (drop {100 * variant['miou_drop']:.2f} points)")
-    return variant
-
-
-def _build_engines(files: dict[str, Path], manifest: dict[str, Any], logits: Any, metadata: dict[str, Any],
-                   calibration: list[np.ndarray],
-                   classmap: ClassMap, options: ExportOptions, size: tuple[int, int], work: Path,
-                   log: Callable[[str], None]) -> str | None:
-    """Build the TensorRT engine where TensorRT and a GPU are present; else say why not.
-
-    TensorRT 10 takes the fp32 graph with precision flags (int8 through entropy calibration on the
-    training images); TensorRT 11 builds strongly typed only, so it gets a float16 graph or a QDQ graph
-    with the symmetric activations TensorRT requires.
-    """
-    from ciss.config_paths import cache_dir
-    from ciss.export import tensorrt
-
-    local = tensorrt.local_gpu()
-    if local is None:
-        reason = tensorrt.engine_unavailable_reason()
-        log(f"no TensorRT engine: {reason}")
-        return reason
-    source = "model.onnx"
-    if int(local.tensorrt.split(".")[0]) >= 11 and options.precision == "fp16":
-        source = "model.fp16.onnx"
-        tensorrt.to_float16(files["model.onnx"], work / source)
-        files[source] = work / source
-    elif int(local.tensorrt.split(".")[0]) >= 11 and options.precision == "int8":
-        from ciss.export.quantize import quantize_int8
-
-        source = "model.int8-tensorrt.onnx"
-        q_logits = quantize_int8(logits, calibration, target="tensorrt",
-                                 progress=bar(len(calibration), "int8 calibration", unit="image"))
-        _save_int8(q_logits, metadata, options.outputs, work / source)
-        files[source] = work / source
-    profile = None
-    if options.dynamic:
-        h, w = size
-        biggest = (min(onnx_export.MAX_SIDE, 2 * h), min(onnx_export.MAX_SIDE, 2 * w))
-        profile = {onnx_export.INPUT: ((1, 3, onnx_export.MIN_SIDE, onnx_export.MIN_SIDE), (1, 3, h, w), (1, 3, *biggest))}
-    log(f"building a TensorRT {local.tensorrt} {options.precision} engine from {source} on {local.gpu}")
-    engine, sidecar = tensorrt.build_engine(
-        files[source], work / "engines", precision=options.precision, workspace_gb=options.workspace_gb,
-        calibration=calibration or None, profile=profile, classmap_version=len(classmap),
-        cache_dir=cache_dir() / "tensorrt")
-    files[f"engines/{engine.name}"], files[f"engines/{sidecar.name}"] = engine, sidecar
-    manifest["engines"].append({"file": f"engines/{engine.name}", "manifest": f"engines/{sidecar.name}",
-                                "precision": options.precision, "onnx": source})
-    return None

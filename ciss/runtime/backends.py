@@ -11,26 +11,24 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from ciss.engines import engine_unavailable_reason, load_engine
 from ciss.errors import CissError
-from ciss.export.repository import member
 from ciss.manifest import read_json
+from ciss.repository import member
+from ciss.runtime.log import LOGGER, Log
 
 KINDS = ("auto", "tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "ort-int8", "torch")
 _PROVIDERS = {"ort-trt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
               "ort-cpu": "CPUExecutionProvider", "ort-int8": "CPUExecutionProvider"}
 _FASTEST_FIRST = {"int8": 0, "fp16": 1, "fp32": 2}  # engine precisions, by usual TensorRT speed
-Log = Callable[[str], None]
-_LOG = logging.getLogger("ciss.runtime")
 
 
 class Backend(ABC):
@@ -114,8 +112,8 @@ class OrtBackend(Backend):
 class TensorRTBackend(Backend):
     """A deserialized engine run through the named-tensor API (TensorRT >= 10, runtime.md §4.2).
 
-    Device buffers are torch CUDA tensors, as in ciss.export.tensorrt and Ultralytics (§1.3); they are
-    kept between frames and reallocated only when a dynamic input changes the output shapes.
+    Device buffers are torch CUDA tensors, as in ciss.export.tensorrt's calibrator and Ultralytics (§1.3);
+    they are kept between frames and reallocated only when a dynamic input changes the output shapes.
     """
 
     def __init__(self, engine: Any, precision: str):
@@ -278,9 +276,7 @@ def _load_ort(version_dir: Path, manifest: dict[str, Any], kind: str, threads: i
 
 def _load_tensorrt(version_dir: Path, manifest: dict[str, Any]) -> Backend:
     """The fastest listed engine whose sidecar matches this machine (checked before deserializing)."""
-    from ciss.export import tensorrt as trt_export
-
-    if reason := trt_export.engine_unavailable_reason():
+    if reason := engine_unavailable_reason():
         raise CissError(f"cannot use backend tensorrt: {reason}")
     engines = sorted(manifest.get("engines") or [], key=lambda e: _FASTEST_FIRST.get(e.get("precision"), 3))
     if not engines:
@@ -291,9 +287,9 @@ def _load_tensorrt(version_dir: Path, manifest: dict[str, Any]) -> Backend:
     for entry in engines:
         try:
             sidecar = read_json(member(version_dir, entry.get("manifest")), "engine manifest")
-            engine = trt_export.load_engine(member(version_dir, entry.get("file")), sidecar,
-                                            onnx_sha256=(files.get(entry.get("onnx")) or {}).get("sha256"),
-                                            classmap_version=len(manifest["classes"]))
+            engine = load_engine(member(version_dir, entry.get("file")), sidecar,
+                                 onnx_sha256=(files.get(entry.get("onnx")) or {}).get("sha256"),
+                                 classmap_version=len(manifest["classes"]))
             return TensorRTBackend(engine, str(entry.get("precision", sidecar.get("precision"))))
         except CissError as e:
             refusals.append(str(e))
@@ -339,7 +335,7 @@ def load_backend(version_dir: Path, manifest: dict[str, Any], kind: str = "auto"
     raises a one-line CissError; only `auto` falls back, logging each step down through `log`.
     """
     check_kind(kind)
-    log = log or _LOG.info
+    log = log or LOGGER.info
     if kind == "auto":
         return _auto(Path(version_dir), manifest, threads, log)
     backend = _load(Path(version_dir), manifest, kind, threads)

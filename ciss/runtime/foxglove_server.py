@@ -15,8 +15,9 @@ from typing import Any, Self
 import numpy as np
 
 from ciss.errors import CissError
+from ciss.runtime.log import LOGGER, Log
+from ciss.runtime.model import Result
 from ciss.runtime.ros import classmap_record, jpeg, when
-from ciss.runtime.segmenter import Result
 
 DEFAULT_ADDRESS = "127.0.0.1:8765"  # Foxglove's usual port
 CLASSMAP_EVERY_S = 1.0
@@ -35,7 +36,7 @@ class FoxgloveSink:
     """Publishes each frame's overlay, mask and stats, and each swap, to Foxglove clients (see the module
     docstring); port 0 picks a free port, which `port` then holds."""
 
-    def __init__(self, address: str, model: str, log: Any = print):
+    def __init__(self, address: str, model: str, log: Log = LOGGER.info):
         import foxglove
         from foxglove import Channel, Context
         from foxglove.channels import CompressedImageChannel, RawImageChannel

@@ -26,23 +26,38 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
-from ciss.export.repository import MANIFEST, _first_difference, verify_version
-
-if TYPE_CHECKING:
-    from ciss.runtime.segmenter import Model
+from ciss.repository import MANIFEST, first_difference, verify_version
+from ciss.runtime.log import Log
+from ciss.runtime.model import Model
 
 WARMUP_RUNS = 3
 IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x008, 0x080, 0x100
 IN_Q_OVERFLOW, IN_IGNORED = 0x4000, 0x8000
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len, then len bytes of name
 _VERSION = re.compile(r"[1-9][0-9]*")
-Load = Callable[[Path, dict[str, Any]], "Model"]
+Load = Callable[[Path, dict[str, Any]], Model]
+
+
+class Serving(Protocol):
+    """The side that serves frames (a Segmenter's state), as HotSwap sees it."""
+
+    def models(self) -> list[Model]:
+        """The serving model and any pending one: a new version must extend them all."""
+        ...
+
+    def last_frame(self) -> np.ndarray | None:
+        """The latest live frame, to warm up and validate on (None before the first)."""
+        ...
+
+    def offer(self, model: Model, stats: dict[str, Any]) -> None:
+        """Park a prepared model for the next frame."""
+        ...
 
 
 class PollingWatch:
@@ -173,7 +188,7 @@ def prepare(path: Path, serving: list[Model], load: Load, frame: np.ndarray | No
     for old in serving:
         if not classmap.is_extension_of(old.classmap):
             raise CissError(f"its class map does not extend version {old.version}'s "
-                            f"({_first_difference(classmap, old.classmap)}); a version may only append classes")
+                            f"({first_difference(classmap, old.classmap)}); a version may only append classes")
     t1 = time.perf_counter()
     model = load(path, manifest)
     t2 = time.perf_counter()
@@ -204,18 +219,13 @@ def _fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
 
 
 class HotSwap:
-    """Finds, checks and prepares new versions of one model for a Segmenter (see the module docstring).
+    """Finds, checks and prepares new versions of one model for `serving` (see the module docstring),
+    loading each with `load`."""
 
-    `models()` gives the serving model and any pending one, `last_frame()` the latest live frame
-    (or None), and `offer(model, stats)` parks a prepared model; all three are the Segmenter's.
-    """
-
-    def __init__(self, folder: Path, *, load: Load, models: Callable[[], list[Model]],
-                 last_frame: Callable[[], np.ndarray | None], offer: Callable[[Model, dict[str, Any]], None],
-                 on_error: Callable[[Exception], None] | None, log: Callable[[str], None], poll_s: float,
-                 inotify: bool = True):
+    def __init__(self, folder: Path, serving: Serving, *, load: Load, on_error: Callable[[Exception], None] | None,
+                 log: Log, poll_s: float, inotify: bool = True):
         self.folder = Path(folder)
-        self._load, self._models, self._last_frame, self._offer = load, models, last_frame, offer
+        self._serving, self._load = serving, load
         self._on_error, self._log = on_error, log
         self._poll_s, self._inotify = poll_s, inotify
         self._refused: dict[int, tuple[tuple[str, int, int], ...]] = {}
@@ -255,7 +265,7 @@ class HotSwap:
         returns its number, or None when there is none or it was refused. One check runs at a time;
         a version published meanwhile waits for the next."""
         with self._check_lock:
-            serving = self._models()
+            serving = self._serving.models()
             candidates = self.candidates(max(m.version for m in serving))
             if not candidates:
                 return None
@@ -263,12 +273,12 @@ class HotSwap:
             path = self.folder / str(version)
             fingerprint = _fingerprint(path)  # before loading: a copy finishing meanwhile counts as a change
             try:
-                model, stats = prepare(path, serving, self._load, self._last_frame())
+                model, stats = prepare(path, serving, self._load, self._serving.last_frame())
             except Exception as e:  # noqa: BLE001 - whatever a bad version makes a library raise
                 self._refused[version] = fingerprint
                 self._refuse(version, e, serving[0].version)
                 return None
-            self._offer(model, stats)
+            self._serving.offer(model, stats)
             return version
 
     def _refuse(self, version: int, e: Exception, serving: int) -> None:

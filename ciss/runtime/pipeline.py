@@ -25,13 +25,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from ciss.errors import CissError
+from ciss.runtime.log import LOGGER, Log
+from ciss.runtime.model import Result
 from ciss.runtime.render import class_lut, hud, legend, overlay
-from ciss.runtime.segmenter import Result, Segmenter
+from ciss.runtime.segmenter import Segmenter
 from ciss.runtime.sinks import Display, MaskSink, StatsSink, VideoSink, pixel_shares
 from ciss.runtime.sources import Frame, Source
 from ciss.runtime.stages import Reservoir
-
-Log = Callable[[str], None]
 
 
 class FrameSink(Protocol):
@@ -83,7 +83,7 @@ def annotate(frame: np.ndarray, result: Result, luts: dict[int, np.ndarray], fps
 
 
 @contextmanager
-def stop_on_signals(log: Log = print) -> Iterator[threading.Event]:
+def stop_on_signals(log: Log = LOGGER.info) -> Iterator[threading.Event]:
     """An event that SIGINT (Ctrl-C) and SIGTERM set instead of killing the process, so run_live ends
     after the frames in flight with its files whole and its report made; a second signal stops at
     once (KeyboardInterrupt). Handlers can only be installed from the main thread; elsewhere the
@@ -107,7 +107,7 @@ def stop_on_signals(log: Log = print) -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
-def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Log = print,
+def run_live(source: Source, segmenter: Segmenter, options: LiveOptions, log: Log = LOGGER.info,
              on_frame: Callable[[Result], None] | None = None, stop: threading.Event | None = None,
              sinks: Sequence[FrameSink] = ()) -> dict[str, Any]:
     """Run until the source ends, `max_frames`, `q` in the window, or `stop` is set (see

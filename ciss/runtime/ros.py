@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from ciss.errors import CissError
-from ciss.runtime.segmenter import Result
+from ciss.runtime.model import Result
 from ciss.runtime.sinks import check_target
 from ciss.runtime.sources import Frame, Source
 

@@ -13,7 +13,6 @@ post-processing of successive frames on their own threads (ciss.runtime.stages) 
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
@@ -23,132 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-import cv2
 import numpy as np
 
-from ciss.classmap import ClassMap, unlearned, unlearned_warning
+from ciss.classmap import ClassMap
 from ciss.errors import CissError
-from ciss.export.repository import ModelRepository
-from ciss.runtime.backends import Backend, check_kind, keep_large_blocks_mapped, load_backend, return_freed_memory
+from ciss.repository import ModelRepository
+from ciss.runtime.backends import check_kind, keep_large_blocks_mapped
 from ciss.runtime.hotswap import HotSwap, prepare
+from ciss.runtime.log import LOGGER, Log
+from ciss.runtime.model import Model, Result
 from ciss.runtime.sources import Frame, Source
 from ciss.runtime.stages import Pipeline
-from ciss.sizes import ASPECT_WARNING, DEFAULT_RESIZE, aspect_change, check_resize, input_size, matching_size, placement
-
-Log = Callable[[str], None]
-_LOG = logging.getLogger("ciss.runtime")
-
-
-@dataclass
-class Result:
-    """One segmented frame and where it came from (runtime.md §9 item 5: frame-accurate provenance)."""
-
-    mask: np.ndarray                 # H×W class ids at frame size, uint8 (uint16 past 255 classes)
-    confidence: np.ndarray | None    # H×W float32 top-class probability, when the model gives one
-    classmap: ClassMap               # the class map of `version`
-    version: int
-    seq: int                         # 0, 1, 2, ... in the order this Segmenter ran the frames
-    timings: dict[str, float]        # milliseconds: preprocess, infer, postprocess, total
-    new_classes: list[int] = field(default_factory=list)  # ids `version` added to the version served before
-    unlearned: list[int] = field(default_factory=list)  # ids of `version`'s new classes its eval never saw learned
-    backend: str = ""                # the backend that produced it, e.g. onnxruntime:CPUExecutionProvider
-    stamp: int | None = None         # the input's header stamp (ns) when it came from ROS, for the outputs' headers
-    frame_id: str | None = None      # the input's header frame_id when it came from ROS
-
-
-def mask_from_logits(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Class ids and top-class probability from C×H×W logits, for graphs exported with `logits` only."""
-    top = logits.max(axis=0)
-    confidence = (1.0 / np.exp(logits - top).sum(axis=0)).astype(np.float32)
-    dtype = np.uint8 if logits.shape[0] <= 255 else np.uint16
-    return logits.argmax(axis=0).astype(dtype), confidence
-
-
-class Model:
-    """One loaded version: its backend and the pre/post-processing its manifest describes; `resize`
-    says how a frame of another shape fits the input (ciss.sizes: stretch, or letterbox)."""
-
-    def __init__(self, version: int, manifest: dict[str, Any], backend: Backend, resize: str = "stretch"):
-        self.version, self.manifest, self.backend = version, manifest, backend
-        self.resize = check_resize(resize)
-        self.classmap = ClassMap.from_json(manifest["classes"])
-        self.unlearned = unlearned(self.classmap, manifest.get("metrics"))
-        self.warning = unlearned_warning(self.classmap, manifest.get("metrics"))  # said when it starts serving
-        self.spec = manifest["input"]
-        scale, std = float(self.spec["scale"]), np.asarray(self.spec["std"], np.float32)
-        # (pixel * scale - mean) / std as one multiply-add per channel
-        self._mul = (scale / std).astype(np.float32)
-        self._add = (-np.asarray(self.spec["mean"], np.float32) / std).astype(np.float32)
-        self._rgb = self.spec.get("color", "RGB") == "RGB"
-
-    @classmethod
-    def load(cls, path: Path, manifest: dict[str, Any], kind: str, threads: int, log: Log,
-             resize: str = "stretch") -> Model:
-        return cls(int(manifest["version"]), manifest, load_backend(path, manifest, kind, threads, log), resize)
-
-    def preprocess(self, frame: np.ndarray) -> np.ndarray:
-        (h, w), box = placement(self.spec, frame.shape[:2], self.resize)
-        if frame.shape[:2] != (box.height, box.width):
-            frame = cv2.resize(frame, (box.width, box.height), interpolation=cv2.INTER_LINEAR)
-        if self._rgb:
-            frame = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-        x = frame.astype(np.float32)
-        x *= self._mul
-        x += self._add
-        if (box.height, box.width) == (h, w):
-            return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
-        # Letterbox: the padding is 0 after normalisation, i.e. the mean pixel, which the network saw most.
-        padded = np.zeros((1, 3, h, w), np.float32)
-        padded[0, :, box.top:box.top + box.height, box.left:box.left + box.width] = x.transpose(2, 0, 1)
-        return padded
-
-    def aspect_warning(self, frame_hw: tuple[int, int]) -> str | None:
-        """One line when stretching frames of this shape would distort them noticeably, else None."""
-        if self.resize != "stretch":
-            return None
-        input_hw = input_size(self.spec, frame_hw)
-        change = aspect_change(frame_hw, input_hw)
-        if change <= ASPECT_WARNING:
-            return None
-        h, w = matching_size(frame_hw, input_hw, int(self.spec.get("stride") or 1))
-        return (f"frames of {frame_hw[0]}x{frame_hw[1]} are stretched to version {self.version}'s input "
-                f"{input_hw[0]}x{input_hw[1]}, changing their aspect ratio by {100 * change:.0f}%; "
-                f"--resize letterbox keeps it, or export with --size {h}x{w}")
-
-    def postprocess(self, outputs: dict[str, np.ndarray],
-                    frame_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
-        confidence = outputs["confidence"][0] if "confidence" in outputs else None
-        if "mask" in outputs:
-            mask = outputs["mask"][0]
-        else:
-            mask, confidence = mask_from_logits(outputs["logits"][0])
-        _, box = placement(self.spec, frame_hw, self.resize)
-        if (box.height, box.width) != mask.shape:  # letterboxed: the padding's mask goes
-            mask = mask[box.top:box.top + box.height, box.left:box.left + box.width]
-            if confidence is not None:
-                confidence = confidence[box.top:box.top + box.height, box.left:box.left + box.width]
-        h, w = frame_hw
-        if mask.shape != (h, w):
-            # NEAREST_EXACT samples pixel centres; plain NEAREST shifts the mask by up to half a model pixel
-            mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
-            if confidence is not None:
-                confidence = cv2.resize(confidence, (w, h), interpolation=cv2.INTER_LINEAR)
-        return mask, confidence
-
-    def run(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
-        t0 = time.perf_counter()
-        x = self.preprocess(frame)
-        t1 = time.perf_counter()
-        outputs = self.backend.infer(x)
-        t2 = time.perf_counter()
-        mask, confidence = self.postprocess(outputs, frame.shape[:2])
-        t3 = time.perf_counter()
-        timings = {"preprocess": 1e3 * (t1 - t0), "infer": 1e3 * (t2 - t1), "postprocess": 1e3 * (t3 - t2)}
-        return mask, confidence, timings
-
-    def close(self) -> None:
-        self.backend.close()
-        return_freed_memory()
+from ciss.sizes import DEFAULT_RESIZE, check_resize
 
 
 @dataclass
@@ -174,22 +59,55 @@ def _check_frame(frame: np.ndarray) -> None:
         raise CissError(f"a frame must be a BGR uint8 H×W×3 array, not {what}")
 
 
+class _ServingState:
+    """What the frame path and the watcher thread share: the serving model, the one-slot `pending`,
+    the last frame. HotSwap sees it as a ciss.runtime.hotswap.Serving; the Segmenter holds `lock`
+    for everything else a frame touches too (seq, users, retired models)."""
+
+    def __init__(self, model: Model, log: Log):
+        self.lock = threading.Lock()
+        self.model = model
+        self.pending: tuple[Model, dict[str, Any]] | None = None
+        self.pending_ready = threading.Event()
+        self.frame: np.ndarray | None = None
+        self.closed = False
+        self._log = log
+
+    def models(self) -> list[Model]:
+        """The serving model and the pending one: a candidate must extend both, since either may be
+        serving when it is swapped in."""
+        with self.lock:
+            return [self.model] + ([self.pending[0]] if self.pending else [])
+
+    def last_frame(self) -> np.ndarray | None:
+        return self.frame
+
+    def offer(self, model: Model, stats: dict[str, Any]) -> None:
+        """Park a prepared model for the next frame, replacing (and closing) one that never served."""
+        with self.lock:
+            closed, replaced = self.closed, self.pending
+            if not closed:
+                self.pending = (model, stats)
+                self.pending_ready.set()
+        if closed:
+            model.close()
+        elif replaced is not None:
+            self._log(f"version {model.version} replaces version {replaced[0].version}, which never served")
+            replaced[0].close()
+
+
 class Segmenter:
     """Segments frames with the serving version of a model and swaps to newer ones between frames."""
 
-    def __init__(self, model: Model, *, on_swap: Callable[[int, int], None] | None = None, log: Log = _LOG.info):
-        self._model = model
-        self._pending: tuple[Model, dict[str, Any]] | None = None
-        self._pending_ready = threading.Event()
-        self._lock = threading.Lock()      # the serving model, pending, seq, users
+    def __init__(self, model: Model, *, on_swap: Callable[[int, int], None] | None = None, log: Log = LOGGER.info):
+        self._state = _ServingState(model, log)
+        self._lock = self._state.lock      # the serving model, pending, seq, users
         self._serial = threading.Lock()    # plain calls run one at a time, as robot code expects
         self._users: Counter[Model] = Counter()  # frames in flight per model
         self._retired: list[Model] = []    # swapped out, closed once no frame in flight uses them
         self._seq = 0
         self._new_classes: list[int] = []
-        self._last_frame: np.ndarray | None = None
         self._swaps: list[dict[str, Any]] = []
-        self._closed = False
         self._on_swap = on_swap
         self._log = log
         self._swapper: HotSwap | None = None
@@ -218,7 +136,7 @@ class Segmenter:
             raise CissError(f"--poll {poll_s:g} is not a positive number of seconds; give e.g. --poll 0.5")
         if threads < 0:
             raise CissError(f"--threads {threads} is negative; give 0 (the backend's default) or more")
-        log = log or _LOG.info
+        log = log or LOGGER.info
         root = Path(repo)
         if not root.is_dir():
             raise CissError(f"model repository {root} does not exist; publish a model with "
@@ -235,10 +153,8 @@ class Segmenter:
         segmenter = cls(model, on_swap=on_swap, log=log)
         following = "pinned"
         if version is None:
-            swapper = segmenter._swapper = HotSwap(
-                repository.root / name, load=load, models=segmenter._models,
-                last_frame=lambda: segmenter._last_frame, offer=segmenter._offer, on_error=on_error, log=log,
-                poll_s=poll_s)
+            swapper = segmenter._swapper = HotSwap(repository.root / name, segmenter._state, load=load,
+                                                   on_error=on_error, log=log, poll_s=poll_s)
             following = "new versions on check_updates() only"
             if watch:
                 swapper.start()
@@ -295,13 +211,14 @@ class Segmenter:
         """Number the frame and choose its model, swapping first if a version is pending."""
         start = time.perf_counter()
         _check_frame(image)
+        state = self._state
         with self._lock:
-            if self._closed:
+            if state.closed:
                 raise CissError("this Segmenter is closed")
-            swapped_from = self._swap(start) if self._pending is not None else None
-            model = self._model
+            swapped_from = self._swap(start) if state.pending is not None else None
+            model = state.model
             self._users[model] += 1
-            self._last_frame = image
+            state.frame = image
             seq, self._seq = self._seq, self._seq + 1
             idle = self._idle_retired()
             job = _Job(image, model, seq, list(self._new_classes), start, stamp, frame_id, swapped_from)
@@ -359,11 +276,12 @@ class Segmenter:
 
     def _swap(self, start: float) -> int:
         """Make the pending model the serving one (caller holds the lock); returns the retired version."""
-        assert self._pending is not None
-        (new, stats), old = self._pending, self._model
-        self._model, self._pending = new, None
+        state = self._state
+        assert state.pending is not None
+        (new, stats), old = state.pending, state.model
+        state.model, state.pending = new, None
         self._retired.append(old)
-        self._pending_ready.clear()
+        state.pending_ready.clear()
         self._new_classes = list(range(len(old.classmap), len(new.classmap)))
         stats.update(previous=old.version, seq=self._seq, new_classes=self._new_classes, backend=new.backend.name,
                      swap_ms=1e3 * (time.perf_counter() - start))
@@ -375,25 +293,6 @@ class Segmenter:
             self._log(f"version {new.version}: {new.warning}")
         return old.version
 
-    # --- hooks for HotSwap --------------------------------------------------------------------------
-    def _models(self) -> list[Model]:
-        """The serving model and the pending one: a candidate must extend both, since either may be
-        serving when it is swapped in."""
-        with self._lock:
-            return [self._model] + ([self._pending[0]] if self._pending else [])
-
-    def _offer(self, model: Model, stats: dict[str, Any]) -> None:
-        with self._lock:
-            closed, replaced = self._closed, self._pending
-            if not closed:
-                self._pending = (model, stats)
-                self._pending_ready.set()
-        if closed:
-            model.close()
-        elif replaced is not None:
-            self._log(f"version {model.version} replaces version {replaced[0].version}, which never served")
-            replaced[0].close()
-
     # --- control and state --------------------------------------------------------------------------
     def check_updates(self) -> int | None:
         """Look for a newer version now, in this thread (what the watcher does on each event or poll);
@@ -402,28 +301,28 @@ class Segmenter:
 
     def wait_for_pending(self, timeout: float) -> bool:
         """True once a checked version waits for the next frame; False after `timeout` seconds."""
-        return self._pending_ready.wait(timeout)
+        return self._state.pending_ready.wait(timeout)
 
     def unserved(self) -> int | None:
         """The newest version published after the serving one that has served no frame yet (parked for
         the next frame, or not checked yet), or None; a source that ends before then never shows it."""
         with self._lock:
-            serving = self._model.version
-            pending = [self._pending[0].version] if self._pending else []
+            serving = self._state.model.version
+            pending = [self._state.pending[0].version] if self._state.pending else []
         published = self._swapper.candidates(serving) if self._swapper is not None else []
         return max(pending + published, default=None)
 
     @property
     def version(self) -> int:
-        return self._model.version
+        return self._state.model.version
 
     @property
     def classmap(self) -> ClassMap:
-        return self._model.classmap
+        return self._state.model.classmap
 
     @property
     def backend(self) -> str:
-        return self._model.backend.name
+        return self._state.model.backend.name
 
     @property
     def swaps(self) -> list[dict[str, Any]]:
@@ -436,12 +335,13 @@ class Segmenter:
         """Stop following the repository and release the models (close or finish any stream first)."""
         if self._swapper is not None:
             self._swapper.close()
+        state = self._state
         with self._lock:
-            if self._closed:
+            if state.closed:
                 return
-            self._closed = True
-            models = [self._model, *self._retired] + ([self._pending[0]] if self._pending else [])
-            self._pending, self._retired = None, []
+            state.closed = True
+            models = [state.model, *self._retired] + ([state.pending[0]] if state.pending else [])
+            state.pending, self._retired = None, []
         for model in models:
             model.close()
 

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +30,13 @@ import cv2
 import numpy as np
 
 from ciss.errors import CissError
+from ciss.runtime.log import LOGGER, Log
 from ciss.synthetic import SyntheticStream
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"})
 URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
 _CAMERA = re.compile(r"(?:camera:|/dev/video)?(\d+)")
 _GLOB = re.compile(r"[*?\[]")
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -312,7 +312,7 @@ class LiveSource(Source):
     live = True
 
     def __init__(self, producer: Producer, name: str, *, fps: float | None = None, reconnect: bool = True,
-                 give_up_s: float = 30.0, backoff: tuple[float, float] = (0.5, 8.0), log: Log = print):
+                 give_up_s: float = 30.0, backoff: tuple[float, float] = (0.5, 8.0), log: Log = LOGGER.info):
         super().__init__(name)
         self.fps = fps
         self._producer, self._reconnect, self._give_up_s, self._backoff, self._log = (
@@ -460,7 +460,7 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def open_source(spec: str, *, loop: bool = False, fps: float | None = None, reconnect: bool = True,
-                give_up_s: float = 30.0, timeout_s: float = 5.0, log: Log = print, topic: str | None = None,
+                give_up_s: float = 30.0, timeout_s: float = 5.0, log: Log = LOGGER.info, topic: str | None = None,
                 realtime: bool = False) -> Source:
     """The source `spec` names; every mistake is a one-line CissError.
 

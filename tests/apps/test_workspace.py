@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import CISS, REPO, make_folder_dataset, write_config
 
+from ciss.engines import engine_unavailable_reason
 from ciss.errors import CissError
-from ciss.export.tensorrt import engine_unavailable_reason
 from ciss.workspace import new_run
 
 

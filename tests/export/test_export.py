@@ -19,8 +19,8 @@ from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.export import onnx as ox
 from ciss.export.pipeline import ExportOptions, export_step
-from ciss.export.repository import ModelRepository
 from ciss.export.verify import cpu_session, to_input
+from ciss.repository import ModelRepository
 from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
 from ciss.trainer.learn import learn
 from ciss.trainer.store import RunStore

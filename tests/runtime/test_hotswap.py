@@ -19,9 +19,10 @@ from tiny_models import NAME, SIZE, Exported, exported, manifest_of, publish
 
 from ciss.apps.cli import main
 from ciss.errors import CissError
-from ciss.export.repository import ModelRepository
+from ciss.repository import ModelRepository
 from ciss.runtime.hotswap import watch_folder
-from ciss.runtime.segmenter import Result, Segmenter
+from ciss.runtime.model import Result
+from ciss.runtime.segmenter import Segmenter
 
 pytestmark = pytest.mark.slow
 FRAME = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)

@@ -16,8 +16,9 @@ import pytest
 from conftest import CISS, REPO
 from tiny_models import NAME, Exported, SwapAtRead, exported, publish
 
+from ciss.runtime.model import Result
 from ciss.runtime.pipeline import LiveOptions, run_live
-from ciss.runtime.segmenter import Result, Segmenter
+from ciss.runtime.segmenter import Segmenter
 from ciss.runtime.sources import LiveSource, VideoCaptureProducer, open_source
 from ciss.synthetic import SyntheticStream
 

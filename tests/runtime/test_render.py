@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ciss.classmap import ClassMap
+from ciss.runtime.model import Result
 from ciss.runtime.pipeline import annotate
-from ciss.runtime.segmenter import Result
 from ciss.runtime.render import NEW_COLOR, UNLEARNED_COLOR, class_lut, hud, legend, overlay
 
 CLASSES = ClassMap.initial(["road", "car"], [(200, 10, 10), (10, 200, 10)]).extend(["bike"], [(10, 10, 200)])

@@ -15,8 +15,9 @@ from tiny_models import Exported, exported, manifest_of, publish
 
 from ciss.errors import CissError
 from ciss.export import onnx as ox
-from ciss.export.repository import ModelRepository
-from ciss.runtime.segmenter import Model, Segmenter
+from ciss.repository import ModelRepository
+from ciss.runtime.model import Model
+from ciss.runtime.segmenter import Segmenter
 from ciss.sizes import Box, placement
 from ciss.synthetic import render_scene
 

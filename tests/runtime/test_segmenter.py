@@ -16,7 +16,9 @@ from tiny_models import SIZE, Exported, exported, publish
 from ciss.errors import CissError
 from ciss.export import onnx as ox
 from ciss.export.verify import cpu_session, to_input
-from ciss.runtime.segmenter import Segmenter, input_size, mask_from_logits
+from ciss.runtime.model import mask_from_logits
+from ciss.runtime.segmenter import Segmenter
+from ciss.sizes import input_size
 from ciss.synthetic import render_scene
 from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
 

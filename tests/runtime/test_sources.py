@@ -248,3 +248,11 @@ def test_live_source_that_never_delivers_fails_at_start(tmp_path: Path):
     producer = PacedVideo(write_video(tmp_path / "clip.mp4", 5), fps=500, fail_after=0)
     with pytest.raises(CissError, match="opened but delivered no frame"):
         LiveSource(producer, "mute")
+
+
+def test_sources_import_without_onnxruntime():
+    """Reading frames needs no model: the runtime package loads the Segmenter (and ONNX Runtime) on use."""
+    code = ("import sys, ciss.runtime.sources; "
+            "assert 'onnxruntime' not in sys.modules, 'ciss.runtime.sources imported onnxruntime'; "
+            "from ciss.runtime import Segmenter; assert 'onnxruntime' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,8 +16,9 @@ from test_live import cli, write_video
 from tiny_models import NAME, Exported, exported, publish
 
 from ciss.errors import CissError
+from ciss.runtime.model import Result
 from ciss.runtime.pipeline import LiveOptions, run_live
-from ciss.runtime.segmenter import Result, Segmenter
+from ciss.runtime.segmenter import Segmenter
 from ciss.runtime.sources import open_source
 from ciss.runtime.stages import Pipeline, thread_split
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import write_config
 
 from ciss.export.pipeline import ExportOptions, export_step
-from ciss.export.repository import ModelRepository
+from ciss.repository import ModelRepository
 from ciss.trainer.learn import learn
 
 NAME = "robot"

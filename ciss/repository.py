@@ -7,6 +7,9 @@ died. Two exporters racing for the same number both succeed: renaming a
 folder onto an existing non-empty one fails on Linux (ENOTEMPTY/EEXIST, see rename(2)), and the
 loser takes the next number. Only the standard library and ciss's own plain modules are imported,
 because the runtime reads the repository on robots that have no torch.
+
+The repository is the contract between the exporter (which publishes) and the runtime (which reads
+and follows it), so it lives in the shared layer and neither side imports the other.
 """
 
 from __future__ import annotations
@@ -157,7 +160,7 @@ def _is_relative(rel: str) -> bool:
     return rel not in ("", ".") and "\\" not in rel and str(p) == rel and not p.is_absolute() and ".." not in p.parts
 
 
-def _first_difference(new: ClassMap, old: ClassMap) -> str:
+def first_difference(new: ClassMap, old: ClassMap) -> str:
     """Where `new` stops extending `old` (called only when it does not)."""
     for a, b in zip(old, new):
         if b.name != a.name:
@@ -277,7 +280,7 @@ class ModelRepository:
         old = ClassMap.from_json(self.manifest(name, parent).get("classes") or [])
         if not classes.is_extension_of(old):
             raise CissError(f"the new version of '{name}' does not extend version {parent}'s classes: "
-                            f"{_first_difference(classes, old)}; a version may only append classes "
+                            f"{first_difference(classes, old)}; a version may only append classes "
                             "(publish under a new name, or allow it with --allow-class-change)")
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from ciss.apps.cli import main
 from ciss.classmap import ClassMap, default_color
 from ciss.errors import CissError
-from ciss.export.repository import MANIFEST, ModelRepository, check_name, verify_version
+from ciss.repository import MANIFEST, ModelRepository, check_name, verify_version
 
 BASE = ["road", "sky", "tree"]
 
@@ -158,7 +158,7 @@ RACER = """
 import sys
 from pathlib import Path
 from ciss.classmap import ClassMap
-from ciss.export.repository import ModelRepository
+from ciss.repository import ModelRepository
 
 root, source, writer, go = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 print("ready", flush=True)
@@ -240,7 +240,7 @@ import resource, signal, sys
 from pathlib import Path
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
-from ciss.export.repository import ModelRepository
+from ciss.repository import ModelRepository
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
 repo = ModelRepository(Path(sys.argv[1]))
@@ -266,7 +266,7 @@ def test_a_full_disk_leaves_nothing_behind(tmp_path: Path):
 
 
 def test_the_repository_does_not_need_torch():
-    code = "import sys, ciss.export.repository; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    code = "import sys, ciss.repository; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -335,7 +335,7 @@ DIES_MID_PUBLISH = """
 import os, signal, sys
 from pathlib import Path
 from ciss.classmap import ClassMap
-from ciss.export.repository import ModelRepository
+from ciss.repository import ModelRepository
 
 def stamp(staging, version):  # killed while the version is staged, before the rename
     os.kill(os.getpid(), signal.SIGKILL)
