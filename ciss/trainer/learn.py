@@ -128,10 +128,9 @@ def describe_carried(store: RunStore, step: int, cfg: Mapping[str, Any], method:
                      file_cfg: Mapping[str, Any] | None = None, source: str = "") -> str:
     """One line: what the run brings from `step` to this call (the settings that differ from the defaults),
     and what a config file given to this call replaces of them."""
-    defaults = configlib.flatten(configlib.defaults())
-    replaced = {k: v for k, v in configlib.flatten(file_cfg or {}).items()}
-    items = [f"{k}={configlib.toml_text(v)}" for k, v in configlib.flatten(cfg).items()
-             if defaults.get(k) != v and k not in replaced]
+    defaults, carried = configlib.flatten(configlib.defaults()), configlib.flatten(cfg)
+    replaced = {k: v for k, v in configlib.flatten(file_cfg or {}).items() if carried.get(k) != v}
+    items = [f"{k}={configlib.toml_text(v)}" for k, v in carried.items() if defaults.get(k) != v and k not in replaced]
     options = ", ".join(f"{k}={configlib.toml_text(v)}" for k, v in method.get("options", {}).items())
     items.append(f"method={method['name']}" + (f" ({options})" if options else ""))
     line = f"carried over from step {step} of {store.root}: {', '.join(items)}"

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +67,14 @@ class TrainLog:
     A step resumed at iteration `start` repeats the iterations after its checkpoint, so records
     after `start` are dropped first, and with them a last line cut short by a kill or a full disk."""
 
-    def __init__(self, folder: Path, enabled: bool = True, start: int = 0):
+    def __init__(self, folder: Path, enabled: bool = True, start: int = 0, warn: Callable[[str], None] = print):
         self.folder, self.enabled = folder, enabled
-        self.tb = None
+        self.tb: TensorBoard | None = None
         if not enabled:
             return
         folder.mkdir(parents=True, exist_ok=True)
         self._truncate(start)
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # optional: only when tensorboard is installed
-            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start or None)
-        except Exception:
-            self.tb = None
+        self.tb = TensorBoard.open(folder / "tensorboard", start, warn)
 
     def _truncate(self, start: int) -> None:
         jsonl, table = self.folder / "train_log.jsonl", self.folder / "train_log.csv"
@@ -116,10 +114,66 @@ class TrainLog:
         writer.writerow([record[k] for k in record])
         _append(path, buf.getvalue())
         if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "iteration":
-                    self.tb.add_scalar(k, v, record["iteration"])
+            self.tb.write(record)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class TensorBoard:
+    """The train log mirrored to TensorBoard, when tensorboard is installed: best effort.
+
+    tensorboard writes its event files on a thread of its own. A failure there (a full disk, a file-size
+    limit) would print that thread's traceback and be raised again at the next call, ending the step for
+    a view of what train_log.jsonl already holds. Instead the mirror stops, says so in one warning line,
+    and training goes on; the error that ends a step comes from the train log's own files.
+    """
+
+    def __init__(self, writer: Any, warn: Callable[[str], None]):
+        self.writer, self.warn = writer, warn
+        self.failed: BaseException | None = None
+        self._previous_hook = threading.excepthook
+        threading.excepthook = self._thread_failed
+
+    @classmethod
+    def open(cls, folder: Path, start: int, warn: Callable[[str], None]) -> TensorBoard | None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # optional: only when tensorboard is installed
+        except ImportError:
+            return None
+        try:
+            return cls(SummaryWriter(str(folder), purge_step=start or None), warn)
+        except Exception as e:  # noqa: BLE001 - tensorboard's own errors; the train log is what counts
+            warn(f"warning: no TensorBoard log ({e}); train_log.jsonl and .csv hold every record")
+            return None
+
+    def _thread_failed(self, args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__module__.startswith("tensorboard."):
+            self.failed = self.failed or args.exc_value
+        else:
+            self._previous_hook(args)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.failed is None:
+            try:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "iteration":
+                        self.writer.add_scalar(k, v, record["iteration"])
+            except Exception as e:  # noqa: BLE001 - the writer re-raises its thread's error here
+                self.failed = e
+        if self.failed is not None:
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.close()  # flushes and joins the writer's thread
+        except Exception as e:  # noqa: BLE001 - its thread's error, raised again
+            self.failed = self.failed or e
+        self.writer = None
+        threading.excepthook = self._previous_hook
+        if self.failed is not None:
+            self.warn(f"warning: TensorBoard stopped logging ({self.failed}); train_log.jsonl and .csv hold "
+                      "every record")

@@ -263,7 +263,7 @@ def train_iterations(loop: Loop, data: TrainingData, plan: StepPlan, cfg: dict[s
                      partial: Path, log: Callable[[str], None]) -> float:
     """Iterations `loop.start` to the schedule's end, logged and checkpointed; returns their wall time."""
     tcfg, sched, step = cfg["train"], data.schedule, loop.step
-    train_log = TrainLog(partial, enabled=dist.main, start=loop.start)
+    train_log = TrainLog(partial, enabled=dist.main, start=loop.start, warn=log)
     progress = Progress(sched.total, f"step {step}", start=loop.start, enabled=dist.main)
     if dist.main:
         names = ", ".join(plan.classmap[i].name for i in plan.classmap.ids_of_step(step))
