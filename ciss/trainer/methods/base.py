@@ -113,6 +113,9 @@ class Method:
         """Named, already weighted loss terms: cross-entropy without an old model's outputs (step 0)."""
         if batch.old is None:
             return {"ce": cross_entropy(batch.out.logits, batch.labels, self.options["reduction"])}
+        missing = [k for k in self.feature_names if k not in batch.out.features or k not in batch.old.features]
+        if missing:
+            raise RuntimeError(f"method '{self.name}' needs features {', '.join(missing)} from both models")
         return self.incremental_losses(batch)
 
     def incremental_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:

@@ -220,9 +220,6 @@ class IDEC(Method):
         logits, labels = batch.out.logits, batch.labels
         old = batch.old.logits
         n_old, n_total = old.shape[1], logits.shape[1]
-        missing = [k for k in self.feature_names if k not in batch.out.features or k not in batch.old.features]
-        if missing:
-            raise RuntimeError(f"IDEC needs features {', '.join(missing)} from both models")
         regions = None
         if self.thresholds is not None:
             self._update_thresholds(old, labels)

@@ -214,9 +214,6 @@ class PLOP(Method):
         o = self.options
         assert batch.old is not None
         names = self.feature_names
-        missing = [k for k in names if k not in batch.out.features or k not in batch.old.features]
-        if missing:
-            raise RuntimeError(f"PLOP needs features {', '.join(missing)} from both models")
         new = [batch.out.features[k] for k in names]
         old = [batch.old.features[k] for k in names]
         new[-1] = merge_extra_channels(new[-1], n_old, o["pod_extra_channels"])
