@@ -15,6 +15,12 @@ from typing import Any, Iterable, Sequence
 from ciss.errors import CissError
 
 BACKGROUND = "background"
+IGNORE = 255  # the label of pixels no loss or metric counts (void, padding, unseen classes)
+
+
+def mask_dtype(num_classes: int) -> str:
+    """The numpy dtype of a class-id mask: 8 bits up to 255 classes (so IGNORE stays apart), else 16."""
+    return "uint8" if num_classes <= 255 else "uint16"
 Color = tuple[int, int, int]
 
 

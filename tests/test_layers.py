@@ -14,7 +14,6 @@ from collections import deque
 from functools import cache
 from pathlib import Path
 
-import pytest
 
 CISS = Path(__file__).resolve().parents[1] / "ciss"
 

@@ -17,11 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
 from torch import nn
 
+from ciss.classmap import mask_dtype
 from ciss.errors import CissError
 
 OPSET = 20
@@ -116,8 +118,8 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
-def mask_dtype(num_classes: int) -> int:
-    return TensorProto.UINT8 if num_classes <= 255 else TensorProto.UINT16
+def mask_tensor_type(num_classes: int) -> int:
+    return helper.np_dtype_to_tensor_dtype(np.dtype(mask_dtype(num_classes)))
 
 
 def add_tail(logits_model: onnx.ModelProto, outputs: str, keep_logits: bool = False) -> onnx.ModelProto:
@@ -134,7 +136,7 @@ def add_tail(logits_model: onnx.ModelProto, outputs: str, keep_logits: bool = Fa
     if keep_logits or "logits" in names:
         graph.output.append(logits_info)
     if "mask" in names:
-        dtype = mask_dtype(int(c))
+        dtype = mask_tensor_type(int(c))
         graph.node.extend([helper.make_node("ArgMax", [LOGITS], ["ciss_argmax"], axis=1, keepdims=0),
                            helper.make_node("Cast", ["ciss_argmax"], ["mask"], to=dtype)])
         graph.output.append(helper.make_tensor_value_info("mask", dtype, [n, h, w]))

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ciss.classmap import mask_dtype
 from ciss.engines import engine_unavailable_reason, load_engine
 from ciss.errors import CissError
 from ciss.manifest import read_json
@@ -184,7 +185,7 @@ class TorchBackend(Backend):
         self.name, self.precision = "torch", "fp32"
         self.input_name = manifest["input"]["name"]
         self.output_names = [o["name"] for o in manifest["outputs"]]
-        self._mask_dtype = np.uint8 if len(manifest["classes"]) <= 255 else np.uint16
+        self._mask_dtype = mask_dtype(len(manifest["classes"]))
 
     def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
         with self._torch.no_grad():

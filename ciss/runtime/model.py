@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ciss.classmap import ClassMap, unlearned, unlearned_warning
+from ciss.classmap import ClassMap, mask_dtype, unlearned, unlearned_warning
 from ciss.runtime.backends import Backend, load_backend, return_freed_memory
 from ciss.runtime.log import Log
 from ciss.sizes import ASPECT_WARNING, aspect_change, check_resize, input_size, matching_size, placement
@@ -42,8 +42,7 @@ def mask_from_logits(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Class ids and top-class probability from C×H×W logits, for graphs exported with `logits` only."""
     top = logits.max(axis=0)
     confidence = (1.0 / np.exp(logits - top).sum(axis=0)).astype(np.float32)
-    dtype = np.uint8 if logits.shape[0] <= 255 else np.uint16
-    return logits.argmax(axis=0).astype(dtype), confidence
+    return logits.argmax(axis=0).astype(mask_dtype(logits.shape[0])), confidence
 
 
 class Model:

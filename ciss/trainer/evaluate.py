@@ -27,7 +27,6 @@ from ciss.trainer.models.outputs import logits_of
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-IGNORE = 255
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:

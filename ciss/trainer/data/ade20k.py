@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ciss.classmap import default_color
+from ciss.classmap import IGNORE, default_color
 from ciss.errors import CissError
-from ciss.trainer.data.base import IGNORE, DatasetInfo
+from ciss.trainer.data.base import DatasetInfo
 from ciss.trainer.data.folder import FileDataset, missing_labels_error
 
 # objectInfo150 short names, spaces replaced by '_' so every name is one command-line token.

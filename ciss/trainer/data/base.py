@@ -11,8 +11,6 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-IGNORE = 255
-
 
 @dataclass(frozen=True)
 class DatasetInfo:

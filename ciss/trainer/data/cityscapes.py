@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ciss.classmap import IGNORE
 from ciss.errors import CissError
-from ciss.trainer.data.base import IGNORE, DatasetInfo
+from ciss.trainer.data.base import DatasetInfo
 from ciss.trainer.data.folder import FileDataset
 
 CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light", "traffic_sign",

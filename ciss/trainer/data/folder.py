@@ -12,9 +12,9 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from ciss.classmap import default_color
+from ciss.classmap import IGNORE, default_color
 from ciss.errors import CissError
-from ciss.trainer.data.base import IGNORE, DatasetInfo
+from ciss.trainer.data.base import DatasetInfo
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 LAYOUT = "a dataset folder needs classes.json, images/<split>/ and labels/<split>/"

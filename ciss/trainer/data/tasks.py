@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ciss.classmap import BACKGROUND, ClassMap
+from ciss.classmap import BACKGROUND, IGNORE, ClassMap
 from ciss.config_paths import cache_dir, config_dir, load_toml
 from ciss.errors import CissError
-from ciss.trainer.data.base import IGNORE, DatasetInfo, SegDataset
+from ciss.trainer.data.base import DatasetInfo, SegDataset
 
 _GENERIC = re.compile(r"^(\d+)-(\d+)$")
 

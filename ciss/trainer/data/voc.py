@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ciss.classmap import IGNORE
 from ciss.errors import CissError
-from ciss.trainer.data.base import IGNORE, DatasetInfo
+from ciss.trainer.data.base import DatasetInfo
 from ciss.trainer.data.folder import FileDataset, missing_labels_error, single_channel
 
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",

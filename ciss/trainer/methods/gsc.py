@@ -28,9 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import StepContext, TrainBatch, restored, saved
-from ciss.trainer.methods.losses import (IGNORE, pixel_cross_entropy, plop_uncertainty, pseudo_label,
+from ciss.trainer.methods.losses import (pixel_cross_entropy, plop_uncertainty, pseudo_label,
                                          reduce_pixels)
 from ciss.trainer.methods.plop import PLOP, POD_FEATURES, POD_LOGITS
 from ciss.trainer.models.features import DECODER, STAGE4

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, saved
-from ciss.trainer.methods.losses import IGNORE, REDUCTIONS, cross_entropy, unbiased_kd
+from ciss.trainer.methods.losses import REDUCTIONS, cross_entropy, unbiased_kd
 from ciss.trainer.methods.options import resolve_options
 from ciss.trainer.models.features import DECODER, STAGES
 

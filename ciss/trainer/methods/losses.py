@@ -23,7 +23,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE = 255
+from ciss.classmap import IGNORE
+
 REDUCTIONS = ("valid", "all")
 
 

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, restored, saved
-from ciss.trainer.methods.losses import (IGNORE, REDUCTIONS, UNCERTAINTY_MODES, local_pod,
+from ciss.trainer.methods.losses import (REDUCTIONS, UNCERTAINTY_MODES, local_pod,
                                          merge_extra_channels, pixel_cross_entropy,
                                          plop_median_thresholds, plop_uncertainty, pseudo_label,
                                          quantile_thresholds, reduce_pixels, uncertainty_histogram)
