@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 
-
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
