@@ -272,34 +272,36 @@ def train_iterations(loop: Loop, data: TrainingData, plan: StepPlan, cfg: dict[s
             f"{tcfg['batch_size']} ({dist.world} process{'es' if dist.world > 1 else ''}, {dist.device}); "
             "its time follows once measured")
     t0, it, estimated = time.perf_counter(), loop.start, False
-    set_train_mode(loop, tcfg["freeze_bn_next"], dist.device)
-    while it < sched.total:
-        epoch, offset = divmod(it, sched.iters_per_epoch)
-        for images, labels in data.loader(epoch, offset, dist):
-            if it == sched.total:  # a schedule in iterations can end mid-epoch
-                break
-            lr = poly_lr(sched.base_lr, it, sched.total, tcfg["poly_power"])
-            set_lr(loop.optimizer, lr)
-            # Reading values back stalls a GPU's queue, so gradient norms only at logging points.
-            measure = (it + 1) % tcfg["log_every"] == 0 or it + 1 == sched.total
-            terms, norms = train_batch(loop, images, labels, epoch, it, sched.total, cfg, dist, measure)
-            it += 1
-            if dist.main and measure:
-                values = {k: float(v.detach()) for k, v in terms.items()}
-                progress.update(it, values, lr)
-                if not estimated:  # the plan's time, measured on the first logging interval
-                    estimated = True
-                    per_it = (time.perf_counter() - t0) / (it - loop.start)
-                    log(f"step {step}: about {format_seconds(per_it * (sched.total - loop.start))} of training "
-                        f"({per_it:.2f} s per iteration) and an evaluation on {len(data.eval_ds)} images")
-                train_log.write({"iteration": it, "epoch": epoch, "lr": lr, "loss": sum(values.values()),
-                                 **values, **norms, "elapsed_s": round(time.perf_counter() - t0, 3)})
-            if it % tcfg["checkpoint_every"] == 0 and it < sched.total:
-                if dist.main:
-                    save_checkpoint(partial / CHECKPOINT, loop, it, cfg)
-                dist.barrier()
-    train_log.close()
-    progress.close()
+    try:
+        set_train_mode(loop, tcfg["freeze_bn_next"], dist.device)
+        while it < sched.total:
+            epoch, offset = divmod(it, sched.iters_per_epoch)
+            for images, labels in data.loader(epoch, offset, dist):
+                if it == sched.total:  # a schedule in iterations can end mid-epoch
+                    break
+                lr = poly_lr(sched.base_lr, it, sched.total, tcfg["poly_power"])
+                set_lr(loop.optimizer, lr)
+                # Reading values back stalls a GPU's queue, so gradient norms only at logging points.
+                measure = (it + 1) % tcfg["log_every"] == 0 or it + 1 == sched.total
+                terms, norms = train_batch(loop, images, labels, epoch, it, sched.total, cfg, dist, measure)
+                it += 1
+                if dist.main and measure:
+                    values = {k: float(v.detach()) for k, v in terms.items()}
+                    progress.update(it, values, lr)
+                    if not estimated:  # the plan's time, measured on the first logging interval
+                        estimated = True
+                        per_it = (time.perf_counter() - t0) / (it - loop.start)
+                        log(f"step {step}: about {format_seconds(per_it * (sched.total - loop.start))} of training "
+                            f"({per_it:.2f} s per iteration) and an evaluation on {len(data.eval_ds)} images")
+                    train_log.write({"iteration": it, "epoch": epoch, "lr": lr, "loss": sum(values.values()),
+                                     **values, **norms, "elapsed_s": round(time.perf_counter() - t0, 3)})
+                if it % tcfg["checkpoint_every"] == 0 and it < sched.total:
+                    if dist.main:
+                        save_checkpoint(partial / CHECKPOINT, loop, it, cfg)
+                    dist.barrier()
+    finally:  # a diverged or interrupted step still closes TensorBoard's writer thread
+        train_log.close()
+        progress.close()
     return time.perf_counter() - t0
 
 
