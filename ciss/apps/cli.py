@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ciss.config import parse_assignments
 from ciss.errors import CissError, environment_error
 from ciss.sizes import DEFAULT_RESIZE, RESIZE_MODES
 
@@ -105,7 +106,7 @@ def learn(run: Path | None, data: Path | None, dataset: str | None, root: Path |
     Each later step prints the settings it carried over from the run; flags of one call apply to it only.
     """
     from ciss.api import Run
-    from ciss.trainer.config import check_setting
+    from ciss.trainer.config import TRAINING
 
     if pretrained and Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser().resolve())
@@ -116,7 +117,7 @@ def learn(run: Path | None, data: Path | None, dataset: str | None, root: Path |
              "--pretrained": (pretrained, "model.pretrained"), "--setting": (setting, "data.setting"),
              "--seed": (seed, "seed")}
     # Checked here, not only in Run.learn, so that a refusal names the flag the user typed.
-    values = {key: check_setting(key, value, flag)
+    values = {key: TRAINING.check_setting(key, value, flag)
               for flag, (value, *keys) in flags.items() if value is not None for key in keys}
     values.update(parse_assignments(settings, "--set", "train.clip_grad_norm=3"))
     target = Run(run, log=lambda s: click.echo(s, err=True))
@@ -126,13 +127,6 @@ def learn(run: Path | None, data: Path | None, dataset: str | None, root: Path |
     from ciss.trainer.report import describe_run
     if _is_main_process():
         click.echo(describe_run(target.path))
-
-
-def parse_assignments(items: tuple[str, ...], flag: str, example: str) -> dict[str, Any]:
-    """Repeated `flag KEY=VALUE` as {KEY: value}, values read as TOML (3, 0.5, true, "s")."""
-    from ciss.trainer.config import parse_assignment
-
-    return dict(parse_assignment(item, flag, example) for item in items)
 
 
 def parse_method_options(disabled: tuple[str, ...], assignments: tuple[str, ...]) -> dict[str, Any]:
