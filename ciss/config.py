@@ -112,16 +112,15 @@ class Settings:
     elsewhere: Mapping[str, str] = field(default_factory=dict)  # sections --set refuses: what sets them
 
     @classmethod
-    def table(cls, section: str, defaults: Mapping[str, Any], command: str,
+    def table(cls, section: str, defaults: Mapping[str, Any], command: str, example: str,
               choices: Mapping[str, tuple[str, ...]] | None = None) -> Settings:
-        """A command's settings declared in code, as `[section]`: each key of its default's type (one of
-        `choices` where given)."""
+        """A command's settings declared in code, as the table `[section]`: each key of its default's
+        type (one of `choices` where given)."""
         choices = choices or {}
-        example = next(iter(defaults))
         return cls(defaults=lambda: {section: copy.deepcopy(dict(defaults))},
                    rules={f"{section}.{k}": rule_for(v, tuple(choices.get(k, ()))) for k, v in defaults.items()},
                    listing=f"the keys of {command} are {', '.join(f'{section}.{k}' for k in defaults)}",
-                   example=f"{section}.{example}={toml_text(defaults[example])}")
+                   example=example)
 
     def flatten(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
         return flatten(cfg, free_form=self.free_form)
