@@ -68,7 +68,7 @@ def run_bare(run: Path, cfg: Path, warmup: int) -> dict:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from ciss.trainer import config as configlib
+    from ciss.trainer.config import TRAINING
     from ciss.trainer.data import open_dataset
     from ciss.trainer.data.tasks import StepData, pad_collate, presence, train_indices, train_lut
     from ciss.trainer.data.transforms import TrainTransform
@@ -76,7 +76,7 @@ def run_bare(run: Path, cfg: Path, warmup: int) -> dict:
     from ciss.trainer.models.norm import freeze_batchnorm
     from ciss.trainer.store import RunStore
 
-    c = configlib.resolve(cfg, {})
+    c = TRAINING.resolve(cfg)
     store = RunStore(run)
     model, _ = store.load(0)
     model.add_step(2, init_from_background=True)

@@ -62,10 +62,10 @@ class Run:
         `eval.*` apply to this call only, the rest and `config` (a TOML file) are carried to later steps.
         `options` are method options ({"gsc.kd_weight": 10}, as `--opt`).
         """
-        from ciss.trainer.config import settings_overrides
+        from ciss.trainer.config import TRAINING
         from ciss.trainer.learn import learn
 
-        overrides = settings_overrides(settings or {})
+        overrides = TRAINING.overrides(settings or {})
         if self.path is None:
             if resume:
                 raise CissError("--resume needs --run RUN: the run whose step was interrupted")

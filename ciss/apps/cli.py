@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
+from ciss.apps.choices import (ListedHelp, Name, check_dataset_kind, check_method, check_setting, dataset_help,
+                               dataset_kinds, listing, method_help, methods, model_help, model_presets, setting_choices)
+from ciss.config import Settings, parse_assignments
 from ciss.errors import CissError, environment_error
-from ciss.sizes import DEFAULT_RESIZE, RESIZE_MODES
+from ciss.export.settings import EXPORT, OUTPUT_CHOICES, PRECISIONS
+from ciss.runtime.settings import KINDS, LIVE, check_kind
+from ciss.sizes import RESIZE_MODES
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -63,18 +70,20 @@ def main() -> None:
               help="Run folder (created if new). Default: a new runs/<dataset> for a base step, "
                    "else the most recent run in runs/.")
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset in the folder format (classes.json, images/, labels/).")
-@click.option("--dataset", type=str, help="Standard dataset: voc, ade20k, cityscapes or synthetic.")
+@click.option("--dataset", cls=ListedHelp, type=Name(dataset_kinds, check_dataset_kind, "NAME"),
+              help=dataset_help)
 @click.option("--root", type=click.Path(path_type=Path), help="Where --dataset lives on disk.")
 @click.option("--classes", help="Step 0 of a new run: comma-separated class names.")
 @click.option("--new-classes", help="Append a step to an existing run: comma-separated class names.")
 @click.option("--task", help="Run every remaining step of a protocol, e.g. camvid:6-1 or voc:15-1.")
-@click.option("--method", type=str, help="ft, mib, plop, gsc, idec or joint (default: the run's, else mib).")
+@click.option("--method", cls=ListedHelp, type=Name(methods, check_method, "NAME"),
+              help=method_help)
 @click.option("--no", "disabled", multiple=True, metavar="METHOD.COMPONENT",
               help="Switch a method component off, e.g. --no plop.adaptive_factor (repeatable).")
 @click.option("--opt", "method_opts", multiple=True, metavar="METHOD.KEY=VALUE",
               help="Set a method option, e.g. --opt mib.kd_weight=100 (repeatable; TOML values).")
-@click.option("--model", type=str, help="Model preset (configs/models.toml): mobilenet_v2 (default for real data), "
-              "efficientnet_lite0, mobilenet_v3_large, resnet50, resnet101, tiny (default for the synthetic scenes).")
+@click.option("--model", cls=ListedHelp, type=Name(model_presets, check_setting("model.preset", "--model"), "NAME"),
+              help=model_help)
 @click.option("--pretrained", type=str, metavar="imagenet|none|FILE",
               help="Backbone weights: the preset's ImageNet file (fetched and checked, see `ciss weights`), "
                    "none, or a local file. Default: imagenet where the preset has weights.")
@@ -84,7 +93,8 @@ def main() -> None:
 @click.option("--lr", type=float, help="Learning rate of every step trained by this call (this call only).")
 @click.option("--batch-size", type=int, help="Global batch size, split over torchrun processes (this call only).")
 @click.option("--crop", type=int, help="Training crop size in pixels (this call only).")
-@click.option("--setting", type=click.Choice(["overlap", "disjoint"]), help="Training-image filter.")
+@click.option("--setting", type=Name(lambda: setting_choices("data.setting"), check_setting("data.setting", "--setting")),
+              help="Training-image filter.")
 @click.option("--workers", type=int, help="Data-loading worker processes (this call only).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--seed", type=int, help="Random seed (default 0).")
@@ -105,7 +115,7 @@ def learn(run: Path | None, data: Path | None, dataset: str | None, root: Path |
     Each later step prints the settings it carried over from the run; flags of one call apply to it only.
     """
     from ciss.api import Run
-    from ciss.trainer.config import check_setting
+    from ciss.trainer.config import TRAINING
 
     if pretrained and Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser().resolve())
@@ -116,7 +126,7 @@ def learn(run: Path | None, data: Path | None, dataset: str | None, root: Path |
              "--pretrained": (pretrained, "model.pretrained"), "--setting": (setting, "data.setting"),
              "--seed": (seed, "seed")}
     # Checked here, not only in Run.learn, so that a refusal names the flag the user typed.
-    values = {key: check_setting(key, value, flag)
+    values = {key: TRAINING.check_setting(key, value, flag)
               for flag, (value, *keys) in flags.items() if value is not None for key in keys}
     values.update(parse_assignments(settings, "--set", "train.clip_grad_norm=3"))
     target = Run(run, log=lambda s: click.echo(s, err=True))
@@ -126,13 +136,6 @@ def learn(run: Path | None, data: Path | None, dataset: str | None, root: Path |
     from ciss.trainer.report import describe_run
     if _is_main_process():
         click.echo(describe_run(target.path))
-
-
-def parse_assignments(items: tuple[str, ...], flag: str, example: str) -> dict[str, Any]:
-    """Repeated `flag KEY=VALUE` as {KEY: value}, values read as TOML (3, 0.5, true, "s")."""
-    from ciss.trainer.config import parse_assignment
-
-    return dict(parse_assignment(item, flag, example) for item in items)
 
 
 def parse_method_options(disabled: tuple[str, ...], assignments: tuple[str, ...]) -> dict[str, Any]:
@@ -150,7 +153,9 @@ def _is_main_process() -> bool:
 @click.option("--step", type=int, help="Step to evaluate (default: the last).")
 @click.option("--data", type=click.Path(path_type=Path), help="Evaluate on another folder-format dataset.")
 @click.option("--split", help="Split to evaluate (default: the run's eval split).")
-@click.option("--protocol", type=click.Choice(["mib", "all"]), help="mib: images with a seen class; all: every image.")
+@click.option("--protocol", type=Name(lambda: setting_choices("data.eval_protocol"),
+                                      check_setting("data.eval_protocol", "--protocol")),
+              help="mib: images with a seen class; all: every image.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def eval_cmd(run: Path | None, step: int | None, data: Path | None, split: str | None, protocol: str | None,
@@ -173,6 +178,31 @@ def eval_cmd(run: Path | None, step: int | None, data: Path | None, split: str |
     click.echo(metrics_table(metrics, cmap))
 
 
+def settings_options(settings: Settings, section: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--set KEY=VALUE` and `--config FILE` for a command whose settings are the table `settings`."""
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        command = click.option("--config", "config_file", type=click.Path(path_type=Path),
+                               help=f"TOML file whose [{section}] table overrides these defaults; flags override both.")(command)
+        return click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                            help=f"Set a setting, e.g. --set {settings.example} (repeatable; TOML values): "
+                                 f"{', '.join(settings.rules)}.")(command)
+    return decorate
+
+
+def command_settings(settings: Settings, config_file: Path | None, assignments: tuple[str, ...]) -> dict[str, Any]:
+    """The running command's settings: its table's defaults < --config FILE < --set KEY=VALUE < each of its
+    flags that sets a key of the table (`ciss export --opset` sets export.opset), when typed."""
+    ctx = click.get_current_context()
+    assert ctx.command.name is not None
+    typed = {}
+    for param in ctx.command.params:
+        key = f"{ctx.command.name}.{param.name}"
+        if key in settings.rules and ctx.get_parameter_source(param.name or "") is ParameterSource.COMMANDLINE:
+            typed[key] = settings.check_setting(key, ctx.params[param.name or ""], param.opts[0])
+    given = parse_assignments(assignments, "--set", settings.example)
+    return settings.resolve(config_file, settings.overrides({**given, **typed}))
+
+
 @main.command()
 @click.option("--run", "run", type=click.Path(path_type=Path),
               help="Run folder to export from (default: the most recent in runs/).")
@@ -182,27 +212,30 @@ def eval_cmd(run: Path | None, step: int | None, data: Path | None, split: str |
 @click.option("--size", help="Input size HxW, multiples of the model's output stride (default: the training images' "
                              "typical size, rounded to them); with --dynamic, the typical size.")
 @click.option("--dynamic", is_flag=True, help="Variable height and width instead of a fixed size.")
-@click.option("--outputs", default="mask", show_default=True, type=click.Choice(["mask", "mask+confidence", "logits"]),
+@click.option("--outputs", default=EXPORT.default("export.outputs"), show_default=True, type=click.Choice(OUTPUT_CHOICES),
               help="What the graph returns: the class mask (uint8), plus per-pixel confidence, or raw logits.")
-@click.option("--opset", default=20, show_default=True, type=int, help="ONNX opset.")
+@click.option("--opset", default=EXPORT.default("export.opset"), show_default=True, type=int, help="ONNX opset.")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs TensorRT and an NVIDIA GPU).")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
-              help="Engine precision; int8 also writes an ONNX Runtime int8 (QDQ) model for CPUs.")
-@click.option("--workspace", "workspace_gb", default=4.0, show_default=True, type=float, help="TensorRT workspace in GB.")
-@click.option("--calib-images", default=32, show_default=True, type=int, help="Training images used to calibrate int8.")
+@click.option("--precision", default=EXPORT.default("export.precision"), show_default=True,
+              type=click.Choice(PRECISIONS), help="Engine precision; int8 also writes an ONNX Runtime int8 (QDQ) model for CPUs.")
+@click.option("--workspace", "workspace_gb", default=EXPORT.default("export.workspace_gb"), show_default=True, type=float,
+              help="TensorRT workspace in GB.")
+@click.option("--calib-images", default=EXPORT.default("export.calib_images"), show_default=True, type=int,
+              help="Training images used to calibrate int8.")
 @click.option("--allow-class-change", is_flag=True, help="Publish even if the class map does not extend the previous version's.")
-def export(run: Path | None, step: str, repo: Path | None, name: str | None, size: str | None, dynamic: bool, outputs: str, opset: int,
-           trt: bool, precision: str, workspace_gb: float, calib_images: int, allow_class_change: bool) -> None:
+@settings_options(EXPORT, "export")
+def export(run: Path | None, step: str, repo: Path | None, name: str | None, size: str | None, config_file: Path | None,
+           assignments: tuple[str, ...], **flags: Any) -> None:
     """Export a step to ONNX (and TensorRT), check it against PyTorch, publish it as a new version."""
+    # `flags` are the flags of EXPORT's keys: command_settings reads the ones typed.
     from ciss.api import Run
     from ciss.export.onnx import parse_size
 
     if step != "latest" and not step.isdigit():
         raise CissError(f"--step {step!r} is not a step number or 'latest'")
+    options = command_settings(EXPORT, config_file, assignments)["export"]
     result = Run(run, log=lambda s: click.echo(s, err=True)).export(
-        repo, name, step=None if step == "latest" else int(step), size=parse_size(size) if size else None,
-        dynamic=dynamic, outputs=outputs, opset=opset, trt=trt, precision=precision, workspace_gb=workspace_gb,
-        calib_images=calib_images, allow_class_change=allow_class_change)
+        repo, name, step=None if step == "latest" else int(step), size=parse_size(size) if size else None, **options)
     click.echo(f"{result.name} v{result.version}: {result.path}")
     if result.engine_error:
         raise CissError(f"no TensorRT engine built ({result.engine_error}); version {result.version} holds the ONNX model only")
@@ -213,13 +246,14 @@ def export(run: Path | None, step: str, repo: Path | None, name: str | None, siz
 @click.option("--source", help="Video file, rtsp:// or http:// URL, image folder or glob, or 'synthetic'.")
 @click.option("--repo", type=click.Path(path_type=Path), help="Model repository to serve from (default: models/).")
 @click.option("--name", help="Model name in the repository (default: the one published most recently).")
-@click.option("--backend", default="auto", show_default=True,
-              help="auto, tensorrt, ort-trt, ort-cuda, ort-cpu, ort-int8 or torch (debug).")
+@click.option("--backend", default=LIVE.default("live.backend"), show_default=True, type=Name(lambda: KINDS, check_kind, "NAME"),
+              help=f"{listing(KINDS)} (torch: a debugging reference).")
 @click.option("--pin", type=int, help="Serve this version only (do not follow new versions).")
-@click.option("--poll", "poll_s", default=0.5, show_default=True, type=float, help="Seconds between repository checks.")
+@click.option("--poll", "poll_s", default=LIVE.default("live.poll_s"), show_default=True, type=float,
+              help="Seconds between repository checks.")
 @click.option("--threads", type=int, help="Inference (intra-op) threads; 0: the backend's default. Default: half the "
                                           "cores this process may use, the rest for the other stages.")
-@click.option("--resize", default=DEFAULT_RESIZE, show_default=True, type=click.Choice(RESIZE_MODES),
+@click.option("--resize", default=LIVE.default("live.resize"), show_default=True, type=click.Choice(RESIZE_MODES),
               help="How frames of another shape fit a fixed-size model: keep their aspect ratio and pad "
                    "(letterbox), or fill the input (stretch).")
 @click.option("--headless", is_flag=True, help="No window (automatic when there is no display).")
@@ -231,9 +265,10 @@ def export(run: Path | None, step: str, repo: Path | None, name: str | None, siz
 @click.option("--max-frames", type=int, help="Stop after this many frames.")
 @click.option("--loop", is_flag=True, help="Restart files and image folders at the end.")
 @click.option("--fps", type=float, help="Pace files and image folders at this rate (default: as fast as they run).")
-@click.option("--alpha", default=0.5, show_default=True, type=float, help="Overlay opacity.")
-@click.option("--no-legend", "no_legend", is_flag=True, help="Draw no class legend on the overlay.")
-@click.option("--no-hud", "no_hud", is_flag=True, help="Draw no FPS/latency/version line on the overlay.")
+@click.option("--alpha", default=LIVE.default("live.alpha"), show_default=True, type=float, help="Overlay opacity.")
+@click.option("--no-legend", "legend", is_flag=True, flag_value=False, default=True, help="Draw no class legend on the overlay.")
+@click.option("--no-hud", "hud", is_flag=True, flag_value=False, default=True,
+              help="Draw no FPS/latency/version line on the overlay.")
 @click.option("--topic", help="Image topic of a ROS recording (.mcap, .db3, .bag or a folder of them); "
                               "without it, the only one, else the list and exit 2.")
 @click.option("--realtime", is_flag=True, help="Play a recording at its recorded rate, dropping what the model "
@@ -242,12 +277,13 @@ def export(run: Path | None, step: str, repo: Path | None, name: str | None, siz
               help="Write mask, overlay and class map messages, stamped like the input, to this .mcap file.")
 @click.option("--foxglove", is_flag=False, flag_value="127.0.0.1:8765", metavar="[HOST:PORT]",
               help="Serve a live Foxglove view (default 127.0.0.1:8765; other hosts only when given).")
-def live(camera: int | None, source: str | None, repo: Path | None, name: str | None, backend: str, pin: int | None, poll_s: float,
-         threads: int | None, resize: str, headless: bool, save: Path | None, save_masks: Path | None, stats: Path | None,
-         max_frames: int | None, loop: bool, fps: float | None, alpha: float, no_legend: bool, no_hud: bool,
-         topic: str | None, realtime: bool,
-         save_bag: Path | None, foxglove: str | None) -> None:
+@settings_options(LIVE, "live")
+def live(camera: int | None, source: str | None, repo: Path | None, name: str | None, pin: int | None,
+         threads: int | None, save: Path | None, save_masks: Path | None, stats: Path | None, max_frames: int | None,
+         fps: float | None, topic: str | None, save_bag: Path | None, foxglove: str | None, config_file: Path | None,
+         assignments: tuple[str, ...], **flags: Any) -> None:
     """Segment live video with the newest model version, hot-swapping as new versions are published."""
+    # `flags` are the flags of LIVE's keys: command_settings reads the ones typed.
     from contextlib import ExitStack
 
     import cv2
@@ -260,6 +296,7 @@ def live(camera: int | None, source: str | None, repo: Path | None, name: str | 
     from ciss.runtime.stages import thread_split
     from ciss.workspace import MODELS, latest_model
 
+    cfg = command_settings(LIVE, config_file, assignments)["live"]
     if (camera is None) == (source is None):
         raise CissError("give exactly one of --camera N or --source (file, URL, folder, glob or 'synthetic')")
     if max_frames is not None and max_frames < 1:
@@ -276,22 +313,22 @@ def live(camera: int | None, source: str | None, repo: Path | None, name: str | 
 
         parse_address(foxglove)
     if source is not None and ros.is_recording(Path(source).expanduser()):
-        open_source(source, topic=topic, realtime=realtime).close()  # the topic is known before the model loads
+        open_source(source, topic=topic, realtime=cfg["realtime"]).close()  # the topic is known before the model loads
     echo = lambda s: click.echo(s, err=True)
-    display = not headless and has_display()
-    if not headless and not display:
+    display = not cfg["headless"] and has_display()
+    if not cfg["headless"] and not display:
         echo("no display found: running headless")
     options = LiveOptions(display=display, save=save, save_masks=save_masks, stats=stats, max_frames=max_frames,
-                          alpha=alpha, legend=not no_legend, hud=not no_hud)
+                          alpha=cfg["alpha"], legend=cfg["legend"], hud=cfg["hud"])
     repo = MODELS if repo is None else repo
     name = name or latest_model(repo, log=echo)
     cv2.setNumThreads(split.opencv)  # OpenCV's own pool would otherwise compete with the backend's threads
-    with Segmenter.from_repository(repo, name, backend=backend, version=pin, poll_s=poll_s, threads=split.backend,
-                                   resize=resize, log=echo) as segmenter:
+    with Segmenter.from_repository(repo, name, backend=cfg["backend"], version=pin, poll_s=cfg["poll_s"],
+                                   threads=split.backend, resize=cfg["resize"], log=echo) as segmenter:
         echo(split.describe())
         # Opened after the model is ready, so a live source does not count start-up frames as dropped.
-        with open_source(f"camera:{camera}" if camera is not None else source, loop=loop, fps=fps, log=echo,
-                         topic=topic, realtime=realtime) as src, ExitStack() as outputs, \
+        with open_source(f"camera:{camera}" if camera is not None else source, loop=cfg["loop"], fps=fps, log=echo,
+                         topic=topic, realtime=cfg["realtime"]) as src, ExitStack() as outputs, \
                 stop_on_signals(echo) as stop:  # Ctrl-C and SIGTERM end the run cleanly: files whole, report printed
             bag = outputs.enter_context(ros.BagSink(save_bag, src.topic, name)) if save_bag else None
             sinks = [bag] if bag else []
@@ -400,7 +437,8 @@ def weights_verify() -> None:
               help="Dataset in the folder format, e.g. ../shared/data/camvid (default: the synthetic scenes).")
 @click.option("--video", help="Video (or image folder, URL, camera) to serve live, looped "
                               "(default: the synthetic stream, or --data's test images).")
-@click.option("--method", default="gsc", show_default=True, help="Method of the new step: ft, mib, plop, gsc or idec.")
+@click.option("--method", default="gsc", show_default=True, cls=ListedHelp, type=Name(methods, check_method, "NAME"),
+              help=lambda: f"Method of the new step: {listing(methods())}.")
 @click.option("--classes", help="Base classes, comma-separated (default: sky,grass,water,sand,disk,box; "
                                 "CamVid: sky,building,pole,road,sidewalk,tree).")
 @click.option("--new-classes", help="Classes learned while live (default: triangle,ring; CamVid: car,pedestrian).")

@@ -269,7 +269,7 @@ def run_demo(out: Path, data: Path | None = None, video: str | None = None, meth
     `overrides` change the preset's training config (tests shorten the schedule with it); `fps` paces
     the live source (default: the preset's); the loop ends `after_swap_s` seconds after the swap.
     """
-    from ciss.trainer import config as configlib
+    from ciss.trainer.config import TRAINING
     from ciss.trainer.data import open_dataset
     from ciss.trainer.log import bar
     from ciss.trainer.methods import build_method
@@ -278,13 +278,10 @@ def run_demo(out: Path, data: Path | None = None, video: str | None = None, meth
     out = Path(out)
     if data is not None and not data.is_dir():
         raise CissError(f"no dataset folder at {data}; give a folder with classes.json, images/ and labels/")
-    config = configlib.merge(configlib.defaults(), {"data": {"root": str(data.resolve())}} if data else {})
-    d = config["data"]
-    info = open_dataset("folder" if data else None, data, d["train_split"]).info
+    info = open_dataset("folder" if data else None, data, TRAINING.default("data.train_split")).info
     preset = _folder_preset(info.learnable) if data else SYNTHETIC
-    config = configlib.merge(config, preset.config)
-    if overrides:
-        config = configlib.merge(config, overrides)
+    # The preset is the demo's config file; `overrides` are as the command line's.
+    config = TRAINING.resolve(preset.config, overrides, under={"data": {"root": str(data.resolve())}} if data else None)
     classes = list(classes or preset.classes)
     new_classes = list(new_classes or preset.new_classes)
     _check_classes(classes, new_classes, info.learnable, info.name)

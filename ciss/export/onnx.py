@@ -25,14 +25,10 @@ from torch import nn
 
 from ciss.classmap import mask_dtype
 from ciss.errors import CissError
+from ciss.export.settings import MAX_OPSET, MIN_OPSET, OPSET, OUTPUT_CHOICES
 
-OPSET = 20
-# torch.onnx implements opsets from 18 up (lower ones go through onnx's version converter, which fails
-# on common ops and then keeps 18) to 23 (torch.onnx._constants.ONNX_MAX_OPSET).
-MIN_OPSET, MAX_OPSET = 18, 23
 INPUT = "images"
 LOGITS = "logits"
-OUTPUT_CHOICES = ("mask", "mask+confidence", "logits")
 MIN_SIDE, MAX_SIDE = 32, 4096
 ONNX_LIMIT = 2 << 30  # protobuf's single-file limit; beyond it ONNX needs external data files
 

@@ -19,6 +19,7 @@ from ciss.classmap import ClassMap, unlearned_warning
 from ciss.engines import engine_unavailable_reason, local_gpu
 from ciss.errors import CissError
 from ciss.export import onnx as onnx_export
+from ciss.export.settings import EXPORT, PRECISIONS
 from ciss.export.verify import check_parity, evaluate_graph, spread, to_input
 from ciss.repository import ModelRepository, check_name
 from ciss.sizes import Size, check_stride, stride_size, typical_size
@@ -28,7 +29,6 @@ from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
 from ciss.trainer.log import bar
 from ciss.trainer.store import RunStore
 
-PRECISIONS = ("fp32", "fp16", "int8")
 PARITY_IMAGES = 4
 SIZE_SAMPLE = 32     # training images whose sizes choose the default input size
 SYNTHETIC_SIZE = (240, 320)
@@ -37,16 +37,18 @@ LOGGER = logging.getLogger("ciss.export")
 
 @dataclass
 class ExportOptions:
+    """What to export and how; the defaults of the settings are `ciss export`'s (ciss/export/settings.py)."""
+
     step: int | None = None            # None: the run's last step
     size: tuple[int, int] | None = None  # None: the training images' typical size in stride multiples
-    dynamic: bool = False
-    outputs: str = "mask"
-    opset: int = onnx_export.OPSET
-    trt: bool = False
-    precision: str = "fp32"
-    workspace_gb: float = 4.0
-    calib_images: int = 32
-    allow_class_change: bool = False
+    dynamic: bool = EXPORT.default("export.dynamic")
+    outputs: str = EXPORT.default("export.outputs")
+    opset: int = EXPORT.default("export.opset")
+    trt: bool = EXPORT.default("export.trt")
+    precision: str = EXPORT.default("export.precision")
+    workspace_gb: float = EXPORT.default("export.workspace_gb")
+    calib_images: int = EXPORT.default("export.calib_images")
+    allow_class_change: bool = EXPORT.default("export.allow_class_change")
 
 
 @dataclass

@@ -24,12 +24,11 @@ import numpy as np
 
 from ciss.engines import LocalGpu, Profile, Shape, engine_manifest, engine_tag, probe
 from ciss.errors import CissError
+from ciss.export.settings import PRECISIONS
 from ciss.manifest import sha256_file, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     import onnx
-
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def gpu_tag(local: LocalGpu) -> str:

@@ -25,8 +25,8 @@ from ciss.errors import CissError
 from ciss.manifest import read_json
 from ciss.repository import member
 from ciss.runtime.log import LOGGER, Log
+from ciss.runtime.settings import check_kind
 
-KINDS = ("auto", "tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "ort-int8", "torch")
 _PROVIDERS = {"ort-trt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
               "ort-cpu": "CPUExecutionProvider", "ort-int8": "CPUExecutionProvider"}
 _FASTEST_FIRST = {"int8": 0, "fp16": 1, "fp32": 2}  # engine precisions, by usual TensorRT speed
@@ -195,12 +195,6 @@ class TorchBackend(Backend):
         return {name: out[name] for name in self.output_names}
 
 
-def check_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise CissError(f"unknown backend '{kind}'; choose one of {', '.join(KINDS)}")
-    return kind
-
-
 @functools.cache
 def gpu_problem() -> str | None:
     """Why this machine has no usable NVIDIA GPU, asked of the driver library itself (no toolkit, no
@@ -330,7 +324,8 @@ def _auto(version_dir: Path, manifest: dict[str, Any], threads: int, log: Log) -
 
 def load_backend(version_dir: Path, manifest: dict[str, Any], kind: str = "auto", threads: int = 0,
                  log: Log | None = None) -> Backend:
-    """Load the version in `version_dir` (its verified `manifest`) on backend `kind` (see KINDS).
+    """Load the version in `version_dir` (its verified `manifest`) on backend `kind` (one of
+    ciss.runtime.settings.KINDS).
 
     `threads` sets ONNX Runtime's intra-op threads (0: its default). A named kind that cannot load
     raises a one-line CissError; only `auto` falls back, logging each step down through `log`.

@@ -27,7 +27,8 @@ import numpy as np
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.repository import ModelRepository
-from ciss.runtime.backends import check_kind, keep_large_blocks_mapped
+from ciss.runtime.backends import keep_large_blocks_mapped
+from ciss.runtime.settings import check_kind
 from ciss.runtime.hotswap import HotSwap, prepare
 from ciss.runtime.log import LOGGER, Log
 from ciss.runtime.model import Model, Result

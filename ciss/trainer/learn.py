@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ciss.classmap import ClassMap
+from ciss.config import toml_text
 from ciss.errors import CissError
-from ciss.trainer import config as configlib
+from ciss.trainer.config import CARRIED, DEFAULT_METHOD, TRAINING, check_resolved, resolve_model, split_per_call
 from ciss.trainer.data import open_dataset
 from ciss.trainer.data.base import DatasetInfo
 from ciss.trainer.data.tasks import load_protocol
@@ -115,7 +116,7 @@ def history(store: RunStore) -> list[dict[str, Any]]:
 def carried_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A step's config as its run carries it to the next step: the step's own per-call flags undone."""
     cfg = copy.deepcopy(dict(config))
-    for key, value in cfg.pop(configlib.CARRIED, {}).items():
+    for key, value in cfg.pop(CARRIED, {}).items():
         *sections, leaf = key.split(".")
         node = cfg
         for section in sections:
@@ -128,14 +129,14 @@ def describe_carried(store: RunStore, step: int, cfg: Mapping[str, Any], method:
                      file_cfg: Mapping[str, Any] | None = None, source: str = "") -> str:
     """One line: what the run brings from `step` to this call (the settings that differ from the defaults),
     and what a config file given to this call replaces of them."""
-    defaults, carried = configlib.flatten(configlib.defaults()), configlib.flatten(cfg)
-    replaced = {k: v for k, v in configlib.flatten(file_cfg or {}).items() if carried.get(k) != v}
-    items = [f"{k}={configlib.toml_text(v)}" for k, v in carried.items() if defaults.get(k) != v and k not in replaced]
-    options = ", ".join(f"{k}={configlib.toml_text(v)}" for k, v in method.get("options", {}).items())
+    defaults, carried = TRAINING.flatten(TRAINING.defaults()), TRAINING.flatten(cfg)
+    replaced = {k: v for k, v in TRAINING.flatten(file_cfg or {}).items() if carried.get(k) != v}
+    items = [f"{k}={toml_text(v)}" for k, v in carried.items() if defaults.get(k) != v and k not in replaced]
+    options = ", ".join(f"{k}={toml_text(v)}" for k, v in method.get("options", {}).items())
     items.append(f"method={method['name']}" + (f" ({options})" if options else ""))
     line = f"carried over from step {step} of {store.root}: {', '.join(items)}"
     if replaced:
-        line += f"; from {source}: " + ", ".join(f"{k}={configlib.toml_text(v)}" for k, v in replaced.items())
+        line += f"; from {source}: " + ", ".join(f"{k}={toml_text(v)}" for k, v in replaced.items())
     return line
 
 
@@ -193,27 +194,23 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
         return []
     last = store.last_step()
     stored = carried_config(store.manifest(last)["config"]) if last is not None else {}
-    base_method = stored.pop("method", None) or {"name": configlib.DEFAULT_METHOD, "options": {}}
+    base_method = stored.pop("method", None) or {"name": DEFAULT_METHOD, "options": {}}
     # Keys added to the defaults since the run began take their default values.
-    base = configlib.merge(configlib.defaults(), stored)
-    if isinstance(config_file, Mapping):
-        file_cfg, source = copy.deepcopy(dict(config_file)), "the config"
-    else:
-        file_cfg, source = configlib.load_toml(Path(config_file)) if config_file else {}, str(config_file)
-    configlib.check_file(file_cfg, source)
+    base = TRAINING.merge(TRAINING.defaults(), stored)
+    file_cfg, source = TRAINING.load(config_file)
     file_method = file_cfg.pop("method", {})
     if last is not None:
         log(describe_carried(store, last, base, base_method, file_cfg, source))
-    carried, per_call = configlib.split_per_call(overrides or {})
+    carried, per_call = split_per_call(overrides or {})
     data_cli = dataset_overrides(data, dataset, root)
     if data_cli:
         carried.setdefault("data", {}).update(data_cli)
-    run_cfg = configlib.resolve_model(configlib.merge(configlib.merge(base, file_cfg), carried))
-    cfg = configlib.merge(run_cfg, per_call)
-    configlib.check_resolved(cfg, world_size())  # before a dataset is opened or a file written
+    run_cfg = resolve_model(TRAINING.resolve(file_cfg, carried, under=stored))
+    cfg = TRAINING.merge(run_cfg, per_call)
+    check_resolved(cfg, world_size())  # before a dataset is opened or a file written
     # The values this call's flags replaced; the next step starts from them, not from the flags.
-    flags = configlib.flatten(per_call)
-    cfg[configlib.CARRIED] = {k: v for k, v in configlib.flatten(run_cfg).items() if k in flags}
+    flags = TRAINING.flatten(per_call)
+    cfg[CARRIED] = {k: v for k, v in TRAINING.flatten(run_cfg).items() if k in flags}
     # The method: flag > config file > the run's; its options carry over only while it is unchanged.
     name = method or file_method.get("name") or base_method["name"]
     options = dict(base_method.get("options", {})) if name == base_method["name"] else {}
@@ -222,7 +219,7 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
         prefix, _, option = key.rpartition(".")
         if prefix.split(".")[0] in base:
             raise CissError(f"'{key}' is a setting, not a method option; set it with "
-                            f"--set {key}={configlib.toml_text(value)}")
+                            f"--set {key}={toml_text(value)}")
         if prefix and prefix != name:
             raise CissError(f"option '{key}' belongs to method '{prefix}', but this step uses '{name}'")
         options[option] = value

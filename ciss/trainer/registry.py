@@ -2,8 +2,8 @@
 one and an unknown name is refused the same way everywhere.
 
 An entry is the builder itself, or "module:attribute" for one imported on first use (a dataset
-reader pulls in only what it needs). Adding a method, backbone or reader is its module plus one
-entry in its registry.
+reader pulls in only what it needs; the command line lists and checks names without importing torch).
+Adding a method, backbone or reader is its module plus one entry in its registry.
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ class Registry(Mapping[str, T], Generic[T]):
         self.kind = kind  # what a name names, for the error: "method", "dataset kind"
         self._entries: dict[str, T | str] = dict(entries)
 
-    def __getitem__(self, name: str) -> T:
-        entry = self._entries.get(name)
-        if entry is None:
+    def check(self, name: str) -> str:
+        """`name` if it is registered, without importing its entry; else the one-line refusal."""
+        if name not in self._entries:
             raise CissError(f"unknown {self.kind} '{name}'; known: {', '.join(self._entries)}")
+        return name
+
+    def __getitem__(self, name: str) -> T:
+        entry = self._entries[self.check(name)]
         if isinstance(entry, str):
             module, _, attribute = entry.partition(":")
             entry = self._entries[name] = getattr(importlib.import_module(module), attribute)

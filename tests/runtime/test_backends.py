@@ -13,7 +13,8 @@ import pytest
 from tiny_models import NAME, SIZE, exported, manifest_of, publish
 
 from ciss.errors import CissError
-from ciss.runtime.backends import KINDS, gpu_problem, load_backend
+from ciss.runtime.backends import gpu_problem, load_backend
+from ciss.runtime.settings import KINDS
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ciss.errors import CissError
-from ciss.trainer import config as configlib
+from ciss.trainer.config import TRAINING
 from ciss.trainer.data import open_dataset
 from ciss.trainer.learn import learn, plan_steps
 from ciss.trainer.store import RunStore
@@ -53,8 +53,8 @@ def test_config_rejects_unknown_keys(tmp_path: Path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nepoch = 3\n")
     with pytest.raises(CissError, match="unknown config key 'train.epoch'"):
-        configlib.resolve(bad, {})
-    cfg = configlib.resolve(None, {"train": {"epochs": 3}, "data": {"options": {"size": 5}}})
+        TRAINING.resolve(bad)
+    cfg = TRAINING.resolve(None, {"train": {"epochs": 3}, "data": {"options": {"size": 5}}})
     assert cfg["train"]["epochs"] == 3 and cfg["data"]["options"] == {"size": 5}
 
 
@@ -117,7 +117,7 @@ def test_flags_apply_to_their_call_only(tmp_path: Path, fast_config: Path):
     assert len(carried) == 1 and "seed=3" in carried[0] and "train.epochs_next=1" in carried[0], r.stderr
     assert "method=ft" in carried[0] and "lr" not in carried[0] and "clip_grad_norm" not in carried[0]
     step1 = RunStore(run).manifest(1)["config"]
-    defaults = configlib.defaults()["train"]
+    defaults = TRAINING.defaults()["train"]
     assert step1["train"]["lr_next"] == defaults["lr_next"] and step1["train"]["clip_grad_norm"] == 0.0
     assert step1["train"]["epochs_next"] == 1 and step1["seed"] == 3  # the config file and --seed stay
 
@@ -155,7 +155,7 @@ def test_config_file_typo_suggests_the_key(tmp_path: Path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nclip_grad = 3\n")
     with pytest.raises(CissError, match="did you mean 'train.clip_grad_norm'"):
-        configlib.resolve(bad, {})
+        TRAINING.resolve(bad)
 
 
 def test_a_schedule_in_iterations_and_the_printed_plan(tmp_path: Path, fast_config: Path):

@@ -10,11 +10,11 @@ from ciss.errors import CissError
 
 def test_parameter_groups_and_their_learning_rates():
     """Every trainable parameter sits in one named group whose lr is the base lr times its multiplier."""
-    from ciss.trainer import config as configlib
+    from ciss.trainer.config import TRAINING
     from ciss.trainer.models import build_model
     from ciss.trainer.optim import lr_multipliers, param_groups, set_lr
 
-    cfg = configlib.defaults()
+    cfg = TRAINING.defaults()
     assert lr_multipliers(cfg, 1) == {"backbone": 1.0, "decoder": 1.0, "head_old": 1.0, "head_new": 10.0,
                                       "method": 1.0}
     assert lr_multipliers(cfg, 0)["backbone"] == 1.0
@@ -26,10 +26,10 @@ def test_parameter_groups_and_their_learning_rates():
 
     model = build_model("tiny", [3])
     extra = torch.nn.Parameter(torch.zeros(2))
-    groups = param_groups(model, [extra], 0, lr_multipliers(configlib.defaults(), 0))
+    groups = param_groups(model, [extra], 0, lr_multipliers(TRAINING.defaults(), 0))
     assert [g["name"] for g in groups] == ["backbone", "decoder", "head_new", "method"]
     model.add_step(2, init_from_background=True)
-    groups = param_groups(model, [], 1, lr_multipliers(configlib.defaults(), 1))
+    groups = param_groups(model, [], 1, lr_multipliers(TRAINING.defaults(), 1))
     assert [g["name"] for g in groups] == ["backbone", "decoder", "head_old", "head_new"]
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)

@@ -19,8 +19,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from ciss.apps.cli import main
-from ciss.trainer import config as configlib
-from ciss.trainer.schema import SCHEMA, Flag, Number, Rule, ScaleRange, Table, Text
+from ciss.config import toml_text
+from ciss.config_rules import Flag, Number, Rule, ScaleRange, Table, Text
+from ciss.trainer.config import TRAINING
+from ciss.trainer.schema import SCHEMA
 from conftest import CISS, REPO
 
 NAN, INF = math.nan, math.inf
@@ -50,7 +52,7 @@ def invalid_values(rule: Rule) -> list[Any]:
     return [3, "size=5", [1]]
 
 
-CASES = [pytest.param(key, value, id=f"{key}={configlib.toml_text(value)}")
+CASES = [pytest.param(key, value, id=f"{key}={toml_text(value)}")
          for key, rule in SCHEMA.items() for value in invalid_values(rule)]
 
 
@@ -78,13 +80,13 @@ def refused(folder: Path, *args: str) -> str:
 
 @pytest.mark.parametrize("key,value", CASES)
 def test_set_refuses(workdir: Path, key: str, value: Any):
-    line = refused(workdir, "--set", f"{key}={configlib.toml_text(value)}")
+    line = refused(workdir, "--set", f"{key}={toml_text(value)}")
     assert f"--set {key}=" in line, line
 
 
 def _toml(key: str, value: Any) -> str:
     *sections, leaf = key.split(".")
-    return (f"[{'.'.join(sections)}]\n" if sections else "") + f"{leaf} = {configlib.toml_text(value)}\n"
+    return (f"[{'.'.join(sections)}]\n" if sections else "") + f"{leaf} = {toml_text(value)}\n"
 
 
 @pytest.mark.parametrize("key,value", CASES)
@@ -162,7 +164,7 @@ def test_refusal_in_a_real_process(workdir: Path, args: list[str]):
 
 def test_schema_covers_every_default():
     """One rule per key of configs/defaults.toml, and every default passes its own rule."""
-    defaults = configlib.flatten(configlib.defaults())
+    defaults = TRAINING.flatten(TRAINING.defaults())
     assert set(SCHEMA) == set(defaults)
     assert {k: SCHEMA[k].problem(v) for k, v in defaults.items() if SCHEMA[k].problem(v)} == {}
 
@@ -173,5 +175,5 @@ def test_schema_covers_every_default():
     ("train.crop", 8192, 8192), ("model.output_stride", 8, 8), ("train.lr_mult.backbone", 0, 0.0),
 ])
 def test_edges_are_accepted(key: str, value: Any, kept: Any):
-    checked = configlib.check_setting(key, value)
+    checked = TRAINING.check_setting(key, value)
     assert checked == kept and type(checked) is type(kept)

@@ -2,34 +2,44 @@
 
 Presets live in configs/methods.toml, one table per method with every option. Options resolve as
 class defaults <- preset <- the options given to `build_method`; an unknown key is a CissError
-naming it and the method's valid keys.
+naming it and the method's valid keys. Each method's module (and torch) is imported when it is first
+built, so the command line lists and checks the names without them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ciss.config_paths import config_dir, load_toml
 from ciss.errors import CissError
-from ciss.trainer.methods.base import Method
-from ciss.trainer.methods.ft import FineTuning, Joint
-from ciss.trainer.methods.gsc import GSC
-from ciss.trainer.methods.idec import IDEC
-from ciss.trainer.methods.mib import MiB
 from ciss.trainer.methods.options import resolve_options
-from ciss.trainer.methods.plop import PLOP
 from ciss.trainer.registry import Registry
 
-METHODS: Registry[type[Method]] = Registry("method", {"ft": FineTuning, "gsc": GSC, "idec": IDEC, "joint": Joint,
-                                                       "mib": MiB, "plop": PLOP})
+if TYPE_CHECKING:
+    from ciss.trainer.methods.base import Method
+
+METHODS: Registry[type[Method]] = Registry("method", {
+    "ft": "ciss.trainer.methods.ft:FineTuning",
+    "gsc": "ciss.trainer.methods.gsc:GSC",
+    "idec": "ciss.trainer.methods.idec:IDEC",
+    "joint": "ciss.trainer.methods.ft:Joint",
+    "mib": "ciss.trainer.methods.mib:MiB",
+    "plop": "ciss.trainer.methods.plop:PLOP",
+})
 PRESETS = config_dir() / "methods.toml"
 
-__all__ = ["METHODS", "PRESETS", "Method", "build_method", "load_presets", "method_options"]
+__all__ = ["METHODS", "PRESETS", "build_method", "check_name", "load_presets", "method_options"]
+
+
+def check_name(name: str) -> str:
+    """The registered method that `name` names (case and surrounding spaces aside: MiB is mib), without
+    importing it; an unknown name is refused in one line."""
+    return METHODS.check(str(name).strip().lower())
 
 
 def _lookup(name: str) -> type[Method]:
-    return METHODS[str(name).strip().lower()]
+    return METHODS[check_name(name)]
 
 
 def load_presets(path: Path | None = None) -> dict[str, dict[str, Any]]:

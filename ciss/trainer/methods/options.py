@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ciss.errors import CissError
-from ciss.trainer.config import toml_text
-from ciss.trainer.schema import Flag, Number, Rule, Text
+from ciss.config import toml_text
+from ciss.config_rules import Rule, rule_for
 
 
 def resolve_options(method: str, defaults: Mapping[str, Any], given: Mapping[str, Any],
@@ -29,14 +29,8 @@ def resolve_options(method: str, defaults: Mapping[str, Any], given: Mapping[str
 
 
 def _rule(default: Any, choices: tuple[str, ...]) -> Rule:
-    """The config schema's rule for an option of `default`'s type: strict TOML types, finite numbers."""
-    if isinstance(default, bool):
-        return Flag()
-    if isinstance(default, (int, float)):
-        return Number(integer=isinstance(default, int))
-    if isinstance(default, (list, tuple)):
-        return PositiveInts()
-    return Text(choices)
+    """The config rule for an option of `default`'s type: strict TOML types, finite numbers."""
+    return PositiveInts() if isinstance(default, (list, tuple)) else rule_for(default, choices)
 
 
 class PositiveInts:
