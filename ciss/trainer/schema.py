@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Protocol
 
-from ciss.config_paths import config_dir, load_toml
-
 
 class Rule(Protocol):
     def problem(self, value: Any) -> str | None:
@@ -143,7 +141,9 @@ class Table:
 
 @lru_cache(maxsize=1)
 def model_presets() -> tuple[str, ...]:
-    return ("auto", *load_toml(config_dir() / "models.toml", "model presets file"))
+    from ciss.trainer.models import model_presets as presets  # the backbones are models too: imports torch
+
+    return ("auto", *presets())
 
 
 COUNT = Number(integer=True, low=1)

@@ -1,8 +1,9 @@
 """Model presets: build a segmentation model (DeepLabV3 or LR-ASPP decoder) by name, optionally on local ImageNet weights, and rebuild saved steps.
 
-Presets live in `configs/models.toml`. A model's `.config` holds exactly the arguments of
-`build_model` (preset, output stride, step sizes), so a step's checkpoint rebuilds with
-`load_step_model(config, state_dict)`.
+Presets live in `configs/models.toml`; a registered backbone without one is a model under its own
+name, with `DEFAULT_PRESET`, so a new backbone is its module and its entry in `BACKBONES`. A model's
+`.config` holds exactly the arguments of `build_model` (preset, output stride, step sizes), so a
+step's checkpoint rebuilds with `load_step_model(config, state_dict)`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 PRESETS_FILE = config_dir() / "models.toml"
 DEFAULT_ASPP_RATES = (6, 12, 18)  # at output stride 16; doubled at 8
 DECODERS = ("aspp", "lraspp")
+# A backbone's model when configs/models.toml has no preset of its name: DeepLabV3 (ASPP at the default
+# rates), 256 channels as in the paper, no ImageNet weights (`--pretrained FILE` gives some).
+DEFAULT_PRESET: dict[str, Any] = {"decoder": "aspp", "aspp_channels": 256, "output_stride": 16}
 
 BACKBONES: Registry[Callable[[int], Backbone]] = Registry("backbone", {
     "tiny": TinyNet,
@@ -47,8 +51,11 @@ BACKBONES: Registry[Callable[[int], Backbone]] = Registry("backbone", {
 
 
 def model_presets() -> dict[str, dict[str, Any]]:
-    """Every preset of `configs/models.toml`, by name."""
-    return load_toml(PRESETS_FILE, "model presets file")
+    """Every model by name: the presets of `configs/models.toml` (tuned settings), then each registered
+    backbone that has no preset of its name, as `DEFAULT_PRESET` on that backbone."""
+    presets = load_toml(PRESETS_FILE, "model presets file")
+    return presets | {name: {"description": f"{name} with DeepLabV3's defaults (no preset in {PRESETS_FILE.name})",
+                             "backbone": name, **DEFAULT_PRESET} for name in BACKBONES if name not in presets}
 
 
 def pretrained_weights(preset: str, value: str, log: Callable[[str], None] | None = None) -> ResolvedWeights | None:
