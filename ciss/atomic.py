@@ -4,7 +4,8 @@ The run store commits `step-<k>/` and the model repository publishes `<name>/<ve
 so a reader (a later `ciss learn`, the live runtime polling for models) sees a finished folder or
 nothing. A staging folder is named `.staging-<label>-<pid>-<token>` after the process filling it:
 one killed mid-write leaves its folder behind, and `remove_dead_staging` clears those of processes
-that are gone. Only the standard library is imported: the runtime reads repositories without torch.
+that are gone. Only the standard library and `ciss.manifest` are imported: the runtime reads
+repositories without torch.
 """
 
 from __future__ import annotations
