@@ -28,7 +28,8 @@ from machine import cpu_description
 from ciss.export.onnx import export_logits, parse_size
 from ciss.export.quantize import quantize_int8
 from ciss.export.verify import cpu_session
-from ciss.trainer.models import build_model, model_presets
+from ciss.trainer.models import build_model
+from ciss.trainer.presets import model_presets
 
 PRESETS = "mobilenet_v2,mobilenet_v2_lraspp,efficientnet_lite0,mobilenet_v3_large,mobilenet_v3_lraspp"
 CLASSES = 12

@@ -1,11 +1,11 @@
 """The model repository: `models/<name>/<version>/`, each version whole, hashed and never changed.
 
 A version is assembled in a hidden `.staging-<host>-<pid>-*` folder next to the versions, fsynced,
-and renamed to the next integer in one step, so a reader (the live runtime, polling for new models)
-sees either a complete version or nothing; the next publish removes staging folders whose process
-died. Two exporters racing for the same number both succeed: renaming a
-folder onto an existing non-empty one fails on Linux (ENOTEMPTY/EEXIST, see rename(2)), and the
-loser takes the next number. Only the standard library and ciss's own plain modules are imported,
+and renamed to the next integer in one step (`ciss.atomic`), so a reader (the live runtime, polling
+for new models) sees either a complete version or nothing; the next publish removes staging folders
+whose process died. Two exporters racing for the same number both succeed: renaming a folder onto
+an existing non-empty one fails on Linux (ENOTEMPTY/EEXIST, see rename(2)), and the loser takes the
+next number. Only the standard library and ciss's own plain modules are imported,
 because the runtime reads the repository on robots that have no torch.
 
 The repository is the contract between the exporter (which publishes) and the runtime (which reads
@@ -14,31 +14,25 @@ and follows it), so it lives in the shared layer and neither side imports the ot
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import math
-import os
 import re
 import shutil
-import socket
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ciss.atomic import HOST, StagingFolder, remove_dead_staging
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
-from ciss.manifest import fsync_dir, process_alive, sha256_file, write_json_atomic
+from ciss.manifest import fsync_dir, sha256_file, write_json_atomic
 
 MODEL_FORMAT = "ciss.model/1"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _VERSION = re.compile(r"[1-9][0-9]*")
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # staging folders name host and pid
-_STAGING = re.compile(r"\.staging-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -235,45 +229,34 @@ class ModelRepository:
         folder = self.root / name
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            _remove_dead_staging(folder)
-            staging = folder / f".staging-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}"
-            staging.mkdir()
+            remove_dead_staging(folder, HOST)
+            with StagingFolder(folder, HOST) as staging:
+                listed = {}
+                for rel, src in sorted(files.items()):
+                    (staging.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, staging.path / rel)
+                    listed[rel] = _describe(staging.path / rel)
+                candidate = 0
+                while True:
+                    candidate = max(candidate, self._highest_entry(name)) + 1
+                    parent = self.latest(name)
+                    if parent is not None and not allow_class_change:
+                        self.check_extends(name, parent, classes)
+                    for rel in stamp(staging.path, candidate) if stamp else ():
+                        listed[rel] = _describe(staging.path / rel)
+                    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                    header = {"format": MODEL_FORMAT, "name": name, "version": candidate, "parent": parent,
+                              "created": created}
+                    write_json_atomic(staging.path / MANIFEST,
+                                      {**header, **_without(manifest, header), "files": listed})
+                    try:
+                        staging.publish(folder / str(candidate))
+                    except FileExistsError:
+                        continue  # another publisher took this number (or it is a stray file): take the next
+                    fsync_dir(self.root)  # the model's folder may be new
+                    return candidate
         except OSError as e:
             raise _write_error(folder, e) from None
-        try:
-            listed = {}
-            for rel, src in sorted(files.items()):
-                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, staging / rel)
-                listed[rel] = _seal(staging / rel)
-            candidate = 0
-            while True:
-                candidate = max(candidate, self._highest_entry(name)) + 1
-                parent = self.latest(name)
-                if parent is not None and not allow_class_change:
-                    self.check_extends(name, parent, classes)
-                for rel in stamp(staging, candidate) if stamp else ():
-                    listed[rel] = _seal(staging / rel)
-                for d in [p for p in staging.rglob("*") if p.is_dir()] + [staging]:
-                    fsync_dir(d)
-                created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-                header = {"format": MODEL_FORMAT, "name": name, "version": candidate, "parent": parent,
-                          "created": created}
-                write_json_atomic(staging / MANIFEST, {**header, **_without(manifest, header), "files": listed})
-                try:
-                    os.rename(staging, folder / str(candidate))
-                except OSError as e:
-                    if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                        continue  # another publisher took this number (or it is a stray file): take the next
-                    raise
-                fsync_dir(folder)
-                fsync_dir(self.root)
-                return candidate
-        except BaseException as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(e, OSError):
-                raise _write_error(folder, e) from None
-            raise
 
     def check_extends(self, name: str, parent: int, classes: ClassMap) -> None:
         """Refuse `classes` for a version of `name` unless it extends version `parent`'s class map."""
@@ -353,22 +336,8 @@ class ModelRepository:
         return max((int(p.name) for p in (self.root / name).iterdir() if _VERSION.fullmatch(p.name)), default=0)
 
 
-def _remove_dead_staging(folder: Path) -> None:
-    """Remove the staging folders of publishers on this host that died mid-publish (killed, out of
-    memory): nobody will ever rename them into versions. A folder of another host sharing the
-    repository is left alone, since its process cannot be asked about; so is one of a live process."""
-    if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
-        return
-    for path in folder.iterdir():
-        owner = _STAGING.fullmatch(path.name)
-        if owner and owner["host"] == _HOST and not process_alive(int(owner["pid"])):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _seal(path: Path) -> dict[str, Any]:
-    """Flush a staged file to disk and describe it for the manifest."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def _describe(path: Path) -> dict[str, Any]:
+    """A staged file as the manifest lists it."""
     return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 

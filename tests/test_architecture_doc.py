@@ -1,5 +1,5 @@
-"""docs/architecture.md stays true: every file it names exists, and its worked example of a new method,
-copied from the page into a copy of the package, trains a step."""
+"""docs/architecture.md stays true: every file it names exists, and its worked examples of a new method
+and of a new backbone, copied from the page into a copy of the package, train a step."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import torch
 from conftest import CISS, REPO, write_config
 
 DOC = REPO / "docs" / "architecture.md"
@@ -23,18 +24,24 @@ def test_every_file_it_names_exists():
     assert not missing, f"docs/architecture.md names files that do not exist: {missing}"
 
 
+def package_with(copy: Path, module_path: str, module: str, registry_path: str, kind: str, entry: str) -> None:
+    """A copy of the package and its configs at `copy`, with `module` added and `entry` first in the
+    registry of `kind` in `registry_path`: exactly the two files the page says."""
+    shutil.copytree(REPO / "ciss", copy / "ciss", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "configs", copy / "configs")
+    (copy / module_path).write_text(module)
+    registry = copy / registry_path
+    source = registry.read_text()
+    assert f'Registry("{kind}", {{' in source
+    registry.write_text(source.replace(f'Registry("{kind}", {{', f'Registry("{kind}", {{' + entry + " ", 1))
+
+
 def test_the_worked_example_of_a_new_method_trains_a_step(tmp_path: Path):
     text = DOC.read_text()
     module = re.search(r"1\. `ciss/trainer/methods/lwf\.py`:\n\n```python\n(.*?)```", text, re.S).group(1)
     entry = re.search(r"One entry in `METHODS`.*?```python\n(.*?)\n```", text, re.S).group(1)
     copy = tmp_path / "copy"
-    shutil.copytree(REPO / "ciss", copy / "ciss", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "configs", copy / "configs")
-    (copy / "ciss/trainer/methods/lwf.py").write_text(module)
-    registry = copy / "ciss/trainer/methods/__init__.py"
-    source = registry.read_text()
-    assert 'Registry("method", {' in source
-    registry.write_text(source.replace('Registry("method", {', 'Registry("method", {' + entry + " ", 1))
+    package_with(copy, "ciss/trainer/methods/lwf.py", module, "ciss/trainer/methods/__init__.py", "method", entry)
 
     run, config = tmp_path / "run", write_config(tmp_path / "fast.toml")
     env = dict(os.environ, PYTHONPATH=str(copy), OMP_NUM_THREADS="1")
@@ -47,3 +54,27 @@ def test_the_worked_example_of_a_new_method_trains_a_step(tmp_path: Path):
     assert manifest["method"] == "lwf" and manifest["config"]["method"]["options"]["kd_weight"] == 5.0
     record = json.loads((run / "step-1" / "train_log.jsonl").read_text().splitlines()[-1])
     assert record["kd"] > 0 and record["ce"] > 0
+
+
+def test_the_worked_example_of_a_new_backbone_trains_a_step_by_its_name(tmp_path: Path):
+    """Two files and no preset: the registered backbone is a model under its own name, DeepLabV3's defaults."""
+    text = DOC.read_text()
+    module = re.search(r"1\. `ciss/trainer/models/<name>\.py`, here `plain\.py`:.*?```python\n(.*?)```", text,
+                       re.S).group(1)
+    entry = re.search(r"One entry in `BACKBONES`.*?```python\n(.*?)\n```", text, re.S).group(1)
+    copy = tmp_path / "copy"
+    package_with(copy, "ciss/trainer/models/plain.py", module, "ciss/trainer/presets.py", "backbone", entry)
+    assert "[plain]" not in (copy / "configs/models.toml").read_text()
+
+    run, config = tmp_path / "run", write_config(tmp_path / "fast.toml")
+    r = subprocess.run([*CISS, "learn", "--run", str(run), "--config", str(config), "--classes", "sky,grass,disk",
+                        "--method", "ft", "--model", "plain", "--iterations", "1"], cwd=copy,
+                       env=dict(os.environ, PYTHONPATH=str(copy), OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((run / "step-0" / "manifest.json").read_text())
+    assert manifest["model"] == {"preset": "plain", "output_stride": 16, "step_sizes": [4]}
+    assert manifest["train"]["iterations"] == 1
+    state = torch.load(run / "step-0" / "model.pt", weights_only=True)
+    assert state["backbone.stages.3.0.weight"].shape == (48, 32, 3, 3)  # PlainNet's last stage
+    assert state["aspp.project.0.weight"].shape[:2] == (256, 256 * 5)  # default width; 1x1, 3 rates, pooling

@@ -1,4 +1,4 @@
-"""Evaluation: confusion matrix, mIoU (all / old / new, per class), and the run's reports.
+"""Evaluation: confusion matrix, mIoU (all / old / new, per class).
 
 Metric conventions (methods.md 8.11): IoU_c = TP / (TP + FP + FN) over the whole split; a class
 enters the means only if the split has ground-truth pixels of it (the others are listed under
@@ -9,9 +9,6 @@ the classes added at steps >= 1 (None at step 0).
 
 from __future__ import annotations
 
-import csv
-import io
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -20,7 +17,6 @@ import torch.nn.functional as F
 
 from ciss.classmap import BACKGROUND, ClassMap
 from ciss.errors import CissError
-from ciss.manifest import write_bytes_atomic
 from ciss.sizes import nearest_on_stride
 from ciss.trainer.models.outputs import logits_of
 
@@ -166,83 +162,3 @@ def confusion(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch
             progress.close()
     cm.to(device).reduce(all_reduce)
     return cm.matrix
-
-
-# --- reports -----------------------------------------------------------------------------------
-
-def _report_classmap(history: Sequence[dict[str, Any]], classmap: ClassMap | None) -> ClassMap:
-    if classmap is not None:
-        return classmap
-    for entry in reversed(history):
-        if entry.get("classes"):
-            return ClassMap.from_json(entry["classes"])
-    names: list[str] = []
-    cmap: ClassMap | None = None  # rebuilt from the classes each step added (default colours)
-    for entry in sorted(history, key=lambda e: e["step"]):
-        added = [a for a in entry.get("classes_added", []) if a not in names and a != BACKGROUND]
-        if added:
-            cmap = ClassMap.initial(added) if cmap is None else cmap.extend(added, step=int(entry["step"]))
-            names += added
-    if cmap is None:
-        raise ValueError("history names no class")
-    return cmap
-
-
-def _iou_table(history: Sequence[dict[str, Any]], cmap: ClassMap) -> tuple[list[str], list[list[float | None]]]:
-    """Rows (one per step, sorted) of [step, miou_old, miou_new, miou_all, IoU per class]."""
-    header = ["step", "miou_old", "miou_new", "miou_all"] + cmap.names
-    rows: list[list[float | None]] = []
-    for entry in sorted(history, key=lambda e: e["step"]):
-        m = entry.get("metrics", {}) or {}
-        per_class = m.get("per_class", {}) or {}
-        row: list[float | None] = [int(entry["step"])]
-        row += [m.get(k) for k in ("miou_old", "miou_new", "miou_all")]
-        row += [per_class.get(name) for name in cmap.names]
-        rows.append(row)
-    return header, rows
-
-
-def _fmt(v: float | None, scale: float = 1.0, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return ""
-    return f"{v * scale:.{digits}f}"
-
-
-def write_reports(run_dir: Path, history: list[dict[str, Any]], classmap: ClassMap | None = None) -> dict[str, Path]:
-    """Write results.csv, results.md and forgetting.png (ciss.trainer.plots) into `run_dir` (each atomically).
-
-    `history` has one entry per step: {"step", "classes_added", "metrics"} (+ optional "classes",
-    the step's class map as JSON, used for class order and colours when `classmap` is not given).
-    CSV values are IoUs in [0, 1] (4 decimals); the Markdown table shows percentages. A class not yet
-    learned, or without ground truth at that step, has an empty cell.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cmap = _report_classmap(history, classmap)
-    header, rows = _iou_table(history, cmap)
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for row in rows:
-        w.writerow([str(row[0])] + [_fmt(v) for v in row[1:]])
-    paths = {"csv": run_dir / "results.csv", "md": run_dir / "results.md", "png": run_dir / "forgetting.png"}
-    write_bytes_atomic(paths["csv"], buf.getvalue().encode())
-
-    def cell(s: str) -> str:
-        return s.replace("|", "\\|")
-
-    added = {int(e["step"]): e.get("classes_added", []) for e in history}
-    md = ["# Results", "", "IoU in % per step; empty = class not learned yet or absent from the evaluation split.", "",
-          "| " + " | ".join(["step", "added", "mIoU old", "mIoU new", "mIoU all"] + [cell(n) for n in cmap.names]) + " |",
-          "|---:|:---|" + "---:|" * (3 + len(cmap))]
-    for row in rows:
-        step = int(row[0])  # type: ignore[arg-type]
-        md.append("| " + " | ".join([str(step), cell(", ".join(added.get(step, [])))]
-                                    + [_fmt(v, 100, 1) for v in row[1:]]) + " |")
-    write_bytes_atomic(paths["md"], ("\n".join(md) + "\n").encode())
-
-    from ciss.trainer.plots import forgetting_png  # matplotlib: imported only when a report is drawn
-
-    write_bytes_atomic(paths["png"], forgetting_png(rows, cmap))
-    return paths

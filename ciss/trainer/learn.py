@@ -22,8 +22,8 @@ from ciss.trainer.data import open_dataset
 from ciss.trainer.data.base import DatasetInfo
 from ciss.trainer.data.tasks import load_protocol
 from ciss.trainer.distributed import Dist, setup, teardown, world_size
-from ciss.trainer.evaluate import write_reports
 from ciss.trainer.methods import build_method
+from ciss.trainer.report import write_reports
 from ciss.trainer.step import CHECKPOINT, StepPlan, train_step
 from ciss.trainer.store import RunStore
 

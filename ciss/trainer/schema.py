@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ciss.config_paths import config_dir, load_toml
 from ciss.config_rules import Flag, Number, Rule, ScaleRange, Table, Text
+from ciss.trainer.presets import model_presets as presets
 
 
 @lru_cache(maxsize=1)
 def model_presets() -> tuple[str, ...]:
-    return ("auto", *load_toml(config_dir() / "models.toml", "model presets file"))
+    return ("auto", *presets())
 
 
 COUNT = Number(integer=True, low=1)

@@ -1,33 +1,32 @@
 """The run store: `runs/<run>/step-<k>/` folders, each whole and self-describing.
 
-A step is written into a hidden staging folder and renamed into place when complete, so an
-interrupted or failed run never leaves something that looks like a finished step. In-progress
+A step is written into a hidden staging folder and renamed into place when complete (`ciss.atomic`),
+so an interrupted or failed run never leaves something that looks like a finished step. In-progress
 checkpoints for `--resume` live in `.partial-step-<k>/`; readers ignore every dot folder.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ciss.atomic import StagingFolder, remove_dead_staging
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
-from ciss.manifest import STEP_FORMAT, fsync_dir, process_alive, read_json, sha256_file, write_json_atomic
+from ciss.manifest import STEP_FORMAT, read_json, sha256_file, write_json_atomic
 from ciss.trainer.models import DeepLabV3, load_step_model
 
 WEIGHTS = "model.pt"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _PARTIAL_DIR = re.compile(r"^\.partial-step-(\d+)$")
-_STAGING_DIR = re.compile(r"^\.staging-step-\d+-(\d+)-\d+$")
+_STAGING_LABEL = r"step-\d+"  # a step's staging folder: .staging-step-<k>-<pid>-<token>
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -104,47 +103,40 @@ class RunStore:
         if not self.root.is_dir():
             return []
         steps = set(self.steps())
-        removed = []
-        for path in sorted(self.root.iterdir()):
-            staging, partial = _STAGING_DIR.match(path.name), _PARTIAL_DIR.match(path.name)
-            if (staging and not process_alive(int(staging.group(1)))) or (partial and int(partial.group(1)) in steps):
+        removed = remove_dead_staging(self.root, _STAGING_LABEL)
+        for path in self.root.iterdir():
+            partial = _PARTIAL_DIR.match(path.name)
+            if partial and int(partial.group(1)) in steps:
                 shutil.rmtree(path)
                 removed.append(path.name)
-        return removed
+        return sorted(removed)
 
     def commit(self, step: int, state: dict[str, torch.Tensor], manifest: dict[str, Any],
                extra_files: dict[str, bytes] | None = None) -> Path:
         """Write weights and manifest to a staging folder, then rename it to `step-<k>`."""
         final = self.step_dir(step)
+        taken = CissError(f"{final} already exists; a step is never overwritten (start a new run)")
         if final.exists():
-            raise CissError(f"{final} already exists; a step is never overwritten (start a new run)")
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f".staging-step-{step}-{os.getpid()}-{int(time.time() * 1000)}"
-        staging.mkdir()
+            raise taken
         try:
-            buf = io.BytesIO()  # torch.save to a path turns a full disk into an opaque RuntimeError
-            torch.save(state, buf)
-            (staging / WEIGHTS).write_bytes(buf.getvalue())
-            for name, data in (extra_files or {}).items():  # a name may hold folders: tensorboard/events...
-                (staging / name).parent.mkdir(parents=True, exist_ok=True)
-                (staging / name).write_bytes(data)
-            manifest = dict(manifest, format=STEP_FORMAT, step=step,
-                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            weights={"file": WEIGHTS, "sha256": sha256_file(staging / WEIGHTS),
-                                     "size": (staging / WEIGHTS).stat().st_size})
-            write_json_atomic(staging / MANIFEST, manifest)
-            for p in sorted(staging.rglob("*"), reverse=True):  # files before the folders that hold them
-                if p.is_dir():
-                    fsync_dir(p)
-                else:
-                    with open(p, "rb") as f:
-                        os.fsync(f.fileno())
-            fsync_dir(staging)
-            os.rename(staging, final)
-            fsync_dir(self.root)
-        except BaseException as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(e, OSError) and e.filename is None:  # name the step a full disk refused
+            with StagingFolder(self.root, f"step-{step}") as staging:
+                buf = io.BytesIO()  # torch.save to a path turns a full disk into an opaque RuntimeError
+                torch.save(state, buf)
+                (staging.path / WEIGHTS).write_bytes(buf.getvalue())
+                for name, data in (extra_files or {}).items():  # a name may hold folders: tensorboard/events...
+                    (staging.path / name).parent.mkdir(parents=True, exist_ok=True)
+                    (staging.path / name).write_bytes(data)
+                weights = staging.path / WEIGHTS
+                manifest = dict(manifest, format=STEP_FORMAT, step=step,
+                                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                weights={"file": WEIGHTS, "sha256": sha256_file(weights),
+                                         "size": weights.stat().st_size})
+                write_json_atomic(staging.path / MANIFEST, manifest)
+                staging.publish(final)
+        except FileExistsError:  # committed meanwhile by another process
+            raise taken from None
+        except OSError as e:
+            if e.filename is None:  # name the step a full disk refused
                 raise OSError(e.errno, e.strerror, str(final)) from e
             raise
         return final

@@ -1,5 +1,5 @@
 """Every `ciss` command the README shows parses against the CLI as it is now (flags, choices,
-subcommands), so the README cannot drift from the code between runs of `ciss.apps.readme_run`,
+subcommands), so the README cannot drift from the code between runs of `tools/readme_run.py`,
 which runs them all; parsing them here takes milliseconds."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import shlex
 import click
 import pytest
 from conftest import REPO
+from readme_run import readme_commands
 
 from ciss.apps.cli import main
-from ciss.apps.readme_run import readme_commands
 
 
 def ciss_commands() -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ciss.apps.readme_run import (
+from readme_run import (
     ABSENT,
     LONG,
     RUN,

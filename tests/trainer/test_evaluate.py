@@ -15,7 +15,8 @@ from tqdm import tqdm
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.trainer.log import bar
-from ciss.trainer.evaluate import ConfusionMatrix, compute_metrics, evaluate, write_reports
+from ciss.trainer.evaluate import ConfusionMatrix, compute_metrics, evaluate
+from ciss.trainer.report import write_reports
 
 # background, a, b at step 0; c at step 1; d at step 2
 CMAP = ClassMap.initial(["a", "b"]).extend(["c"]).extend(["d"])

@@ -12,8 +12,9 @@ from torch import nn
 
 from ciss.errors import CissError
 from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ciss.trainer.models import (BACKBONES, build_model, load_pretrained, load_step_model, model_presets,
-                                 pretrained_weights)
+from ciss.trainer import presets
+from ciss.trainer.models import build_model, load_pretrained, load_step_model, pretrained_weights
+from ciss.trainer.presets import BACKBONES, model_presets
 from ciss.trainer.models.efficientnet_lite import EfficientNetLite0
 from ciss.trainer.models.features import Backbone
 from ciss.trainer.models.mobilenet import MobileNetV3Large
@@ -22,6 +23,7 @@ from ciss.trainer.models.norm import GlooSyncBatchNorm, convert_sync_batchnorm, 
 from ciss.trainer.models.outputs import Outputs
 from ciss.trainer.models.resnet import ResNet
 from ciss.trainer.models.tiny import TinyNet
+from ciss.trainer.registry import Registry
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 
@@ -79,6 +81,29 @@ def test_stage_strides():
         MobileNetV3Large(8)
     with pytest.raises(CissError, match="output stride"):
         ResNet(50, 32)
+
+
+def test_a_backbone_registered_without_a_preset_is_a_model_by_its_name(monkeypatch: pytest.MonkeyPatch):
+    """Its module and its registry entry make a new backbone usable: DeepLabV3's defaults, no ImageNet weights."""
+    monkeypatch.setattr(presets, "BACKBONES", Registry("backbone", {**dict(presets.BACKBONES), "bare": TinyNet}))
+    assert model_presets()["bare"] == {"description": "bare with DeepLabV3's defaults (no preset in models.toml)",
+                                       "backbone": "bare", "decoder": "aspp", "aspp_channels": 256, "output_stride": 16}
+    assert model_presets()["tiny"]["aspp_channels"] == 32  # a preset of the backbone's name wins
+    assert pretrained_weights("bare", "auto") is None
+    with pytest.raises(CissError, match="'bare' has no ImageNet weights"):
+        pretrained_weights("bare", "imagenet")
+
+    model = build_model("bare", [3])
+    assert model.config == {"preset": "bare", "output_stride": 16, "step_sizes": [3]}
+    assert model.aspp.rates == [6, 12, 18] and model.head.in_channels == 256
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.randint(0, 3, (2, 32, 32)))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    rebuilt = load_step_model(model.config, model.state_dict())
+    assert type(rebuilt.backbone) is TinyNet and rebuilt.config == model.config
 
 
 def test_aspp_rates_follow_output_stride():

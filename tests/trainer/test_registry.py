@@ -9,7 +9,7 @@ import pytest
 from ciss.errors import CissError
 from ciss.trainer.data import READERS
 from ciss.trainer.methods import METHODS
-from ciss.trainer.models import BACKBONES
+from ciss.trainer.presets import BACKBONES
 from ciss.trainer.registry import Registry
 
 

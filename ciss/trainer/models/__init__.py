@@ -1,7 +1,8 @@
 """Model presets: build a segmentation model (DeepLabV3 or LR-ASPP decoder) by name, optionally on local ImageNet weights, and rebuild saved steps.
 
-Presets live in `configs/models.toml`. A model's `.config` holds exactly the arguments of
-`build_model` (preset, output stride, step sizes), so a step's checkpoint rebuilds with
+Which models exist is `ciss/trainer/presets.py` (the backbones' registry and configs/models.toml,
+torch-free for the command line); this builds them. A model's `.config` holds exactly the arguments
+of `build_model` (preset, output stride, step sizes), so a step's checkpoint rebuilds with
 `load_step_model(config, state_dict)`.
 """
 
@@ -14,41 +15,18 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ciss.config_paths import config_dir, load_toml
 from ciss.errors import CissError
 from ciss.weights import ResolvedWeights, resolve_pretrained
 from ciss.trainer.models.deeplab import DeepLabV3
-from ciss.trainer.models.efficientnet_lite import EfficientNetLite0
-from ciss.trainer.models.features import Backbone
 from ciss.trainer.models.heads import IncrementalHead
-from ciss.trainer.models.mobilenet import MobileNetV3Large
-from ciss.trainer.models.mobilenet_v2 import MobileNetV2
-from ciss.trainer.models.resnet import ResNet
-from ciss.trainer.models.tiny import TinyNet
-from ciss.trainer.registry import Registry
+from ciss.trainer import presets
 
-__all__ = ["DeepLabV3", "IncrementalHead", "build_model", "load_pretrained", "load_step_model", "model_presets",
-           "pretrained_weights"]
+__all__ = ["DeepLabV3", "IncrementalHead", "build_model", "load_pretrained", "load_step_model", "pretrained_weights"]
 
 log = logging.getLogger(__name__)
 
-PRESETS_FILE = config_dir() / "models.toml"
 DEFAULT_ASPP_RATES = (6, 12, 18)  # at output stride 16; doubled at 8
 DECODERS = ("aspp", "lraspp")
-
-BACKBONES: Registry[Callable[[int], Backbone]] = Registry("backbone", {
-    "tiny": TinyNet,
-    "mobilenet_v3_large": MobileNetV3Large,
-    "mobilenet_v2": MobileNetV2,
-    "efficientnet_lite0": EfficientNetLite0,
-    "resnet50": lambda output_stride: ResNet(50, output_stride),
-    "resnet101": lambda output_stride: ResNet(101, output_stride),
-})  # each takes the output stride
-
-
-def model_presets() -> dict[str, dict[str, Any]]:
-    """Every preset of `configs/models.toml`, by name."""
-    return load_toml(PRESETS_FILE, "model presets file")
 
 
 def pretrained_weights(preset: str, value: str, log: Callable[[str], None] | None = None) -> ResolvedWeights | None:
@@ -56,7 +34,7 @@ def pretrained_weights(preset: str, value: str, log: Callable[[str], None] | Non
 
     "imagenet" is the preset's `weights` entry; "auto" is that when the preset has one, else none.
     """
-    known = str(model_presets().get(preset, {}).get("weights", ""))
+    known = str(presets.model_presets().get(preset, {}).get("weights", ""))
     return resolve_pretrained(value, known, preset, log or (lambda s: None))
 
 
@@ -68,24 +46,24 @@ def build_model(preset: str, step_sizes: list[int], output_stride: int | None = 
     file with ImageNet weights in the backbone's key names (`ciss.weights.resolve_pretrained` finds
     or fetches a known one).
     """
-    presets = model_presets()
-    if preset not in presets:
-        raise CissError(f"unknown model preset '{preset}'; available: {', '.join(presets)}")
-    spec = presets[preset]
-    if spec.get("backbone", "") not in BACKBONES:
-        raise CissError(f"preset '{preset}' in {PRESETS_FILE} names backbone {spec.get('backbone')!r}; "
-                        f"use one of {', '.join(BACKBONES)}")
+    models = presets.model_presets()
+    if preset not in models:
+        raise CissError(f"unknown model preset '{preset}'; available: {', '.join(models)}")
+    spec = models[preset]
+    if spec.get("backbone", "") not in presets.BACKBONES:
+        raise CissError(f"preset '{preset}' in {presets.PRESETS_FILE} names backbone {spec.get('backbone')!r}; "
+                        f"use one of {', '.join(presets.BACKBONES)}")
     decoder = spec.get("decoder", "aspp")
     if decoder not in DECODERS:
-        raise CissError(f"preset '{preset}' in {PRESETS_FILE} names decoder {decoder!r}; use one of {', '.join(DECODERS)}")
+        raise CissError(f"preset '{preset}' in {presets.PRESETS_FILE} names decoder {decoder!r}; use one of {', '.join(DECODERS)}")
     try:
         channels = int(spec["aspp_channels"])
         rates = [int(r) for r in spec.get("aspp_rates", DEFAULT_ASPP_RATES)]
         output_stride = int(output_stride or spec.get("output_stride", 16))
     except (KeyError, TypeError, ValueError) as e:
-        raise CissError(f"preset '{preset}' in {PRESETS_FILE} is malformed ({e!r}); it needs an integer "
+        raise CissError(f"preset '{preset}' in {presets.PRESETS_FILE} is malformed ({e!r}); it needs an integer "
                         "aspp_channels and optional integer aspp_rates/output_stride") from e
-    backbone = BACKBONES[spec["backbone"]](output_stride)
+    backbone = presets.BACKBONES[spec["backbone"]](output_stride)
     if pretrained:
         load_pretrained(backbone, pretrained, preset)
     scaled = [r * 16 // backbone.output_stride for r in rates] if decoder == "aspp" else None

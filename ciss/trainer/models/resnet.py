@@ -91,3 +91,11 @@ class ResNet(nn.Module):
         s3 = self.layer3(s2)
         s4 = self.layer4(s3)
         return dict(zip(STAGES, (s1, s2, s3, s4)))
+
+
+def resnet50(output_stride: int = 16) -> ResNet:
+    return ResNet(50, output_stride)
+
+
+def resnet101(output_stride: int = 16) -> ResNet:
+    return ResNet(101, output_stride)

@@ -1,6 +1,6 @@
 """docs/cli.md, rendered from the click commands themselves so the reference cannot drift.
 
-    python -m ciss.apps.cli_doc > docs/cli.md        (tests/apps/test_cli_doc.py checks it is current)
+    python tools/cli_doc.py > docs/cli.md        (tests/apps/test_cli_doc.py checks it is current)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from ciss.apps.cli import main
 
 HEADER = """# Command-line reference
 
-Generated from `ciss --help` by `python -m ciss.apps.cli_doc > docs/cli.md`; a test fails when it is
+Generated from `ciss --help` by `python tools/cli_doc.py > docs/cli.md`; a test fails when it is
 out of date. Every command prints one line starting with `error:` and exits with code 2 on a
 mistake a user can make (paths, names, corrupt files, missing hardware).
 """

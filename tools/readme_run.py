@@ -1,7 +1,7 @@
 """Runs every command the README shows, as written and in order, and reports what each one did.
 
     git clone <repo> ../readme-run && cd ../readme-run      # next to ../shared, so its paths resolve
-    python3 -m ciss.apps.readme_run --long                  # stdlib only: `make demo` builds .venv first
+    python3 tools/readme_run.py --long                      # stdlib only: `make demo` builds .venv first
 
 A README drifts silently: a renamed flag, a step that no longer exists, a path that moved. Parsing
 catches the first (tests/apps/test_readme_commands.py); only running catches the rest. Commands that
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = Runner(workdir, out, kinds).run(commands)
     minutes = (time.monotonic() - started) / 60
     failed = [o for o in outcomes if not o.ok]
-    header = (f"# README commands, run as written\n\n`python3 -m ciss.apps.readme_run"
+    header = (f"# README commands, run as written\n\n`python3 tools/readme_run.py"
               f"{' --long' if args.long else ''}{' --study' if args.study else ''}` in {workdir}, "
               f"{minutes:.0f} min, {len(outcomes) - len(failed)} of {len(outcomes)} as the README says. "
               f"Logs: {args.out}/NN.log.")
