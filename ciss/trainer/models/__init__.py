@@ -16,6 +16,7 @@ from torch import nn
 
 from ciss.config_paths import config_dir, load_toml
 from ciss.errors import CissError
+from ciss.manifest import IMAGENET, Normalisation
 from ciss.weights import ResolvedWeights, resolve_pretrained
 from ciss.trainer.models.deeplab import DeepLabV3
 from ciss.trainer.models.efficientnet_lite import EfficientNetLite0
@@ -28,7 +29,7 @@ from ciss.trainer.models.tiny import TinyNet
 from ciss.trainer.registry import Registry
 
 __all__ = ["DeepLabV3", "IncrementalHead", "build_model", "load_pretrained", "load_step_model", "model_presets",
-           "pretrained_weights"]
+           "preset_normalisation", "pretrained_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,15 @@ def pretrained_weights(preset: str, value: str, log: Callable[[str], None] | Non
     """
     known = str(model_presets().get(preset, {}).get("weights", ""))
     return resolve_pretrained(value, known, preset, log or (lambda s: None))
+
+
+def preset_normalisation(preset: str) -> Normalisation:
+    """The input normalisation a preset trains with: its `mean` and `std`, else ImageNet's."""
+    spec = model_presets().get(preset, {})
+    if "mean" not in spec and "std" not in spec:
+        return IMAGENET
+    return Normalisation.from_json(spec.get("mean"), spec.get("std"), f"preset '{preset}' in {PRESETS_FILE}",
+                                   "give both, or neither for ImageNet's")
 
 
 def build_model(preset: str, step_sizes: list[int], output_stride: int | None = None,
