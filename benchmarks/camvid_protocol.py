@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cil_probe import mib_init_reference, new_class_margins
+from ciss.manifest import run_steps
 from ciss.trainer.data import open_dataset
 from ciss.trainer.data.tasks import load_protocol
 
@@ -76,8 +77,8 @@ def variants(methods: list[str], joint: bool, ablate: list[str]) -> list[Variant
 
 def last_metrics(run_dir: Path, n_steps: int) -> dict | None:
     """The metrics of the protocol's last step, or None while the run is incomplete."""
-    manifest = run_dir / f"step-{n_steps - 1}" / "manifest.json"
-    return json.loads(manifest.read_text())["metrics"] if manifest.exists() else None
+    last = [m for m in run_steps(run_dir) if m.step == n_steps - 1]
+    return last[0].metrics if last else None
 
 
 def summarise(per_class: dict[str, float], old: list[str], new: list[str]) -> dict[str, float | None]:

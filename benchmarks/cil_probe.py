@@ -30,7 +30,7 @@ EPS = 1e-3
 def task_classmap(base: RunStore, steps: list[list[str]]) -> ClassMap:
     """The class map after the protocol's last step, grown from the base run's step 0."""
     manifest = base.manifest(0)
-    info = open_dataset("folder", Path(manifest["config"]["data"]["root"]), "train").info
+    info = open_dataset("folder", Path(manifest.config["data"]["root"]), "train").info
     cmap = base.classmap(0)
     for k, names in enumerate(steps[1:], start=1):
         cmap = cmap.extend(names, [info.colors[info.class_names.index(n)] for n in names], k)
@@ -46,9 +46,10 @@ def mib_init_reference(base_dir: Path, steps: list[list[str]], eps: float = EPS)
         model.add_step(len(names), init_from_background=True)
         model.head.heads[-1].bias += eps
     cmap = task_classmap(base, steps)
-    cfg = manifest["config"]
+    cfg = manifest.config
     _, eval_ds = open_splits(cfg)
-    loader = eval_loader(eval_ds, cmap, cfg["data"]["eval_protocol"], int(cfg["eval"]["batch_size"]), Dist(), 0)
+    loader = eval_loader(eval_ds, cmap, cfg["data"]["eval_protocol"], int(cfg["eval"]["batch_size"]), Dist(), 0,
+                         manifest.normalisation)
     return evaluate(model, loader, cmap, "cpu")
 
 
@@ -61,12 +62,12 @@ def new_class_margins(run_dir: Path, new_names: list[str]) -> dict[str, float | 
     model, manifest = store.load(last)
     model.eval()
     cmap = store.classmap(last)
-    cfg = manifest["config"]
+    cfg = manifest.config
     _, eval_ds = open_splits(cfg)
     ids = {n: cmap.names.index(n) for n in new_names if n in cmap.names}
     seen = [i for i, n in enumerate(eval_ds.info.class_names) if n in cmap.names]
     idx = test_indices(presence(eval_ds), seen, "all")
-    data = StepData(eval_ds, idx, test_lut(eval_ds.info, cmap), EvalTransform(), seed=0)
+    data = StepData(eval_ds, idx, test_lut(eval_ds.info, cmap), EvalTransform(manifest.normalisation), seed=0)
     margins: dict[str, list[torch.Tensor]] = {n: [] for n in ids}
     for i in range(0, len(data), 8):
         images, labels = pad_collate([data[(p, 0)] for p in range(i, min(i + 8, len(data)))])

@@ -25,20 +25,18 @@ import cv2
 import numpy as np
 import torch
 
-from ciss.classmap import ClassMap
 from ciss.export import onnx as onnx_export
 from ciss.export.pipeline import ExportOptions, export_step
 from ciss.export.verify import cpu_session, spread, to_input
+from ciss.manifest import InputSpec
 from ciss.repository import ModelRepository
 from ciss.runtime.model import Model
 from ciss.sizes import RESIZE_MODES
 from ciss.trainer.data import native_ids, open_splits
 from ciss.trainer.data.tasks import presence, test_indices, test_lut
-from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
+from ciss.trainer.data.transforms import Normalise
 from ciss.trainer.evaluate import ConfusionMatrix, compute_metrics
 from ciss.trainer.store import RunStore
-
-NORMALISE = Normalise(IMAGENET_MEAN, IMAGENET_STD)
 
 
 def quiet(_: str) -> None:
@@ -50,11 +48,12 @@ def legacy_export(run: Path, step: int, size: tuple[int, int], repo: Path, name:
     model, step_manifest = RunStore(run).load(step)
     fused = model.fused().eval()
     graph = onnx_export.add_tail(onnx_export.export_logits(fused, size, dynamic=False), "mask")
-    spec = {"name": onnx_export.INPUT, "size": list(size), "dynamic": False, "example_size": list(size),
-            "stride": fused.output_stride, **onnx_export.normalisation(IMAGENET_MEAN, IMAGENET_STD)}
+    spec = InputSpec(onnx_export.INPUT, size=size, example_size=size, stride=fused.output_stride,
+                     normalisation=step_manifest.normalisation).to_json()
     with tempfile.TemporaryDirectory() as tmp:
         onnx_export.save_checked(graph, Path(tmp) / "model.onnx")
-        manifest = {"classes": step_manifest["classes"], "input": spec, "outputs": onnx_export.output_specs(graph),
+        manifest = {"classes": step_manifest.classes.to_json(), "input": spec,
+                    "outputs": onnx_export.output_specs(graph),
                     "precision": "fp32", "variants": {}, "engines": []}
         version = ModelRepository(repo).publish(name, {"model.onnx": Path(tmp) / "model.onnx"}, manifest)
     return ModelRepository(repo).path(name, version)
@@ -85,10 +84,11 @@ def measure(run: Path, step: int | None, legacy: tuple[int, int], clip: Path | N
     store = RunStore(run)
     step = store.last_step() if step is None else step
     step_manifest = store.manifest(step)
-    classmap = ClassMap.from_json(step_manifest["classes"])
-    _, eval_ds = open_splits(step_manifest["config"])
+    classmap = step_manifest.classes
+    normalise = Normalise(step_manifest.normalisation.mean, step_manifest.normalisation.std)
+    _, eval_ds = open_splits(step_manifest.config)
     seen = native_ids(eval_ds, [c.name for c in classmap if c.id > 0])
-    indices = test_indices(presence(eval_ds), seen, step_manifest["config"]["data"]["eval_protocol"])
+    indices = test_indices(presence(eval_ds), seen, step_manifest.config["data"]["eval_protocol"])
     indices = indices[spread(len(indices), images)] if images else indices
     lut = test_lut(eval_ds.info, classmap)
     sets = {"eval": [(np.ascontiguousarray(eval_ds.image(int(i))[..., ::-1]), lut[eval_ds.label(int(i))])
@@ -102,13 +102,13 @@ def measure(run: Path, step: int | None, legacy: tuple[int, int], clip: Path | N
         paths = {"legacy": legacy_export(run, step, legacy, repo, "legacy"),
                  "default": export_step(run, repo, "default", ExportOptions(step=step), log=quiet).path,
                  "dynamic": export_step(run, repo, "dynamic", ExportOptions(step=step, dynamic=True), log=quiet).path}
-        sizes = {k: ModelRepository(repo).manifest(k)["input"]["size"] for k in paths}
+        sizes = {k: ModelRepository(repo).manifest(k).input.size for k in paths}
         reference = cpu_session(str(paths["dynamic"] / "model.onnx"), threads)
         scores: dict[str, dict[str, Any]] = {}
         for set_name, items in sets.items():
             log(f"{set_name}: {len(items)} images of {items[0][0].shape[0]}x{items[0][0].shape[1]}")
             native = [reference.run(None, {onnx_export.INPUT: to_input(np.ascontiguousarray(im[..., ::-1]),
-                                                                          im.shape[:2], NORMALISE)})[0][0]
+                                                                          im.shape[:2], normalise)})[0][0]
                       for im, _ in items]
             rows = {("dynamic", "native"): native}
             for export, path in paths.items():
@@ -126,7 +126,7 @@ def measure(run: Path, step: int | None, legacy: tuple[int, int], clip: Path | N
                         confusion.update(torch.from_numpy(mask.astype(np.int64)),
                                          torch.from_numpy(label.astype(np.int64)))
                     row["miou"] = compute_metrics(confusion.matrix, classmap)["miou_all"]
-    return {"run": str(run), "step": step, "sizes": sizes, "stride": int(step_manifest["model"]["output_stride"]),
+    return {"run": str(run), "step": step, "sizes": sizes, "stride": int(step_manifest.model["output_stride"]),
             "sets": {k: [len(v), list(v[0][0].shape[:2])] for k, v in sets.items()}, "scores": scores}
 
 

@@ -46,16 +46,16 @@ def main() -> None:
                              ExportOptions(step=args.step, precision="int8", calib_images=args.calib_images), log=print)
         fp32 = cpu_session(str(result.path / "model.onnx"), args.threads)
         int8 = cpu_session(str(result.path / "model.int8.onnx"), args.threads)
-        h, w = result.manifest["input"]["size"]
+        h, w = result.manifest.input.size
         x = np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
         for s in (fp32, int8):
             median_ms(s, x, 3)  # warm-up
         rounds = [(median_ms(fp32, x, 5), median_ms(int8, x, 5)) for _ in range(args.rounds)]
         sizes = {k: (result.path / f).stat().st_size for k, f in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"))}
-    v = result.manifest["variants"]["int8"]
+    v = result.manifest.variants["int8"]
     report = {
-        "run": str(args.run), "step": result.manifest["source"]["step"], "size": [h, w], "threads": args.threads,
-        "parity": result.manifest["parity"], "miou_fp32": v["miou_fp32"], "miou_int8": v["miou_int8"],
+        "run": str(args.run), "step": result.manifest.source["step"], "size": [h, w], "threads": args.threads,
+        "parity": result.manifest.parity, "miou_fp32": v["miou_fp32"], "miou_int8": v["miou_int8"],
         "miou_drop": v["miou_drop"], "eval_images": v["eval_images"], "calibration_images": v["calibration_images"],
         "bytes": sizes, "latency_ms": {"fp32": statistics.median(r[0] for r in rounds),
                                        "int8": statistics.median(r[1] for r in rounds)},

@@ -102,9 +102,10 @@ def clip_inputs(n: int) -> list[np.ndarray]:
     import cv2
 
     from ciss.export.verify import to_input
-    from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
+    from ciss.manifest import IMAGENET
+    from ciss.trainer.data.transforms import Normalise
 
-    normalise = Normalise(IMAGENET_MEAN, IMAGENET_STD)
+    normalise = Normalise(IMAGENET.mean, IMAGENET.std)
     capture = cv2.VideoCapture(str(CLIP))
     inputs = []
     while len(inputs) < n and (frame := capture.read()[1]) is not None:

@@ -17,6 +17,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+from ciss.manifest import read_step
 from ciss.trainer.learn import learn
 
 BASE = ["sky", "grass", "water", "sand", "disk", "box"]
@@ -60,7 +61,7 @@ def main() -> None:
         for key in (k for k in rows[0] if k.startswith("gradnorm_")):
             v = [r[key] for r in rows]
             print(f"{name:18} {key[9:]:9} {statistics.median(v):9.3f} {min(v):9.3f} {max(v):9.3f}")
-        print(f"{name:18} mIoU all {json.loads((run / 'step-1' / 'metrics.json').read_text())['miou_all']:.3f}")
+        print(f"{name:18} mIoU all {read_step(run / 'step-1').metrics['miou_all']:.3f}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import numpy as np
 
 from machine import cpu_description
 from ciss.classmap import ClassMap
+from ciss.manifest import IMAGENET, InputSpec
 from ciss.repository import ModelRepository
 from ciss.runtime.model import Model
 from ciss.runtime.pipeline import LiveOptions, run_live
@@ -56,15 +57,14 @@ def export_random(repo: Path, name: str, preset: str, size: tuple[int, int], cal
 
     from ciss.export import onnx as onnx_export
     from ciss.export.quantize import quantize_int8
-    from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from ciss.trainer.models import build_model
 
     classes = ClassMap.initial(CAMVID)
     torch.manual_seed(0)
     model = build_model(preset, classes.step_sizes()).eval().fused()
     logits = onnx_export.export_logits(model, size, dynamic=False)
-    spec = {"name": onnx_export.INPUT, "size": list(size), "dynamic": False, "example_size": list(size),
-            "stride": model.output_stride, **onnx_export.normalisation(IMAGENET_MEAN, IMAGENET_STD)}
+    spec = InputSpec(onnx_export.INPUT, size=size, example_size=size, stride=model.output_stride,
+                     normalisation=IMAGENET).to_json()
     with tempfile.TemporaryDirectory(prefix="ciss-bench-") as tmp:
         files = {"model.onnx": Path(tmp) / "model.onnx", "model.int8.onnx": Path(tmp) / "model.int8.onnx"}
         fp32 = onnx_export.add_tail(logits, "mask")
@@ -82,7 +82,7 @@ def republish(repo: Path, name: str) -> None:
     repository = ModelRepository(repo)
     path = repository.path(name)
     manifest = repository.manifest(name)
-    repository.publish(name, {rel: path / rel for rel in manifest["files"]}, manifest)
+    repository.publish(name, {rel: path / rel for rel in manifest.files}, manifest.to_json())
 
 
 def clip_frames(clip: Path, n: int) -> list[np.ndarray]:
@@ -179,9 +179,9 @@ def main() -> None:
         sample = clip_frames(args.clip, 64)
         if args.repo is None:
             from ciss.export.verify import to_input
-            from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
+            from ciss.trainer.data.transforms import Normalise
 
-            normalise = Normalise(IMAGENET_MEAN, IMAGENET_STD)
+            normalise = Normalise(IMAGENET.mean, IMAGENET.std)
             calibration = [to_input(cv2.cvtColor(f, cv2.COLOR_BGR2RGB), (h, w), normalise) for f in sample[::16]]
             models = []
             for preset in args.presets.split(","):
@@ -197,9 +197,10 @@ def main() -> None:
                 swap_repo = work / "swap" / f"{name}-{precision}"
                 version = ModelRepository(repo).path(name)
                 manifest = ModelRepository(repo).manifest(name)
-                ModelRepository(swap_repo).publish(name, {rel: version / rel for rel in manifest["files"]}, manifest)
+                ModelRepository(swap_repo).publish(name, {rel: version / rel for rel in manifest.files},
+                                                   manifest.to_json())
                 model = Model.load(version, manifest, kind, split.backend, quiet)
-                segmenter = Segmenter.from_repository(repo, name, backend=kind, version=int(manifest["version"]),
+                segmenter = Segmenter.from_repository(repo, name, backend=kind, version=manifest.version,
                                                       threads=split.backend, log=quiet)
                 variants[(name, precision)] = {"name": name, "model": model, "segmenter": segmenter,
                                                "swap_repo": swap_repo,

@@ -41,8 +41,8 @@ def rss_mib(pid: int) -> float:
 
 def republish(repo: ModelRepository, name: str, source: Path) -> int:
     """A new version holding the files of the version folder `source`, under the same class map."""
-    manifest = json.loads((source / "manifest.json").read_text())
-    return repo.publish(name, {rel: source / rel for rel in manifest["files"]}, manifest)
+    manifest = ModelRepository(source.parent.parent).manifest(source.parent.name, int(source.name))
+    return repo.publish(name, {rel: source / rel for rel in manifest.files}, manifest.to_json())
 
 
 def count_stats(path: Path) -> dict[str, int]:

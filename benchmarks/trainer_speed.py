@@ -78,13 +78,14 @@ def run_bare(run: Path, cfg: Path, warmup: int) -> dict:
 
     c = TRAINING.resolve(cfg)
     store = RunStore(run)
-    model, _ = store.load(0)
+    model, manifest = store.load(0)
     model.add_step(2, init_from_background=True)
     cmap = store.classmap(0).extend(["box", "triangle"])
     ds = open_dataset(None, None, "train", **c["data"]["options"])
     native = [ds.info.class_names.index(n) for n in ("box", "triangle")]
     idx = train_indices(presence(ds), native, [], "overlap")
-    data = StepData(ds, idx, train_lut(ds.info, cmap, 1), TrainTransform(c["train"]["crop"]), seed=0)
+    transform = TrainTransform(c["train"]["crop"], manifest.normalisation)
+    data = StepData(ds, idx, train_lut(ds.info, cmap, 1), transform, seed=0)
     model.train()
     if c["train"]["freeze_bn_next"]:  # as the engine does at steps > 0
         freeze_batchnorm(model)

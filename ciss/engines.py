@@ -2,8 +2,8 @@
 
 A TensorRT plan only deserializes under the exact TensorRT version and GPU architecture (SM) it was
 built for, and standard TensorRT has no API to ask before trying (runtime.md §0 item 2, §4.3). So every
-engine gets a JSON sidecar (`engines/<tag>.json`, format "ciss.engine/1") and `check_engine_manifest`
-compares it with this machine before `load_engine` deserializes anything.
+engine gets a JSON sidecar (`engines/<tag>.json`, format "ciss.engine/1", read into `EngineManifest`) and
+`check_engine_manifest` compares it with this machine before `load_engine` deserializes anything.
 
 The exporter writes engines (ciss.export.tensorrt builds them) and the runtime loads them, so the
 format lives here in the shared layer, and the runtime never imports the builder. Nothing heavy is
@@ -14,11 +14,12 @@ imported inside the functions that need them.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ciss.errors import CissError
+from ciss.manifest import read_json
 
 if TYPE_CHECKING:
     import tensorrt
@@ -28,6 +29,7 @@ Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
 
 _REBUILD = "rebuild it with `ciss export --trt` or use the ONNX model"
+_REQUIRED = object()
 
 
 @dataclass(frozen=True)
@@ -82,32 +84,88 @@ def engine_tag(compute_capability: Iterable[int], tensorrt_version: str, precisi
     return f"sm{major}{minor}-trt{tensorrt_version}-{precision}"
 
 
+@dataclass(frozen=True)
+class EngineManifest:
+    """`engines/<tag>.json` (format "ciss.engine/1"): what a plan was built for and from, read and
+    checked once; keys a sidecar may lack (it only needs what the preflight compares) take defaults."""
+
+    tensorrt: str
+    compute_capability: tuple[int, int]
+    precision: str
+    onnx_file: str           # the graph it was built from, inside the version folder
+    onnx_sha256: str
+    classmap_version: int    # the number of classes
+    gpu: str = ""
+    cuda: str = ""
+    strongly_typed: bool = False
+    profile: dict[str, dict[str, list[int]]] | None = None  # {input: {"min", "opt", "max"}} when dynamic
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)   # {name: {"shape", "dtype"}}
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    build_s: float = 0.0
+    workspace_gb: float = 0.0
+
+    @property
+    def tag(self) -> str:
+        return engine_tag(self.compute_capability, self.tensorrt, self.precision)
+
+    @classmethod
+    def from_json(cls, data: Any, path: Path | str | None = None) -> EngineManifest:
+        what = f"engine manifest {path}" if path else "engine manifest"
+
+        def stored(*keys: str, default: Any = _REQUIRED) -> Any:
+            value: Any = data
+            try:
+                for key in keys:
+                    value = value[key]
+            except (KeyError, TypeError, IndexError):
+                if default is not _REQUIRED:
+                    return default
+                raise CissError(f"{what} has no {'.'.join(keys)}; it is corrupt: {_REBUILD}") from None
+            return value
+
+        fmt = stored("format")
+        if fmt != ENGINE_FORMAT:
+            raise CissError(f"{what} has format {fmt!r}, not {ENGINE_FORMAT!r}: {_REBUILD}")
+        cc = stored("compute_capability")
+        if not isinstance(cc, list) or len(cc) != 2 or not all(isinstance(v, int) for v in cc):
+            raise CissError(f"{what} has compute_capability {cc!r}; it is corrupt: {_REBUILD}")
+        classes = stored("classmap_version")
+        if not isinstance(classes, int):
+            raise CissError(f"{what} has classmap_version {classes!r}; it is corrupt: {_REBUILD}")
+        return cls(str(stored("tensorrt")), (cc[0], cc[1]), str(stored("precision")), str(stored("onnx", "file")),
+                   str(stored("onnx", "sha256")), classes, gpu=str(stored("gpu", default="")),
+                   cuda=str(stored("cuda", default="")), strongly_typed=bool(stored("strongly_typed", default=False)),
+                   profile=stored("profile", default=None), inputs=stored("inputs", default={}),
+                   outputs=stored("outputs", default={}), build_s=stored("build_s", default=0.0),
+                   workspace_gb=stored("workspace_gb", default=0.0))
+
+    @classmethod
+    def read(cls, path: Path) -> EngineManifest:
+        return cls.from_json(read_json(path, "engine manifest"), path)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": ENGINE_FORMAT, "tensorrt": self.tensorrt, "gpu": self.gpu,
+            "compute_capability": list(self.compute_capability), "cuda": self.cuda, "precision": self.precision,
+            "strongly_typed": self.strongly_typed, "profile": self.profile, "inputs": self.inputs,
+            "outputs": self.outputs, "onnx": {"file": self.onnx_file, "sha256": self.onnx_sha256},
+            "classmap_version": self.classmap_version, "build_s": self.build_s, "workspace_gb": self.workspace_gb,
+        }
+
+
 def engine_manifest(local: LocalGpu, *, precision: str, strongly_typed: bool, profile: Profile | None,
                     inputs: dict[str, dict[str, Any]], outputs: dict[str, dict[str, Any]], onnx_file: str,
                     onnx_sha256: str, classmap_version: int, build_s: float, workspace_gb: float) -> dict[str, Any]:
-    """The sidecar written next to an engine (layout in the export design notes)."""
-    return {
-        "format": ENGINE_FORMAT, "tensorrt": local.tensorrt, "gpu": local.gpu,
-        "compute_capability": list(local.compute_capability), "cuda": local.cuda, "precision": precision,
-        "strongly_typed": strongly_typed,
-        "profile": None if profile is None else {
+    """The sidecar written next to an engine built on `local`."""
+    return EngineManifest(
+        local.tensorrt, local.compute_capability, precision, onnx_file, onnx_sha256, classmap_version,
+        gpu=local.gpu, cuda=local.cuda, strongly_typed=strongly_typed,
+        profile=None if profile is None else {
             name: {"min": list(lo), "opt": list(opt), "max": list(hi)} for name, (lo, opt, hi) in profile.items()},
-        "inputs": inputs, "outputs": outputs, "onnx": {"file": onnx_file, "sha256": onnx_sha256},
-        "classmap_version": classmap_version, "build_s": round(build_s, 3), "workspace_gb": workspace_gb,
-    }
+        inputs=inputs, outputs=outputs, build_s=round(build_s, 3), workspace_gb=workspace_gb).to_json()
 
 
-def _field(sidecar: dict[str, Any], *keys: str) -> Any:
-    value: Any = sidecar
-    try:
-        for key in keys:
-            value = value[key]
-    except (KeyError, TypeError, IndexError):
-        raise CissError(f"engine manifest has no {'.'.join(keys)}; it is corrupt: {_REBUILD}") from None
-    return value
-
-
-def check_engine_manifest(sidecar: dict[str, Any], local: LocalGpu, *, onnx_sha256: str | None = None,
+def check_engine_manifest(sidecar: EngineManifest, local: LocalGpu, *, onnx_sha256: str | None = None,
                           classmap_version: int | None = None) -> None:
     """Refuse an engine this machine cannot run, or one built from another model, before deserializing.
 
@@ -115,28 +173,20 @@ def check_engine_manifest(sidecar: dict[str, Any], local: LocalGpu, *, onnx_sha2
     compared, because another card with the same compute capability runs the plan (perhaps with less
     tuned tactics). `onnx_sha256` and `classmap_version` come from the model manifest when given.
     """
-    fmt = _field(sidecar, "format")
-    if fmt != ENGINE_FORMAT:
-        raise CissError(f"engine manifest has format {fmt!r}, not {ENGINE_FORMAT!r}: {_REBUILD}")
-    built = str(_field(sidecar, "tensorrt"))
-    cc = _field(sidecar, "compute_capability")
-    if not isinstance(cc, list) or len(cc) != 2:
-        raise CissError(f"engine manifest has compute_capability {cc!r}; it is corrupt: {_REBUILD}")
-    tag = engine_tag(cc, built, _field(sidecar, "precision"))
+    built, cc, tag = sidecar.tensorrt, sidecar.compute_capability, sidecar.tag
     if built != local.tensorrt or tuple(cc) != tuple(local.compute_capability):
         here = local.compute_capability
         raise CissError(f"engine {tag} was built for TensorRT {built} on compute capability {cc[0]}.{cc[1]}; "
                         f"this machine has TensorRT {local.tensorrt} on {here[0]}.{here[1]}: {_REBUILD}")
-    built_from = _field(sidecar, "onnx", "sha256")
-    if onnx_sha256 is not None and built_from != onnx_sha256:
-        raise CissError(f"engine {tag} was built from another ONNX (sha256 {built_from[:12]}, the model's is "
+    if onnx_sha256 is not None and sidecar.onnx_sha256 != onnx_sha256:
+        raise CissError(f"engine {tag} was built from another ONNX (sha256 {sidecar.onnx_sha256[:12]}, the model's is "
                         f"{onnx_sha256[:12]}): {_REBUILD}")
-    classes = _field(sidecar, "classmap_version")
-    if classmap_version is not None and classes != classmap_version:
-        raise CissError(f"engine {tag} has class map version {classes} but the model has {classmap_version}: {_REBUILD}")
+    if classmap_version is not None and sidecar.classmap_version != classmap_version:
+        raise CissError(f"engine {tag} has class map version {sidecar.classmap_version} but the model has "
+                        f"{classmap_version}: {_REBUILD}")
 
 
-def load_engine(path: Path, sidecar: dict[str, Any], *, onnx_sha256: str | None = None,
+def load_engine(path: Path, sidecar: EngineManifest, *, onnx_sha256: str | None = None,
                 classmap_version: int | None = None) -> tensorrt.ICudaEngine:
     """Preflight, then deserialize. TensorRT returns None (and only logs why) for a plan it cannot
     use; that becomes a CissError so the caller can fall back to the ONNX model."""

@@ -27,10 +27,8 @@ from typing import Any
 from ciss.atomic import HOST, StagingFolder, remove_dead_staging
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
-from ciss.manifest import fsync_dir, sha256_file, write_json_atomic
+from ciss.manifest import MANIFEST, MODEL_FORMAT, InputSpec, ModelManifest, fsync_dir, sha256_file, write_json_atomic
 
-MODEL_FORMAT = "ciss.model/1"
-MANIFEST = "manifest.json"
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _VERSION = re.compile(r"[1-9][0-9]*")
 
@@ -55,7 +53,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def verify_version(path: Path, root: Path | None = None) -> dict[str, Any]:
+def verify_version(path: Path, root: Path | None = None) -> ModelManifest:
     """The manifest of the version folder `path`, once every file a backend may open is listed with its
     size and sha256 and matches them, and the folder lies inside the repository `root` (by default
     the folder two levels up, as in `<root>/<name>/<version>`).
@@ -68,7 +66,7 @@ def verify_version(path: Path, root: Path | None = None) -> dict[str, Any]:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise CissError(f"model version {path} is corrupt: {problems[0]}{more}; publish it again")
     assert manifest is not None
-    return manifest
+    return ModelManifest.from_json(manifest, path / MANIFEST)
 
 
 def _load_manifest(folder: Path) -> dict[str, Any]:
@@ -202,8 +200,10 @@ class ModelRepository:
             raise CissError(f"model '{name}' has no version {version} (versions: {', '.join(map(str, versions))})")
         return self.root / name / str(version)
 
-    def manifest(self, name: str, version: int | None = None) -> dict[str, Any]:
-        return _load_manifest(self.path(name, version))
+    def manifest(self, name: str, version: int | None = None) -> ModelManifest:
+        """The manifest of a version (the latest when `version` is None), checked and typed."""
+        path = self.path(name, version)
+        return ModelManifest.from_json(_load_manifest(path), path / MANIFEST)
 
     def publish(self, name: str, files: Mapping[str, Path], manifest: Mapping[str, Any],
                 allow_class_change: bool = False,
@@ -260,7 +260,7 @@ class ModelRepository:
 
     def check_extends(self, name: str, parent: int, classes: ClassMap) -> None:
         """Refuse `classes` for a version of `name` unless it extends version `parent`'s class map."""
-        old = ClassMap.from_json(self.manifest(name, parent).get("classes") or [])
+        old = self.manifest(name, parent).classes
         if not classes.is_extension_of(old):
             raise CissError(f"the new version of '{name}' does not extend version {parent}'s classes: "
                             f"{first_difference(classes, old)}; a version may only append classes "
@@ -305,12 +305,11 @@ class ModelRepository:
             rows = [["version", "classes", "input", "precisions", "mIoU all/old/new %", "created"]]
             for v in versions:
                 m = self.manifest(n, v)
-                parent = m.get("parent")
-                before = self.manifest(n, parent).get("classes") if parent in versions else None
-                rows.append([str(v), _classes_cell(m.get("classes") or [], before), _input_cell(m.get("input")),
-                             ", ".join(_precisions(m)), "/".join(_pct((m.get("metrics") or {}).get(k))
+                before = self.manifest(n, m.parent).classes if m.parent in versions else None
+                rows.append([str(v), _classes_cell(m.classes, before), _input_cell(m.input),
+                             ", ".join(_precisions(m)), "/".join(_pct((m.metrics or {}).get(k))
                                                                  for k in ("miou_all", "miou_old", "miou_new")),
-                             str(m.get("created", "-"))])
+                             m.created])
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
             lines = [f"{n}  ({self.root / n})"]
             lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -350,28 +349,26 @@ def _write_error(folder: Path, e: OSError) -> CissError:
                      "free space (nothing was published)")
 
 
-def _classes_cell(classes: list[dict[str, Any]], parent: list[dict[str, Any]] | None) -> str:
+def _classes_cell(classes: ClassMap, parent: ClassMap | None) -> str:
     """The class count, and which classes this version added to its parent."""
     if parent is None:
         return str(len(classes))
-    names, old = [c["name"] for c in classes], [c["name"] for c in parent]
-    if ClassMap.from_json(classes).is_extension_of(ClassMap.from_json(parent)):
-        added = names[len(old):]
-        return f"{len(names)} (+{', '.join(added)})" if added else str(len(names))
-    return f"{len(names)} (changed)"
+    if classes.is_extension_of(parent):
+        added = classes.names[len(parent):]
+        return f"{len(classes)} (+{', '.join(added)})" if added else str(len(classes))
+    return f"{len(classes)} (changed)"
 
 
-def _input_cell(spec: dict[str, Any] | None) -> str:
-    if not spec:
+def _input_cell(spec: InputSpec | None) -> str:
+    if spec is None:
         return "-"
-    size = spec.get("size")
-    return "dynamic" if spec.get("dynamic") or not size else f"{size[0]}x{size[1]}"
+    return "dynamic" if spec.dynamic or not spec.size else f"{spec.size[0]}x{spec.size[1]}"
 
 
-def _precisions(manifest: dict[str, Any]) -> list[str]:
+def _precisions(manifest: ModelManifest) -> list[str]:
     """model.onnx's precision, the ONNX variants, then every TensorRT engine by its tag."""
-    found = [str(manifest.get("precision", "fp32"))] + sorted(manifest.get("variants") or {})
-    return found + [PurePosixPath(e["file"]).stem for e in manifest.get("engines") or []]
+    found = [manifest.precision] + sorted(manifest.variants)
+    return found + [PurePosixPath(str(e.get("file"))).stem for e in manifest.engines]
 
 
 def _pct(value: Any) -> str:

@@ -14,9 +14,8 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
 from ciss.errors import CissError
+from ciss.manifest import InputSpec
 
 Size = tuple[int, int]
 RESIZE_MODES = ("stretch", "letterbox")
@@ -88,22 +87,21 @@ class Box:
     width: int
 
 
-def input_size(spec: dict[str, Any], frame_hw: Size, resize: str = "stretch") -> Size:
+def input_size(spec: InputSpec, frame_hw: Size, resize: str = "stretch") -> Size:
     """The network input (H, W) for a frame: the fixed export size, or for a dynamic graph the frame's
     size in multiples of the output stride (so the mask aligns) inside the exported range: the
     nearest multiple to stretch to, the next one up to letterbox (pad only, no resampling)."""
-    if spec.get("size"):
-        h, w = spec["size"]
-        return int(h), int(w)
-    stride = int(spec.get("stride") or 1)
-    low = spec.get("min_size") or (stride, stride)
-    high = spec.get("max_size") or frame_hw
+    if spec.size:
+        return spec.size
+    stride = spec.stride or 1
+    low = spec.min_size or (stride, stride)
+    high = spec.max_size or frame_hw
     step = math.ceil if resize == "letterbox" else round
     return tuple(int(min(max(step(side / stride) * stride, lo), hi))  # type: ignore[return-value]
                  for side, lo, hi in zip(frame_hw, low, high))
 
 
-def placement(spec: dict[str, Any], frame_hw: Size, resize: str) -> tuple[Size, Box]:
+def placement(spec: InputSpec, frame_hw: Size, resize: str) -> tuple[Size, Box]:
     """The network input size for a frame and where the frame goes in it. Stretch fills the input;
     letterbox scales the frame to fit with its aspect ratio kept (never up, for a dynamic graph)
     and centres it, so pre-processing can pad around it and post-processing crop the mask back."""
@@ -111,6 +109,6 @@ def placement(spec: dict[str, Any], frame_hw: Size, resize: str) -> tuple[Size, 
     if resize == "stretch" or (h, w) == tuple(frame_hw):
         return (h, w), Box(0, 0, h, w)
     fh, fw = frame_hw
-    scale = min(h / fh, w / fw, 1.0 if not spec.get("size") else math.inf)
+    scale = min(h / fh, w / fw, 1.0 if not spec.size else math.inf)
     bh, bw = min(h, max(1, round(fh * scale))), min(w, max(1, round(fw * scale)))
     return (h, w), Box((h - bh) // 2, (w - bw) // 2, bh, bw)

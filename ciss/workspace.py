@@ -9,17 +9,16 @@ Torch-free: the runtime install resolves `models/` with it.
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 from ciss.errors import CissError
+from ciss.manifest import finished_steps, read_step, step_dir
 
 RUNS = Path("runs")
 MODELS = Path("models")
-_STEP_MANIFEST = re.compile(r"^step-(\d+)$")
 
 
 def new_run(dataset: str, runs: Path = RUNS) -> Path:
@@ -39,18 +38,14 @@ def _parse(stamp: object) -> datetime | None:
         return None
 
 
-def _created(manifest: Path) -> datetime | None:
-    try:
-        return _parse(json.loads(manifest.read_text()).get("created"))
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def _run_finished(run: Path) -> datetime | None:
-    """When the run's last finished step was written (None if it has none)."""
-    steps = [(int(m.group(1)), p) for p in run.iterdir() if p.is_dir() and (m := _STEP_MANIFEST.match(p.name))]
-    for _, step in sorted(steps, reverse=True):
-        created = _created(step / "manifest.json")
+    """When the run's last readable finished step was written (None if it has none): a damaged run is
+    passed over here, and its own commands say what is wrong with it."""
+    for k in reversed(finished_steps(run)):
+        try:
+            created = _parse(read_step(step_dir(run, k)).created)
+        except CissError:
+            continue
         if created is not None:
             return created
     return None
@@ -87,7 +82,7 @@ def latest_model(repo: Path = MODELS, log: Callable[[str], None] | None = None) 
     repository = ModelRepository(repo)
     found = {}
     for name in repository.names():
-        if (created := _parse(repository.manifest(name).get("created"))) is not None:
+        if (created := _parse(repository.manifest(name).created)) is not None:
             found[name] = created
     if not found:
         raise CissError(f"no published model in {repo}/; publish one with `ciss export` "

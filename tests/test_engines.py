@@ -30,6 +30,11 @@ def sidecar(**changes) -> dict:
     return manifest
 
 
+def parsed(data: dict) -> engines.EngineManifest:
+    """A sidecar as the runtime reads it from disk (its checks raise here)."""
+    return engines.EngineManifest.from_json(data)
+
+
 # --- module import, availability probe ------------------------------------------------------------
 
 def test_importing_the_module_loads_no_torch_or_tensorrt():
@@ -45,7 +50,7 @@ def test_without_tensorrt_everything_says_why_in_one_line(tmp_path):
     assert reason == "TensorRT is not installed (pip install tensorrt on a machine with an NVIDIA GPU)"
     assert engines.local_gpu() is None
     with pytest.raises(CissError, match="^cannot load engine .*TensorRT is not installed.*use the ONNX model$"):
-        engines.load_engine(tmp_path / "x.engine", sidecar())
+        engines.load_engine(tmp_path / "x.engine", parsed(sidecar()))
 
 
 @pytest.fixture
@@ -119,19 +124,19 @@ def test_engine_manifest_records_the_build():
 # --- preflight -------------------------------------------------------------------------------------
 
 def test_preflight_accepts_a_matching_engine():
-    engines.check_engine_manifest(sidecar(), H100)
-    engines.check_engine_manifest(sidecar(), H100, onnx_sha256=SHA, classmap_version=4)
-    engines.check_engine_manifest(json.loads(json.dumps(sidecar())), H100)  # as read back from disk
+    engines.check_engine_manifest(parsed(sidecar()), H100)
+    engines.check_engine_manifest(parsed(sidecar()), H100, onnx_sha256=SHA, classmap_version=4)
+    engines.check_engine_manifest(parsed(json.loads(json.dumps(sidecar()))), H100)  # as read back from disk
 
 
 def test_preflight_ignores_the_gpu_name_and_cuda_version():
     """Plans are tied to the SM and TensorRT version, not to the card's name or the CUDA toolkit."""
-    engines.check_engine_manifest(sidecar(gpu="NVIDIA H100 PCIe", cuda="12.1"), H100)
+    engines.check_engine_manifest(parsed(sidecar(gpu="NVIDIA H100 PCIe", cuda="12.1")), H100)
 
 
 def test_preflight_message_names_both_sides():
     with pytest.raises(CissError) as e:
-        engines.check_engine_manifest(sidecar(tensorrt="10.3.0", compute_capability=[8, 6]),
+        engines.check_engine_manifest(parsed(sidecar(tensorrt="10.3.0", compute_capability=[8, 6])),
                                       LocalGpu("10.7.0", "NVIDIA H100", (9, 0), "12.6"))
     assert str(e.value) == ("engine sm86-trt10.3.0-fp16 was built for TensorRT 10.3.0 on compute capability 8.6; "
                             "this machine has TensorRT 10.7.0 on 9.0: rebuild it with `ciss export --trt` or use "
@@ -150,7 +155,7 @@ def test_preflight_message_names_both_sides():
 ])
 def test_preflight_refuses(changes, local, match):
     with pytest.raises(CissError, match="rebuild it with `ciss export --trt` or use the ONNX model$") as e:
-        engines.check_engine_manifest(sidecar(**changes), local)
+        engines.check_engine_manifest(parsed(sidecar(**changes)), local)
     assert match in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -161,18 +166,18 @@ def test_preflight_calls_a_sidecar_with_a_missing_field_corrupt(field):
     broken = sidecar()
     del broken[field]
     with pytest.raises(CissError, match=f"engine manifest has no {field}.*; it is corrupt"):
-        engines.check_engine_manifest(broken, H100)
+        engines.check_engine_manifest(parsed(broken), H100)
 
 
 def test_preflight_checks_the_onnx_and_class_map_when_asked():
     with pytest.raises(CissError, match=f"sm90-trt10.3.0-fp16 was built from another ONNX \\(sha256 {SHA[:12]}, "
                                         f"the model's is {'cd' * 6}\\)"):
-        engines.check_engine_manifest(sidecar(), H100, onnx_sha256="cd" * 32)
+        engines.check_engine_manifest(parsed(sidecar()), H100, onnx_sha256="cd" * 32)
     with pytest.raises(CissError, match="has class map version 4 but the model has 5: rebuild"):
-        engines.check_engine_manifest(sidecar(), H100, onnx_sha256=SHA, classmap_version=5)
+        engines.check_engine_manifest(parsed(sidecar()), H100, onnx_sha256=SHA, classmap_version=5)
 
 
 def test_load_engine_runs_the_preflight_before_touching_the_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(engines, "probe", lambda: (H100, None))
     with pytest.raises(CissError, match="built for TensorRT 9.9.9"):
-        engines.load_engine(tmp_path / "missing.engine", sidecar(tensorrt="9.9.9"))
+        engines.load_engine(tmp_path / "missing.engine", parsed(sidecar(tensorrt="9.9.9")))

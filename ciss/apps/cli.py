@@ -164,7 +164,6 @@ def eval_cmd(run: Path | None, step: int | None, data: Path | None, split: str |
     import json
 
     from ciss.api import Run
-    from ciss.classmap import ClassMap
     from ciss.trainer.report import metrics_table
     from ciss.trainer.store import RunStore
 
@@ -173,7 +172,7 @@ def eval_cmd(run: Path | None, step: int | None, data: Path | None, split: str |
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return
-    cmap = ClassMap.from_json(RunStore(target.path).manifest(metrics["step"])["classes"])
+    cmap = RunStore(target.path).manifest(metrics["step"]).classes
     click.echo(f"step {metrics['step']} on split '{metrics['split']}' ({metrics['protocol']} protocol)")
     click.echo(metrics_table(metrics, cmap))
 

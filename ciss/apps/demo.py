@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from ciss.errors import CissError
-from ciss.manifest import write_json_atomic
+from ciss.manifest import run_steps, write_json_atomic
 from ciss.runtime.model import Result
 from ciss.runtime.pipeline import LiveOptions, run_live
 from ciss.runtime.segmenter import Segmenter
@@ -376,20 +376,15 @@ def _learn_base(run: Path, data: Path | None, classes: list[str], method: str, c
 def _metrics(run: Path, report: dict[str, Any], monitor: _Monitor, stages: dict[str, float], wall_s: float,
              demo: dict[str, Any]) -> dict[str, Any]:
     """Per-class IoU before and after the new step, forgetting, and the live report."""
-    from ciss.trainer.store import RunStore
-
-    store = RunStore(run)
-    steps = []
-    for k in store.steps():
-        m = store.manifest(k)
-        steps.append({"step": k, "added": m["data"]["added"], "method": m["method"], "model": m["model"]["preset"],
-                      "train_s": m["train"]["wall_s"], "metrics": m["metrics"]})
-    before, after = steps[0]["metrics"]["per_class"], steps[-1]["metrics"]["per_class"]
-    old = store.classmap(0).names
-    drop = {n: before[n] - after[n] for n in old if n in before and n in after}
+    history = run_steps(run)
+    steps = [{"step": m.step, "added": m.added, "method": m.method, "model": m.preset, "train_s": m.wall_s,
+              "metrics": m.metrics} for m in history]
+    first, last = history[0].metrics, history[-1].metrics
+    before, after = first["per_class"], last["per_class"]
+    drop = {n: before[n] - after[n] for n in history[0].classes.names if n in before and n in after}
     forgetting = {"per_class": drop, "mean": sum(drop.values()) / len(drop) if drop else None,
-                  "miou_old_before": steps[0]["metrics"]["miou_old"], "miou_old_after": steps[-1]["metrics"]["miou_old"],
-                  "miou_new_after": steps[-1]["metrics"]["miou_new"]}
+                  "miou_old_before": first["miou_old"], "miou_old_after": last["miou_old"],
+                  "miou_new_after": last["miou_new"]}
     live = {**report, "out_of_order": monitor.out_of_order, "swap_seq": monitor.swap_seq,
             "seq_continuous": monitor.out_of_order == 0}
     return {"demo": {**demo, "wall_s": wall_s, "stages_s": stages}, "steps": steps, "forgetting": forgetting,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -211,8 +211,3 @@ def exporter_versions(opset: int) -> dict[str, Any]:
 
     return {"ciss": ciss.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "opset": opset}
-
-
-def normalisation(mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
-    return {"layout": "NCHW", "color": "RGB", "dtype": "float32", "scale": 1 / 255,
-            "mean": list(mean), "std": list(std)}

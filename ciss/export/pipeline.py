@@ -9,23 +9,24 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ciss.classmap import ClassMap, unlearned_warning
-from ciss.engines import engine_unavailable_reason, local_gpu
+from ciss.engines import EngineManifest, engine_unavailable_reason, local_gpu
 from ciss.errors import CissError
 from ciss.export import onnx as onnx_export
 from ciss.export.settings import EXPORT, PRECISIONS
 from ciss.export.verify import check_parity, evaluate_graph, spread, to_input
+from ciss.manifest import InputSpec, ModelManifest, StepManifest, sha256_file, write_json_atomic
 from ciss.repository import ModelRepository, check_name
 from ciss.sizes import Size, check_stride, stride_size, typical_size
 from ciss.trainer.data import open_splits
 from ciss.trainer.data.base import SegDataset
-from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
+from ciss.trainer.data.transforms import Normalise
 from ciss.trainer.log import bar
 from ciss.trainer.store import RunStore
 
@@ -56,14 +57,14 @@ class ExportResult:
     name: str
     version: int
     path: Path
-    manifest: dict[str, Any]
+    manifest: ModelManifest
     engine_error: str | None = None  # why `--trt` built no engine (the ONNX is published regardless)
 
 
-def _step_datasets(manifest: dict[str, Any], log: Callable[[str], None]) -> tuple[SegDataset | None, SegDataset | None]:
+def _step_datasets(manifest: StepManifest, log: Callable[[str], None]) -> tuple[SegDataset | None, SegDataset | None]:
     """The step's training and eval splits, or None where the data is not on this machine."""
     try:
-        return open_splits(manifest["config"])
+        return open_splits(manifest.config)
     except CissError as e:
         log(f"the step's dataset is not readable here ({e}); checking parity on synthetic scenes")
         return None, None
@@ -126,18 +127,19 @@ def export_step(run: Path, repo: Path, name: str, options: ExportOptions,
     model, step_manifest = store.load(step)
     if options.size:
         check_stride(options.size, model.output_stride)  # before minutes of export work
-    classmap = ClassMap.from_json(step_manifest["classes"])
+    classmap = step_manifest.classes
     repository = ModelRepository(repo)
     parent = repository.latest(name)
     if parent is not None and not options.allow_class_change:
         repository.check_extends(name, parent, classmap)  # fail before minutes of export work
     train_ds, eval_ds = _step_datasets(step_manifest, log)
     size = options.size or _default_size((train_ds, eval_ds), model.output_stride, log)
-    normalise = Normalise(IMAGENET_MEAN, IMAGENET_STD)
+    normalisation = step_manifest.normalisation  # ImageNet's for a step written before steps recorded it
+    normalise = Normalise(normalisation.mean, normalisation.std)
 
     log(f"exporting step {step} of {store.root} ({len(classmap)} classes) at {size[0]}x{size[1]}"
         f"{' (dynamic height and width)' if options.dynamic else ''}")
-    warning = unlearned_warning(classmap, step_manifest.get("metrics"))
+    warning = unlearned_warning(classmap, step_manifest.metrics)
     if warning:
         log(warning)
     fused = model.fused().eval()
@@ -148,14 +150,13 @@ def export_step(run: Path, repo: Path, name: str, options: ExportOptions,
     log(f"parity with PyTorch on {parity['images']} images x {len(sizes)} size(s): mask agreement "
         f"{100 * parity['mask_agreement']:.3f}%, max |Δlogit| {parity['max_abs_logit_diff']:.2e}")
 
-    input_spec = {"name": onnx_export.INPUT, "size": None if options.dynamic else list(size),
-                  "dynamic": options.dynamic, "example_size": list(size),
-                  "min_size": [onnx_export.MIN_SIDE] * 2 if options.dynamic else None,
-                  "max_size": [onnx_export.MAX_SIDE] * 2 if options.dynamic else None,
-                  "stride": fused.output_stride, **onnx_export.normalisation(IMAGENET_MEAN, IMAGENET_STD)}
-    source = {"run": str(store.root.resolve()), "step": step, "weights_sha256": step_manifest["weights"]["sha256"],
-              "method": step_manifest.get("method"), "model": step_manifest["model"]}
-    metadata = {"classes": classmap.to_json(), "step": step, "input": input_spec, "source": source,
+    input_spec = InputSpec(onnx_export.INPUT, size=None if options.dynamic else size, dynamic=options.dynamic,
+                           example_size=size, min_size=(onnx_export.MIN_SIDE,) * 2 if options.dynamic else None,
+                           max_size=(onnx_export.MAX_SIDE,) * 2 if options.dynamic else None,
+                           stride=fused.output_stride, normalisation=normalisation)
+    source = {"run": str(store.root.resolve()), "step": step, "weights_sha256": step_manifest.weights.sha256,
+              "method": step_manifest.method, "model": step_manifest.model}
+    metadata = {"classes": classmap.to_json(), "step": step, "input": input_spec.to_json(), "source": source,
                 "exporter": onnx_export.exporter_versions(onnx_export.graph_opset(logits))}
 
     with tempfile.TemporaryDirectory(prefix="ciss-export-") as tmp:
@@ -182,7 +183,7 @@ class ExportSession:
     options: ExportOptions
     size: Size
     classmap: ClassMap
-    step_manifest: dict[str, Any]
+    step_manifest: StepManifest
     log: Callable[[str], None]
     files: dict[str, Path] = field(default_factory=dict)     # path inside the version -> file in `work`
     manifest: dict[str, Any] = field(default_factory=dict)
@@ -197,7 +198,7 @@ class ExportSession:
         onnx_export.save_checked(final, self.files["model.onnx"])
         self.manifest = {
             "classes": self.classmap.to_json(), "input": self.metadata["input"], "outputs": outputs,
-            "precision": "fp32", "source": self.metadata["source"], "metrics": self.step_manifest.get("metrics"),
+            "precision": "fp32", "source": self.metadata["source"], "metrics": self.step_manifest.metrics,
             "parity": parity, "exporter": self.metadata["exporter"], "variants": {}, "engines": []}
 
     def int8(self, train_ds: SegDataset | None, eval_ds: SegDataset | None, normalise: Normalise) -> None:
@@ -219,7 +220,7 @@ class ExportSession:
         self.manifest["variants"]["int8"] = variant
         if eval_ds is None:
             return
-        data = self.step_manifest["config"]["data"]
+        data = self.step_manifest.config["data"]
         fp32 = evaluate_graph(onnx_export.add_tail(self.logits, "mask"), eval_ds, self.classmap, data["eval_protocol"],
                               size, normalise, label="fp32 eval")
         int8 = evaluate_graph(onnx_export.add_tail(q_logits, "mask"), eval_ds, self.classmap, data["eval_protocol"],
@@ -291,15 +292,13 @@ class ExportSession:
 def _stamp_onnx(staging: Path, version: int) -> list[str]:
     """Write the version into every ONNX file; engine sidecars then name the stamped file's sha256
     (only metadata changed, so the engine still comes from that graph)."""
-    from ciss.manifest import read_json, sha256_file, write_json_atomic
-
     changed = []
     for path in sorted(staging.glob("*.onnx")):
         onnx_export.stamp_version(path, version)
         changed.append(path.name)
     for path in sorted(staging.glob("engines/*.json")):
-        sidecar = read_json(path, "engine manifest")
-        sidecar["onnx"]["sha256"] = sha256_file(staging / sidecar["onnx"]["file"])
-        write_json_atomic(path, sidecar)
+        sidecar = EngineManifest.read(path)
+        stamped = replace(sidecar, onnx_sha256=sha256_file(staging / sidecar.onnx_file))
+        write_json_atomic(path, stamped.to_json())
         changed.append(f"engines/{path.name}")
     return changed

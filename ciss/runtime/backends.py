@@ -20,9 +20,9 @@ import numpy as np
 import onnxruntime as ort
 
 from ciss.classmap import mask_dtype
-from ciss.engines import engine_unavailable_reason, load_engine
+from ciss.engines import EngineManifest, engine_unavailable_reason, load_engine
 from ciss.errors import CissError
-from ciss.manifest import read_json
+from ciss.manifest import InputSpec, ModelManifest
 from ciss.repository import member
 from ciss.runtime.log import LOGGER, Log
 from ciss.runtime.settings import check_kind
@@ -164,18 +164,18 @@ class TorchBackend(Backend):
     """The trained step the version was exported from, rebuilt with PyTorch: a reference for
     debugging the exported graph, never a deployment path (robots have no torch)."""
 
-    def __init__(self, manifest: dict[str, Any], threads: int):
+    def __init__(self, manifest: ModelManifest, threads: int):
         try:
             import torch
         except ImportError:
             raise CissError("the torch backend needs PyTorch, which is not installed here") from None
         from ciss.trainer.store import RunStore
 
-        source = manifest.get("source") or {}
+        source = manifest.source or {}
         if "run" not in source or "step" not in source:
             raise CissError("the torch backend rebuilds the step a version came from, and this manifest names none")
         model, step_manifest = RunStore(Path(source["run"])).load(int(source["step"]))
-        if step_manifest["weights"]["sha256"] != source.get("weights_sha256"):
+        if step_manifest.weights.sha256 != source.get("weights_sha256"):
             raise CissError(f"step {source['step']} of {source['run']} has changed since this version was exported; "
                             "the torch backend would not run the same weights")
         if threads > 0:
@@ -183,9 +183,9 @@ class TorchBackend(Backend):
         self._torch = torch
         self.model = model.fused().eval()
         self.name, self.precision = "torch", "fp32"
-        self.input_name = manifest["input"]["name"]
-        self.output_names = [o["name"] for o in manifest["outputs"]]
-        self._mask_dtype = mask_dtype(len(manifest["classes"]))
+        self.input_name = (manifest.input or InputSpec()).name
+        self.output_names = [o["name"] for o in manifest.outputs]
+        self._mask_dtype = mask_dtype(len(manifest.classes))
 
     def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
         with self._torch.no_grad():
@@ -242,19 +242,19 @@ def _ort_providers(kind: str) -> list[Any]:
     return ["CPUExecutionProvider"]
 
 
-def _load_ort(version_dir: Path, manifest: dict[str, Any], kind: str, threads: int) -> Backend:
+def _load_ort(version_dir: Path, manifest: ModelManifest, kind: str, threads: int) -> Backend:
     provider = _PROVIDERS[kind]
     if provider not in ort.get_available_providers():
         raise CissError(f"cannot use backend {kind}: this onnxruntime build has no {provider} "
                         "(install onnxruntime-gpu)")
     if kind == "ort-int8":
-        variant = (manifest.get("variants") or {}).get("int8")
+        variant = manifest.variants.get("int8")
         if not variant:
-            raise CissError(f"cannot use backend ort-int8: version {manifest.get('version')} has no int8 variant "
+            raise CissError(f"cannot use backend ort-int8: version {manifest.version} has no int8 variant "
                             "(export it with --precision int8)")
         path, precision = member(version_dir, variant.get("file")), "int8"
     else:
-        path, precision = version_dir / "model.onnx", str(manifest.get("precision", "fp32"))
+        path, precision = version_dir / "model.onnx", manifest.precision
     try:
         session = _session(path, _ort_providers(kind), threads)
         problem = None if session.get_providers()[0] == provider else \
@@ -269,29 +269,28 @@ def _load_ort(version_dir: Path, manifest: dict[str, Any], kind: str, threads: i
     return OrtBackend(session, precision)
 
 
-def _load_tensorrt(version_dir: Path, manifest: dict[str, Any]) -> Backend:
+def _load_tensorrt(version_dir: Path, manifest: ModelManifest) -> Backend:
     """The fastest listed engine whose sidecar matches this machine (checked before deserializing)."""
     if reason := engine_unavailable_reason():
         raise CissError(f"cannot use backend tensorrt: {reason}")
-    engines = sorted(manifest.get("engines") or [], key=lambda e: _FASTEST_FIRST.get(e.get("precision"), 3))
+    engines = sorted(manifest.engines, key=lambda e: _FASTEST_FIRST.get(e.get("precision"), 3))
     if not engines:
-        raise CissError(f"cannot use backend tensorrt: version {manifest.get('version')} has no TensorRT engine "
+        raise CissError(f"cannot use backend tensorrt: version {manifest.version} has no TensorRT engine "
                         "(export it with --trt on a machine like this one)")
-    files = manifest.get("files") or {}
     refusals = []
     for entry in engines:
         try:
-            sidecar = read_json(member(version_dir, entry.get("manifest")), "engine manifest")
+            sidecar = EngineManifest.read(member(version_dir, entry.get("manifest")))
             engine = load_engine(member(version_dir, entry.get("file")), sidecar,
-                                 onnx_sha256=(files.get(entry.get("onnx")) or {}).get("sha256"),
-                                 classmap_version=len(manifest["classes"]))
-            return TensorRTBackend(engine, str(entry.get("precision", sidecar.get("precision"))))
+                                 onnx_sha256=(manifest.files.get(entry.get("onnx")) or {}).get("sha256"),
+                                 classmap_version=len(manifest.classes))
+            return TensorRTBackend(engine, str(entry.get("precision", sidecar.precision)))
         except CissError as e:
             refusals.append(str(e))
     raise CissError(f"cannot use backend tensorrt: no engine fits this machine ({'; '.join(refusals)})")
 
 
-def _load(version_dir: Path, manifest: dict[str, Any], kind: str, threads: int) -> Backend:
+def _load(version_dir: Path, manifest: ModelManifest, kind: str, threads: int) -> Backend:
     if kind == "tensorrt":
         return _load_tensorrt(version_dir, manifest)
     if kind == "torch":
@@ -299,14 +298,14 @@ def _load(version_dir: Path, manifest: dict[str, Any], kind: str, threads: int) 
     return _load_ort(version_dir, manifest, kind, threads)
 
 
-def _auto(version_dir: Path, manifest: dict[str, Any], threads: int, log: Log) -> Backend:
+def _auto(version_dir: Path, manifest: ModelManifest, threads: int, log: Log) -> Backend:
     """TensorRT engine -> ORT TensorRT -> ORT CUDA -> ORT CPU (runtime.md §10), saying what was skipped."""
     if gpu := gpu_problem():
         skipped = [f"GPU backends: {gpu}"]
     else:
         skipped = []
         for kind in ("tensorrt", "ort-trt", "ort-cuda"):
-            if kind == "tensorrt" and not manifest.get("engines"):
+            if kind == "tensorrt" and not manifest.engines:
                 skipped.append("tensorrt: no engine in this version")
                 continue
             try:
@@ -322,7 +321,7 @@ def _auto(version_dir: Path, manifest: dict[str, Any], threads: int, log: Log) -
     return backend
 
 
-def load_backend(version_dir: Path, manifest: dict[str, Any], kind: str = "auto", threads: int = 0,
+def load_backend(version_dir: Path, manifest: ModelManifest, kind: str = "auto", threads: int = 0,
                  log: Log | None = None) -> Backend:
     """Load the version in `version_dir` (its verified `manifest`) on backend `kind` (one of
     ciss.runtime.settings.KINDS).

@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ciss.classmap import ClassMap
 from ciss.errors import CissError
+from ciss.manifest import ModelManifest
 from ciss.repository import MANIFEST, first_difference, verify_version
 from ciss.runtime.log import Log
 from ciss.runtime.model import Model
@@ -41,7 +41,7 @@ IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x008, 0x080, 0x100
 IN_Q_OVERFLOW, IN_IGNORED = 0x4000, 0x8000
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len, then len bytes of name
 _VERSION = re.compile(r"[1-9][0-9]*")
-Load = Callable[[Path, dict[str, Any]], Model]
+Load = Callable[[Path, ModelManifest], Model]
 
 
 class Serving(Protocol):
@@ -149,10 +149,10 @@ def watch_folder(folder: Path, inotify: bool = True) -> InotifyWatch | PollingWa
     return PollingWatch()
 
 
-def _placeholder(manifest: dict[str, Any]) -> np.ndarray:
+def _placeholder(manifest: ModelManifest) -> np.ndarray:
     """A grey frame at the model's own size, for checks made before any live frame was seen."""
-    spec = manifest.get("input") or {}
-    h, w = spec.get("size") or spec.get("example_size") or (240, 320)
+    spec = manifest.input
+    h, w = (spec and (spec.size or spec.example_size)) or (240, 320)
     return np.full((int(h), int(w), 3), 127, np.uint8)
 
 
@@ -184,7 +184,7 @@ def prepare(path: Path, serving: list[Model], load: Load, frame: np.ndarray | No
     Warm-up matters most on GPUs, where the first runs cost up to seconds (§4.2, §6.2)."""
     t0 = time.perf_counter()
     manifest = verify_version(path)
-    classmap = ClassMap.from_json(manifest.get("classes") or [])
+    classmap = manifest.classes
     for old in serving:
         if not classmap.is_extension_of(old.classmap):
             raise CissError(f"its class map does not extend version {old.version}'s "

@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 
 from ciss.classmap import ClassMap, mask_dtype, unlearned, unlearned_warning
+from ciss.errors import CissError
+from ciss.manifest import InputSpec, ModelManifest, Normalisation
 from ciss.runtime.backends import Backend, load_backend, return_freed_memory
 from ciss.runtime.log import Log
 from ciss.sizes import ASPECT_WARNING, aspect_change, check_resize, input_size, matching_size, placement
@@ -45,27 +46,36 @@ def mask_from_logits(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return logits.argmax(axis=0).astype(mask_dtype(logits.shape[0])), confidence
 
 
+def _normalised_input(manifest: ModelManifest) -> tuple[InputSpec, Normalisation]:
+    """The version's input spec and the normalisation it gives, which the runtime cannot feed a frame without."""
+    spec = manifest.input
+    if spec is None or spec.normalisation is None:
+        raise CissError(f"version {manifest.version} of '{manifest.name}' does not say how its input is "
+                        "normalised (input mean and std); export it again with `ciss export`")
+    return spec, spec.normalisation
+
+
 class Model:
     """One loaded version: its backend and the pre/post-processing its manifest describes; `resize`
     says how a frame of another shape fits the input (ciss.sizes: stretch, or letterbox)."""
 
-    def __init__(self, version: int, manifest: dict[str, Any], backend: Backend, resize: str = "stretch"):
+    def __init__(self, version: int, manifest: ModelManifest, backend: Backend, resize: str = "stretch"):
         self.version, self.manifest, self.backend = version, manifest, backend
         self.resize = check_resize(resize)
-        self.classmap = ClassMap.from_json(manifest["classes"])
-        self.unlearned = unlearned(self.classmap, manifest.get("metrics"))
-        self.warning = unlearned_warning(self.classmap, manifest.get("metrics"))  # said when it starts serving
-        self.spec = manifest["input"]
-        scale, std = float(self.spec["scale"]), np.asarray(self.spec["std"], np.float32)
+        self.classmap = manifest.classes
+        self.unlearned = unlearned(self.classmap, manifest.metrics)
+        self.warning = unlearned_warning(self.classmap, manifest.metrics)  # said when it starts serving
+        self.spec, norm = _normalised_input(manifest)
+        scale, std = float(self.spec.scale), np.asarray(norm.std, np.float32)
         # (pixel * scale - mean) / std as one multiply-add per channel
         self._mul = (scale / std).astype(np.float32)
-        self._add = (-np.asarray(self.spec["mean"], np.float32) / std).astype(np.float32)
-        self._rgb = self.spec.get("color", "RGB") == "RGB"
+        self._add = (-np.asarray(norm.mean, np.float32) / std).astype(np.float32)
+        self._rgb = self.spec.color == "RGB"
 
     @classmethod
-    def load(cls, path: Path, manifest: dict[str, Any], kind: str, threads: int, log: Log,
+    def load(cls, path: Path, manifest: ModelManifest, kind: str, threads: int, log: Log,
              resize: str = "stretch") -> Model:
-        return cls(int(manifest["version"]), manifest, load_backend(path, manifest, kind, threads, log), resize)
+        return cls(manifest.version, manifest, load_backend(path, manifest, kind, threads, log), resize)
 
     def preprocess(self, frame: np.ndarray) -> np.ndarray:
         (h, w), box = placement(self.spec, frame.shape[:2], self.resize)
@@ -91,7 +101,7 @@ class Model:
         change = aspect_change(frame_hw, input_hw)
         if change <= ASPECT_WARNING:
             return None
-        h, w = matching_size(frame_hw, input_hw, int(self.spec.get("stride") or 1))
+        h, w = matching_size(frame_hw, input_hw, self.spec.stride or 1)
         return (f"frames of {frame_hw[0]}x{frame_hw[1]} are stretched to version {self.version}'s input "
                 f"{input_hw[0]}x{input_hw[1]}, changing their aspect ratio by {100 * change:.0f}%; "
                 f"--resize letterbox keeps it, or export with --size {h}x{w}")

@@ -26,6 +26,7 @@ import numpy as np
 
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
+from ciss.manifest import ModelManifest
 from ciss.repository import ModelRepository
 from ciss.runtime.backends import keep_large_blocks_mapped
 from ciss.runtime.settings import check_kind
@@ -145,7 +146,7 @@ class Segmenter:
         repository = ModelRepository(root)
         path = repository.path(name, version)
 
-        def load(version_dir: Path, manifest: dict[str, Any]) -> Model:
+        def load(version_dir: Path, manifest: ModelManifest) -> Model:
             return Model.load(version_dir, manifest, backend, threads, log, resize)
 
         if version is None:  # models will be retired: their memory must go back to the system

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ciss.classmap import ClassMap
 from ciss.config import toml_text
 from ciss.errors import CissError
+from ciss.manifest import run_steps
 from ciss.trainer.config import CARRIED, DEFAULT_METHOD, TRAINING, check_resolved, resolve_model, split_per_call
 from ciss.trainer.data import open_dataset
 from ciss.trainer.data.base import DatasetInfo
@@ -105,12 +106,9 @@ def plan_steps(store: RunStore, info: DatasetInfo, classes: Sequence[str] | None
 
 
 def history(store: RunStore) -> list[dict[str, Any]]:
-    out = []
-    for k in store.steps():
-        m = store.manifest(k)
-        out.append({"step": k, "classes_added": m["data"]["added"], "method": m["method"],
-                    "classes": m["classes"], "metrics": m["metrics"]})
-    return out
+    """The rows of the run's reports, one per finished step."""
+    return [{"step": m.step, "classes_added": m.added, "method": m.method, "classes": m.classes.to_json(),
+             "metrics": m.metrics} for m in run_steps(store.root)]
 
 
 def carried_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -170,7 +168,7 @@ def committed_already(store: RunStore, classes: Sequence[str] | None, new_classe
     asked = new_classes or (classes if last == 0 else None)
     if last is None or not asked:
         return None
-    return last if [n.strip() for n in asked] == store.manifest(last)["data"]["added"] else None
+    return last if [n.strip() for n in asked] == store.manifest(last).added else None
 
 
 def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, root: Path | None = None,
@@ -193,7 +191,7 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
         log(f"step {finished} of {store.root} is already committed; nothing to resume")
         return []
     last = store.last_step()
-    stored = carried_config(store.manifest(last)["config"]) if last is not None else {}
+    stored = carried_config(store.manifest(last).config) if last is not None else {}
     base_method = stored.pop("method", None) or {"name": DEFAULT_METHOD, "options": {}}
     # Keys added to the defaults since the run began take their default values.
     base = TRAINING.merge(TRAINING.defaults(), stored)

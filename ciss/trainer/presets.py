@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from ciss.config_paths import config_dir, load_toml
+from ciss.manifest import IMAGENET, Normalisation
 from ciss.trainer.registry import Registry
 
 if TYPE_CHECKING:
@@ -37,3 +38,12 @@ def model_presets() -> dict[str, dict[str, Any]]:
     presets = load_toml(PRESETS_FILE, "model presets file")
     return presets | {name: {"description": f"{name} with DeepLabV3's defaults (no preset in {PRESETS_FILE.name})",
                              "backbone": name, **DEFAULT_PRESET} for name in BACKBONES if name not in presets}
+
+
+def preset_normalisation(preset: str) -> Normalisation:
+    """The input normalisation a preset trains with: its `mean` and `std`, else ImageNet's."""
+    spec = model_presets().get(preset, {})
+    if "mean" not in spec and "std" not in spec:
+        return IMAGENET
+    return Normalisation.from_json(spec.get("mean"), spec.get("std"), f"preset '{preset}' in {PRESETS_FILE}",
+                                   "give both, or neither for ImageNet's")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ciss.classmap import BACKGROUND, ClassMap, unlearned_warning
-from ciss.manifest import write_bytes_atomic
+from ciss.manifest import run_steps, write_bytes_atomic
 from ciss.trainer.distributed import Dist, pick_device
 from ciss.trainer.data import open_dataset
 from ciss.trainer.evaluate import evaluate
@@ -27,15 +27,16 @@ def evaluate_step(run: Path, step: int | None = None, data: Path | None = None, 
         from ciss.errors import CissError
         raise CissError(f"{run} has no steps; train one with `ciss learn --run {run}`")
     model, manifest = store.load(step)
-    d = manifest["config"]["data"]
+    d = manifest.config["data"]
     kind, root = ("folder", Path(data)) if data else (d["kind"] or None, Path(d["root"]) if d["root"] else None)
     split = split or d["eval_split"]
     protocol = protocol or d["eval_protocol"]
     ds = open_dataset(kind, root, split, **({} if data else d["options"]))
-    classmap = ClassMap.from_json(manifest["classes"])
+    classmap = manifest.classes
     dev = pick_device(device)
-    loader = eval_loader(ds, classmap, protocol, int(manifest["config"]["eval"]["batch_size"]), Dist(device=dev), 0)
-    metrics = evaluate(model.to(dev).eval(), loader, classmap, dev, old_names=manifest["data"].get("old_names"),
+    loader = eval_loader(ds, classmap, protocol, int(manifest.config["eval"]["batch_size"]), Dist(device=dev), 0,
+                         manifest.normalisation)
+    metrics = evaluate(model.to(dev).eval(), loader, classmap, dev, old_names=manifest.old_names,
                        progress=bar(len(loader), f"evaluating step {step}", unit="batch"))
     metrics.update(split=split, protocol=protocol, step=step)
     return metrics
@@ -68,13 +69,12 @@ def method_label(method: str, step: int) -> str:
 def describe_run(run: Path) -> str:
     store = RunStore(run)
     lines = [f"run {store.root}"]
-    for k in store.steps():
-        m = store.manifest(k)
-        me = m["metrics"]
-        lines.append(f"  step {k}: +{', '.join(m['data']['added'])}  [{method_label(m['method'], k)}, {m['model']['preset']}]  "
+    for m in run_steps(store.root):
+        me = m.metrics
+        lines.append(f"  step {m.step}: +{', '.join(m.added)}  [{method_label(m.method, m.step)}, {m.preset}]  "
                      f"mIoU old {pct(me.get('miou_old'))} new {pct(me.get('miou_new'))} all {pct(me.get('miou_all'))}"
-                     f"  ({m['train']['wall_s']:.0f}s)")
-        warning = unlearned_warning(ClassMap.from_json(m["classes"]), me)
+                     f"  ({m.wall_s:.0f}s)")
+        warning = unlearned_warning(m.classes, me)
         if warning:
             lines.append(f"    {warning}")
     if len(lines) == 1:

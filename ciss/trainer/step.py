@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from ciss.classmap import ClassMap, unlearned_warning
 from ciss.errors import CissError
-from ciss.manifest import library_versions, write_bytes_atomic
+from ciss.manifest import Normalisation, library_versions, write_bytes_atomic
 from ciss.trainer.data import native_ids, open_splits
 from ciss.trainer.data.base import SegDataset
 from ciss.trainer.data.tasks import StepData, pad_collate, presence, test_indices, test_lut, train_indices, train_lut
@@ -38,6 +38,7 @@ from ciss.trainer.log import Progress, TrainLog, bar, format_seconds
 from ciss.trainer.methods import build_method
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch
 from ciss.trainer.models import DeepLabV3, build_model, pretrained_weights
+from ciss.trainer.presets import preset_normalisation
 from ciss.trainer.models.norm import convert_sync_batchnorm, freeze_batchnorm
 from ciss.trainer.models.outputs import Outputs
 from ciss.trainer.optim import (average_grads, clip_groups, lr_multipliers, param_groups, poly_lr, set_lr,
@@ -64,11 +65,11 @@ def train_step(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
     torch.manual_seed(int(cfg["seed"]) + plan.step)
     method = build_method(cfg["method"]["name"], cfg["method"].get("options", {}))
     models = build_models(store, plan, cfg, method, dist, log)
-    data = build_data(plan, cfg, dist)
+    data = build_data(plan, cfg, dist, models.normalisation)
     state = read_checkpoint(store, plan.step, cfg, resume, dist)
     loop = build_loop(models, method, data, plan, cfg, dist, state, log)
     wall = train_iterations(loop, data, plan, cfg, dist, store.partial_dir(plan.step), log)
-    metrics, matrix, eval_images = evaluate_step(models.model, data.eval_ds, plan, cfg, dist)
+    metrics, matrix, eval_images = evaluate_step(models.model, data.eval_ds, plan, cfg, dist, models.normalisation)
     manifest = step_manifest(store, plan, cfg, dist, models, method, data, metrics, eval_images, wall)
     if dist.main:
         commit_step(store, plan, manifest, matrix, models.model, wall, log)
@@ -88,6 +89,7 @@ class Models:
     parent: dict[str, Any] | None  # the previous step and its weights' sha256
     pretrained: dict[str, Any] | None  # the ImageNet (or own) file step 0 started from
     n_old: int  # the previous model's channels, background included (0 at step 0)
+    normalisation: Normalisation  # the preset's at step 0, then the previous step's: what the weights know
 
 
 def build_models(store: RunStore, plan: StepPlan, cfg: dict[str, Any], method: Method, dist: Dist,
@@ -102,13 +104,15 @@ def build_models(store: RunStore, plan: StepPlan, cfg: dict[str, Any], method: M
         model = build_model(mcfg["preset"], plan.classmap.step_sizes(), output_stride=mcfg["output_stride"],
                             pretrained=weights.path if weights else None)
         pretrained = weights.to_json() if weights else None
+        normalisation = preset_normalisation(mcfg["preset"])
     else:
         old_model, parent_manifest = store.load(plan.step - 1)
-        if old_model.config["preset"] != mcfg["preset"]:
-            raise CissError(f"run {store.root} was made with model '{old_model.config['preset']}', "
+        if parent_manifest.preset != mcfg["preset"]:
+            raise CissError(f"run {store.root} was made with model '{parent_manifest.preset}', "
                             f"not '{mcfg['preset']}'; add classes with the same --model or start a new run")
-        parent = {"step": plan.step - 1, "sha256": parent_manifest["weights"]["sha256"]}
-        pretrained = parent_manifest.get("pretrained")
+        parent = {"step": plan.step - 1, "sha256": parent_manifest.weights.sha256}
+        pretrained = parent_manifest.pretrained
+        normalisation = parent_manifest.normalisation
         model = copy.deepcopy(old_model)
         model.add_step(len(plan.new_native), init_from_background=method.init_new_heads)
         old_model.to(device).eval()
@@ -122,7 +126,7 @@ def build_models(store: RunStore, plan: StepPlan, cfg: dict[str, Any], method: M
     forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if dist.active else model
     n_old = old_model.num_classes if old_model is not None else 0
-    return Models(model, forward, old_model, parent, pretrained, n_old)
+    return Models(model, forward, old_model, parent, pretrained, n_old, normalisation)
 
 
 @dataclass
@@ -160,6 +164,7 @@ class TrainingData:
     schedule: Schedule
     batch_size: int  # images per batch over all processes
     workers: int
+    normalisation: Normalisation
 
     def loader(self, epoch: int, offset: int, dist: Dist) -> DataLoader:
         """Epoch `epoch`'s batches for this process, from batch `offset` on (a resumed epoch)."""
@@ -170,7 +175,7 @@ class TrainingData:
 
     def plain_batches(self, dist: Dist) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """One pass over this process's training images without augmentation, for a method's estimates."""
-        plain = StepData(self.train_ds, self.indices, self.train.lut, EvalTransform(), seed=0)
+        plain = StepData(self.train_ds, self.indices, self.train.lut, EvalTransform(self.normalisation), seed=0)
         keys = [(p, 0) for p in shard(len(plain), dist.rank, dist.world)]
         per_process = self.batch_size // dist.world
         batches = [keys[i:i + per_process] for i in range(0, len(keys), per_process)]
@@ -179,19 +184,19 @@ class TrainingData:
             yield images.to(dist.device), labels.to(dist.device)
 
 
-def build_data(plan: StepPlan, cfg: dict[str, Any], dist: Dist) -> TrainingData:
+def build_data(plan: StepPlan, cfg: dict[str, Any], dist: Dist, normalisation: Normalisation) -> TrainingData:
     """The images that show this step's classes (the setting's filter), with their labels mapped to
-    this step's model ids."""
+    this step's model ids and the images normalised as the model expects."""
     tcfg, step, classmap = cfg["train"], plan.step, plan.classmap
     train_ds, eval_ds = open_splits(cfg)
     idx = train_indices(presence(train_ds), plan.new_native, plan.future_native, cfg["data"]["setting"])
     if len(idx) == 0:
         raise CissError(f"no training image in split '{cfg['data']['train_split']}' contains any of "
                         f"{', '.join(classmap[i].name for i in classmap.ids_of_step(step))}")
-    transform = TrainTransform(tcfg["crop"], scale=tuple(tcfg["scale"]), flip=tcfg["flip"])
+    transform = TrainTransform(tcfg["crop"], normalisation, scale=tuple(tcfg["scale"]), flip=tcfg["flip"])
     train = StepData(train_ds, idx, train_lut(train_ds.info, classmap, step), transform, seed=int(cfg["seed"]) + step)
     return TrainingData(train_ds, eval_ds, idx, train, schedule(len(idx), cfg, step),
-                        int(tcfg["batch_size"]), int(tcfg["workers"]))
+                        int(tcfg["batch_size"]), int(tcfg["workers"]), normalisation)
 
 
 def read_checkpoint(store: RunStore, step: int, cfg: dict[str, Any], resume: bool, dist: Dist) -> dict[str, Any] | None:
@@ -365,22 +370,22 @@ def save_checkpoint(path: Path, loop: Loop, it: int, cfg: dict[str, Any]) -> Non
 # --- evaluate and commit -------------------------------------------------------------------------
 
 def eval_loader(ds: SegDataset, classmap: ClassMap, protocol: str, batch: int, dist: Dist,
-                workers: int) -> DataLoader:
+                workers: int, normalisation: Normalisation) -> DataLoader:
     """This process's share of the eval images that show a class of `classmap` (as `protocol` says)."""
     seen = native_ids(ds, [c.name for c in classmap if c.id > 0])
     idx = test_indices(presence(ds), seen, protocol)
-    data = StepData(ds, idx, test_lut(ds.info, classmap), EvalTransform(), seed=0)
+    data = StepData(ds, idx, test_lut(ds.info, classmap), EvalTransform(normalisation), seed=0)
     keys = [(p, 0) for p in shard(len(data), dist.rank, dist.world)]
     batches = [keys[i:i + batch] for i in range(0, len(keys), batch)]
     return DataLoader(data, batch_sampler=batches, collate_fn=pad_collate, num_workers=workers)
 
 
-def evaluate_step(model: DeepLabV3, eval_ds: SegDataset, plan: StepPlan, cfg: dict[str, Any],
-                  dist: Dist) -> tuple[dict[str, Any], ConfusionMatrix, int]:
+def evaluate_step(model: DeepLabV3, eval_ds: SegDataset, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
+                  normalisation: Normalisation) -> tuple[dict[str, Any], ConfusionMatrix, int]:
     """The step's metrics on the eval split (summed over processes), its confusion matrix and image count."""
     model.eval()
     loader = eval_loader(eval_ds, plan.classmap, cfg["data"]["eval_protocol"], int(cfg["eval"]["batch_size"]),
-                         dist, int(cfg["train"]["workers"]))
+                         dist, int(cfg["train"]["workers"]), normalisation)
     matrix = confusion(model, loader, plan.classmap, dist.device, all_reduce=dist.all_reduce,
                        progress=bar(len(loader), f"step {plan.step} eval", enabled=dist.main, unit="batch"))
     metrics = compute_metrics(matrix, plan.classmap, plan.old_names)
@@ -390,12 +395,14 @@ def evaluate_step(model: DeepLabV3, eval_ds: SegDataset, plan: StepPlan, cfg: di
 
 def step_manifest(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Dist, models: Models, method: Method,
                   data: TrainingData, metrics: dict[str, Any], eval_images: int, wall: float) -> dict[str, Any]:
-    """The step manifest: classes, model, lineage, data, config, versions, training and metrics."""
+    """The step manifest: classes, model and its input normalisation, lineage, data, config, versions,
+    training and metrics."""
     classmap, sched = plan.classmap, data.schedule
     return {
         "run": store.name,
         "classes": classmap.to_json(),
         "model": models.model.config,
+        "normalisation": models.normalisation.to_json(),
         "parent": models.parent,
         "pretrained": models.pretrained,
         "method": method.name,

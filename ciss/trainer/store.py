@@ -19,12 +19,11 @@ import torch
 from ciss.atomic import StagingFolder, remove_dead_staging
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
-from ciss.manifest import STEP_FORMAT, read_json, sha256_file, write_json_atomic
+from ciss.manifest import (MANIFEST, STEP_FORMAT, StepManifest, finished_steps, read_step, sha256_file, step_dir,
+                           write_json_atomic)
 from ciss.trainer.models import DeepLabV3, load_step_model
 
 WEIGHTS = "model.pt"
-MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _PARTIAL_DIR = re.compile(r"^\.partial-step-(\d+)$")
 _STAGING_LABEL = r"step-\d+"  # a step's staging folder: .staging-step-<k>-<pid>-<token>
 
@@ -40,20 +39,18 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
                         "the file is corrupt or not a ciss checkpoint") from None
 
 
-def load_step(step_dir: Path, verify: bool = True) -> tuple[DeepLabV3, dict[str, Any]]:
+def load_step(folder: Path, verify: bool = True) -> tuple[DeepLabV3, StepManifest]:
     """Rebuild a step's model from its folder alone (manifest + weights)."""
-    step_dir = Path(step_dir)
-    manifest = read_json(step_dir / MANIFEST, "step manifest")
-    if manifest.get("format") != STEP_FORMAT:
-        raise CissError(f"{step_dir} is not a ciss step (format {manifest.get('format')!r})")
-    weights = step_dir / manifest["weights"]["file"]
-    if verify and weights.exists() and sha256_file(weights) != manifest["weights"]["sha256"]:
+    folder = Path(folder)
+    manifest = read_step(folder)
+    weights = folder / manifest.weights.file
+    if verify and weights.exists() and sha256_file(weights) != manifest.weights.sha256:
         raise CissError(f"weights {weights} do not match their sha256 in the manifest; the file is corrupt")
     state = load_weights(weights)
     try:
-        model = load_step_model(manifest["model"], state)
+        model = load_step_model(manifest.model, state)
     except RuntimeError as e:
-        raise CissError(f"weights in {step_dir} do not fit the model in its manifest: {str(e).splitlines()[0]}") from None
+        raise CissError(f"weights in {folder} do not fit the model in its manifest: {str(e).splitlines()[0]}") from None
     return model, manifest
 
 
@@ -68,31 +65,28 @@ class RunStore:
         return self.root.name
 
     def step_dir(self, step: int) -> Path:
-        return self.root / f"step-{step}"
+        return step_dir(self.root, step)
 
     def partial_dir(self, step: int) -> Path:
         return self.root / f".partial-step-{step}"
 
     def steps(self) -> list[int]:
-        if not self.root.is_dir():
-            return []
-        found = (_STEP_DIR.match(p.name) for p in self.root.iterdir() if p.is_dir())
-        return sorted(int(m.group(1)) for m in found if m and (self.root / m.group(0) / MANIFEST).exists())
+        return finished_steps(self.root)
 
     def last_step(self) -> int | None:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def manifest(self, step: int) -> dict[str, Any]:
+    def manifest(self, step: int) -> StepManifest:
         if step not in self.steps():
             have = ", ".join(map(str, self.steps())) or "none"
             raise CissError(f"run {self.root} has no step {step} (steps: {have})")
-        return read_json(self.step_dir(step) / MANIFEST, "step manifest")
+        return read_step(self.step_dir(step))
 
     def classmap(self, step: int) -> ClassMap:
-        return ClassMap.from_json(self.manifest(step)["classes"])
+        return self.manifest(step).classes
 
-    def load(self, step: int) -> tuple[DeepLabV3, dict[str, Any]]:
+    def load(self, step: int) -> tuple[DeepLabV3, StepManifest]:
         self.manifest(step)  # clear error for a missing step
         return load_step(self.step_dir(step))
 

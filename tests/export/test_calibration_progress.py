@@ -14,8 +14,9 @@ from ciss.classmap import ClassMap
 from ciss.export.onnx import INPUT
 from ciss.export.quantize import quantize_int8
 from ciss.export.verify import evaluate_graph
+from ciss.manifest import IMAGENET_MEAN, IMAGENET_STD
 from ciss.trainer.data import open_dataset
-from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
+from ciss.trainer.data.transforms import Normalise
 from ciss.trainer.log import bar
 
 

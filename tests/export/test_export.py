@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from importlib.util import find_spec
@@ -20,8 +21,10 @@ from ciss.errors import CissError
 from ciss.export import onnx as ox
 from ciss.export.pipeline import ExportOptions, export_step
 from ciss.export.verify import cpu_session, to_input
+from ciss.manifest import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, Normalisation
 from ciss.repository import ModelRepository
-from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
+from ciss.runtime.model import Model
+from ciss.trainer.data.transforms import Normalise
 from ciss.trainer.learn import learn
 from ciss.trainer.store import RunStore
 
@@ -62,10 +65,10 @@ def test_fixed_size_export_round_trips_its_metadata(run: Path, tmp_path: Path):
     assert meta["input"]["size"] == [48, 64] and meta["input"]["mean"] == list(IMAGENET_MEAN)
     assert meta["exporter"]["opset"] == ox.OPSET and meta["exporter"]["torch"] == torch.__version__
     assert onnx.load(str(result.path / "model.onnx")).model_version == 1
-    assert result.manifest["outputs"] == meta["outputs"] == [
+    assert result.manifest.to_json()["outputs"] == meta["outputs"] == [
         {"name": "mask", "dtype": "uint8", "shape": [1, 48, 64]},
         {"name": "confidence", "dtype": "float32", "shape": [1, 48, 64]}]
-    assert result.manifest["parity"]["mask_agreement"] >= 0.999
+    assert result.manifest.to_json()["parity"]["mask_agreement"] >= 0.999
 
     model, _ = RunStore(run).load(1)
     x = to_input(scene((48, 64)), (48, 64), NORMALISE)
@@ -86,11 +89,11 @@ def test_a_fixed_size_graph_refuses_other_sizes(run: Path, tmp_path: Path):
 
 def test_dynamic_export_is_checked_at_three_sizes_and_runs_at_others(run: Path, tmp_path: Path):
     result = export_step(run, tmp_path / "models", "robot", ExportOptions(size=(48, 64), dynamic=True), log=quiet)
-    parity = result.manifest["parity"]
+    parity = result.manifest.to_json()["parity"]
     assert [s["size"] for s in parity["sizes"]] == [[48, 64], [32, 32], [75, 85]]
     assert all(s["mask_agreement"] >= 0.999 for s in parity["sizes"])
-    assert result.manifest["input"]["size"] is None and result.manifest["input"]["dynamic"]
-    assert result.manifest["outputs"][0]["shape"][1:] == ["height", "width"]
+    assert result.manifest.to_json()["input"]["size"] is None and result.manifest.to_json()["input"]["dynamic"]
+    assert result.manifest.to_json()["outputs"][0]["shape"][1:] == ["height", "width"]
     session = cpu_session(str(result.path / "model.onnx"))
     model, _ = RunStore(run).load(1)
     x = to_input(scene((57, 91), seed=3), (57, 91), NORMALISE)
@@ -133,7 +136,7 @@ def test_dynamic_export_is_refused_for_pyramid_pooling():
 def test_int8_qdq_variant_and_its_measured_drop(run: Path, tmp_path: Path):
     result = export_step(run, tmp_path / "models", "robot",
                          ExportOptions(size=(48, 64), precision="int8", calib_images=8), log=quiet)
-    int8 = result.manifest["variants"]["int8"]
+    int8 = result.manifest.to_json()["variants"]["int8"]
     graph = onnx.load(str(result.path / "model.int8.onnx"))
     ops = {n.op_type for n in graph.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -153,12 +156,12 @@ def test_versions_must_extend_the_class_map(run: Path, tmp_path: Path):
     repo = tmp_path / "models"
     assert export_step(run, repo, "robot", ExportOptions(step=0, size=(32, 32)), log=quiet).version == 1
     v2 = export_step(run, repo, "robot", ExportOptions(step=1, size=(32, 32)), log=quiet)
-    assert v2.version == 2 and v2.manifest["parent"] == 1
+    assert v2.version == 2 and v2.manifest.to_json()["parent"] == 1
     with pytest.raises(CissError, match="does not extend"):  # step 0 again: triangle and ring would vanish
         export_step(run, repo, "robot", ExportOptions(step=0, size=(32, 32)), log=quiet)
     assert ModelRepository(repo).versions("robot") == [1, 2]
     forced = export_step(run, repo, "robot", ExportOptions(step=0, size=(32, 32), allow_class_change=True), log=quiet)
-    assert forced.version == 3 and forced.manifest["parent"] == 2
+    assert forced.version == 3 and forced.manifest.to_json()["parent"] == 2
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -200,7 +203,7 @@ def test_an_unsupported_opset_is_refused_and_the_real_one_recorded(run: Path, tm
         assert not repo.exists()
     result = export_step(run, repo, "robot", ExportOptions(size=(32, 32), opset=19), log=quiet)
     graph = onnx.load_model(str(result.path / "model.onnx"))
-    assert ox.graph_opset(graph) == result.manifest["exporter"]["opset"] == 19
+    assert ox.graph_opset(graph) == result.manifest.to_json()["exporter"]["opset"] == 19
 
 
 @pytest.mark.skipif(find_spec("tensorrt") is not None, reason="TensorRT is installed here, so an engine is built")
@@ -222,17 +225,45 @@ def test_the_default_size_is_the_training_images_typical_size_in_stride_multiple
           method="ft", log=quiet)
     said: list[str] = []
     result = export_step(run, tmp_path / "models", "robot", ExportOptions(), log=said.append)
-    assert result.manifest["input"]["size"] == [48, 64] and result.manifest["input"]["stride"] == 16
+    assert result.manifest.to_json()["input"]["size"] == [48, 64] and result.manifest.to_json()["input"]["stride"] == 16
     assert ("input size 48x64: 6 images of the step's data are typically 50x70, rounded to multiples of the "
             "output stride 16 (--size HxW to choose)") in said
+
+
+def test_the_input_spec_takes_the_steps_normalisation_and_imagenets_for_older_steps(run: Path, tmp_path: Path):
+    """The exporter reads (mean, std) from the step manifest, and the runtime feeds the graph
+    (pixel / 255 - mean) / std with them; a step written before steps recorded it was trained on
+    ImageNet's, which its export says."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    path = copy / "step-1" / "manifest.json"
+    stored = json.loads(path.read_text())
+    assert stored["normalisation"] == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    own = {"mean": [0.5, 0.25, 0.75], "std": [0.25, 0.5, 0.125]}
+    path.write_text(json.dumps({**stored, "normalisation": own}))
+    result = export_step(copy, tmp_path / "models", "own", ExportOptions(size=(48, 64)), log=quiet)
+    meta = ox.read_metadata(cpu_session(str(result.path / "model.onnx")).get_modelmeta().custom_metadata_map)
+    assert (meta["input"]["mean"], meta["input"]["std"]) == (own["mean"], own["std"])
+    assert result.manifest.input.normalisation == Normalisation((0.5, 0.25, 0.75), (0.25, 0.5, 0.125))
+    model = Model.load(result.path, result.manifest, "ort-cpu", 1, quiet)
+    bgr = np.zeros((48, 64, 3), np.uint8)
+    bgr[..., 0], bgr[..., 2] = 255, 51  # blue 1.0, red 0.2
+    x = model.preprocess(bgr)[0]
+    assert np.allclose(x[:, 0, 0], [(0.2 - 0.5) / 0.25, (0 - 0.25) / 0.5, (1 - 0.75) / 0.125], atol=1e-5)
+    model.close()
+
+    del stored["normalisation"]
+    path.write_text(json.dumps(stored))
+    older = export_step(copy, tmp_path / "models", "older", ExportOptions(size=(48, 64)), log=quiet)
+    assert older.manifest.input.normalisation == IMAGENET
 
 
 def test_a_fixed_stride_multiple_export_agrees_with_the_dynamic_one(run: Path, tmp_path: Path):
     """Same size, same function: measured 100% of 8 scenes' pixels; 99.9% is the exporter's own bar."""
     fixed = export_step(run, tmp_path / "models", "fixed", ExportOptions(), log=quiet)
     dynamic = export_step(run, tmp_path / "models", "dynamic", ExportOptions(dynamic=True), log=quiet)
-    size = tuple(fixed.manifest["input"]["size"])
-    assert size == (48, 64) and dynamic.manifest["input"]["example_size"] == [48, 64]
+    size = tuple(fixed.manifest.to_json()["input"]["size"])
+    assert size == (48, 64) and dynamic.manifest.to_json()["input"]["example_size"] == [48, 64]
     sessions = [cpu_session(str(r.path / "model.onnx")) for r in (fixed, dynamic)]
     agree = total = 0
     for seed in range(8):

@@ -302,7 +302,8 @@ def build_and_compare(trt, tmp_path: Path, onnx_path: Path, precision: str, tole
     assert manifest["onnx"] == {"file": onnx_path.name, "sha256": sha256_file(onnx_path)}
     assert manifest["inputs"]["images"]["dtype"] == "float32"
     assert et.timing_cache_path(tmp_path / "cache", local).stat().st_size > 0
-    engine = engines.load_engine(engine_path, manifest, onnx_sha256=manifest["onnx"]["sha256"], classmap_version=4)
+    engine = engines.load_engine(engine_path, engines.EngineManifest.from_json(manifest),
+                                 onnx_sha256=manifest["onnx"]["sha256"], classmap_version=4)
     size = tuple(manifest["inputs"]["images"]["shape"][2:])
     if -1 in size:
         size = tuple(options["profile"]["images"][1][2:])
@@ -364,4 +365,4 @@ def test_load_engine_turns_a_bad_plan_into_a_clear_error(trt, tmp_path):
                                                 cache_dir=tmp_path)
     engine_path.write_bytes(b"not a plan" * 100)
     with pytest.raises(CissError, match="could not deserialize"):
-        engines.load_engine(engine_path, json.loads(sidecar_path.read_text()))
+        engines.load_engine(engine_path, engines.EngineManifest.read(sidecar_path))

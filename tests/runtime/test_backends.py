@@ -6,11 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import NAME, SIZE, exported, manifest_of, publish
+from tiny_models import NAME, SIZE, exported, loaded, publish
 
 from ciss.errors import CissError
 from ciss.runtime.backends import gpu_problem, load_backend
@@ -30,7 +31,7 @@ def example_input(seed: int = 0) -> np.ndarray:
 
 def test_cpu_backend_runs_the_exported_graph(v2: Path):
     logged: list[str] = []
-    backend = load_backend(v2, manifest_of(v2), "ort-cpu", threads=1, log=logged.append)
+    backend = load_backend(v2, loaded(v2), "ort-cpu", threads=1, log=logged.append)
     assert (backend.name, backend.precision) == ("onnxruntime:CPUExecutionProvider", "fp32")
     assert backend.input_name == "images" and backend.output_names == ["mask"]
     assert backend.session.get_session_options().intra_op_num_threads == 1
@@ -42,7 +43,7 @@ def test_cpu_backend_runs_the_exported_graph(v2: Path):
 @pytest.mark.skipif(gpu_problem() is None, reason="this machine has a GPU")
 def test_auto_steps_down_to_the_cpu_and_says_why(v2: Path):
     logged: list[str] = []
-    backend = load_backend(v2, manifest_of(v2), "auto", log=logged.append)
+    backend = load_backend(v2, loaded(v2), "auto", log=logged.append)
     assert backend.name == "onnxruntime:CPUExecutionProvider"
     assert len(logged) == 1 and "onnxruntime:CPUExecutionProvider" in logged[0] and gpu_problem() in logged[0]
 
@@ -52,7 +53,7 @@ def test_auto_steps_down_to_the_cpu_and_says_why(v2: Path):
 def test_a_gpu_backend_asked_for_by_name_fails_fast_in_one_line(v2: Path, kind: str):
     start = time.monotonic()
     with pytest.raises(CissError) as info:
-        load_backend(v2, manifest_of(v2), kind, log=lambda s: None)
+        load_backend(v2, loaded(v2), kind, log=lambda s: None)
     message = str(info.value)
     assert time.monotonic() - start < 5
     assert message.startswith(f"cannot use backend {kind}: ") and "\n" not in message and len(message) < 300
@@ -60,26 +61,26 @@ def test_a_gpu_backend_asked_for_by_name_fails_fast_in_one_line(v2: Path, kind: 
 
 def test_unknown_backend_lists_the_choices(v2: Path):
     with pytest.raises(CissError, match="unknown backend 'cuda'; choose one of " + ", ".join(KINDS)):
-        load_backend(v2, manifest_of(v2), "cuda")
+        load_backend(v2, loaded(v2), "cuda")
 
 
 def test_int8_backend_loads_the_variant_file_and_refuses_without_one(v2: Path, tmp_path: Path):
     with pytest.raises(CissError, match="has no int8 variant"):
-        load_backend(v2, manifest_of(v2), "ort-int8")
+        load_backend(v2, loaded(v2), "ort-int8")
     # The variant here is the fp32 graph under the int8 name: this checks which file is loaded.
     repo = tmp_path / "models"
     version = publish(repo, v2, files={"model.int8.onnx": v2 / "model.onnx"},
                       variants={"int8": {"file": "model.int8.onnx"}})
     folder = repo / "robot" / str(version)
-    backend = load_backend(folder, manifest_of(folder), "ort-int8", log=lambda s: None)
+    backend = load_backend(folder, loaded(folder), "ort-int8", log=lambda s: None)
     assert backend.precision == "int8" and backend.name == "onnxruntime:CPUExecutionProvider"
     (folder / "model.int8.onnx").write_bytes(b"not onnx")
     with pytest.raises(CissError, match="ONNX Runtime cannot load .*model.int8.onnx"):
-        load_backend(folder, manifest_of(folder), "ort-int8")
+        load_backend(folder, loaded(folder), "ort-int8")
 
 
 def test_torch_backend_rebuilds_the_step_and_agrees_with_onnx(v2: Path):
-    manifest = manifest_of(v2)
+    manifest = loaded(v2)
     reference = load_backend(v2, manifest, "torch", log=lambda s: None)
     assert reference.name == "torch" and reference.output_names == ["mask"]
     x = example_input(1)
@@ -87,7 +88,7 @@ def test_torch_backend_rebuilds_the_step_and_agrees_with_onnx(v2: Path):
     got = reference.infer(x)["mask"]
     assert got.dtype == np.uint8 and (got == expected).mean() >= 0.999
 
-    changed = {**manifest, "source": {**manifest["source"], "weights_sha256": "0" * 64}}
+    changed = replace(manifest, source={**manifest.source, "weights_sha256": "0" * 64})
     with pytest.raises(CissError, match="has changed since this version was exported"):
         load_backend(v2, changed, "torch")
 

@@ -11,10 +11,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from tiny_models import Exported, exported, manifest_of, publish
+from tiny_models import Exported, exported, loaded, manifest_of, publish
 
 from ciss.errors import CissError
 from ciss.export import onnx as ox
+from ciss.manifest import InputSpec
 from ciss.repository import ModelRepository
 from ciss.runtime.model import Model
 from ciss.runtime.segmenter import Segmenter
@@ -61,7 +62,7 @@ def red_model(models: Exported, tmp_path_factory) -> Path:
 
 
 def load(path: Path, resize: str) -> Model:
-    return Model.load(path, manifest_of(path), "ort-cpu", 1, quiet, resize)
+    return Model.load(path, loaded(path), "ort-cpu", 1, quiet, resize)
 
 
 def test_letterbox_pads_with_the_mean_pixel_and_crops_the_mask_back_without_a_shift(red_model: Path):
@@ -86,10 +87,10 @@ def test_letterbox_pads_with_the_mean_pixel_and_crops_the_mask_back_without_a_sh
 
 
 def test_a_dynamic_graph_is_letterboxed_by_padding_up_to_the_stride():
-    spec = {"size": None, "stride": 16, "min_size": [32, 32], "max_size": [4096, 4096]}
+    spec = InputSpec.from_json({"size": None, "stride": 16, "min_size": [32, 32], "max_size": [4096, 4096]})
     assert placement(spec, (180, 240), "letterbox") == ((192, 240), Box(6, 0, 180, 240))  # no resampling
     assert placement(spec, (180, 240), "stretch") == ((176, 240), Box(0, 0, 176, 240))
-    fixed = {"size": [176, 240]}
+    fixed = InputSpec.from_json({"size": [176, 240]})
     assert placement(fixed, (540, 960), "letterbox") == ((176, 240), Box(20, 0, 135, 240))
     assert placement(fixed, (100, 100), "letterbox") == ((176, 240), Box(0, 32, 176, 176))  # scaled up to fit
 

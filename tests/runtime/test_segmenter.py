@@ -16,11 +16,12 @@ from tiny_models import SIZE, Exported, exported, publish
 from ciss.errors import CissError
 from ciss.export import onnx as ox
 from ciss.export.verify import cpu_session, to_input
+from ciss.manifest import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 from ciss.runtime.model import mask_from_logits
 from ciss.runtime.segmenter import Segmenter
 from ciss.sizes import input_size
 from ciss.synthetic import render_scene
-from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalise
+from ciss.trainer.data.transforms import Normalise
 
 pytestmark = pytest.mark.slow
 
@@ -143,11 +144,11 @@ def test_calls_from_several_threads_are_numbered_once_each(repo: Path):
 
 
 def test_dynamic_input_size_follows_the_frame_in_stride_steps():
-    spec = {"size": None, "stride": 16, "min_size": [32, 32], "max_size": [4096, 4096]}
+    spec = InputSpec.from_json({"size": None, "stride": 16, "min_size": [32, 32], "max_size": [4096, 4096]})
     assert input_size(spec, (480, 640)) == (480, 640)
     assert input_size(spec, (250, 333)) == (256, 336)
     assert input_size(spec, (10, 9000)) == (32, 4096)
-    assert input_size({"size": [48, 64]}, (480, 640)) == (48, 64)
+    assert input_size(InputSpec.from_json({"size": [48, 64]}), (480, 640)) == (48, 64)
 
 
 def test_masks_from_logits_widen_past_255_classes():

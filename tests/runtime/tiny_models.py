@@ -16,6 +16,7 @@ import pytest
 from conftest import write_config
 
 from ciss.export.pipeline import ExportOptions, export_step
+from ciss.manifest import ModelManifest
 from ciss.repository import ModelRepository
 from ciss.trainer.learn import learn
 
@@ -50,6 +51,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
 
 def manifest_of(version_dir: Path) -> dict[str, Any]:
     return json.loads((version_dir / "manifest.json").read_text())
+
+
+def loaded(version_dir: Path) -> ModelManifest:
+    """The version's manifest as the runtime reads it."""
+    return ModelManifest.from_json(manifest_of(version_dir), version_dir / "manifest.json")
 
 
 def publish(repo: Path, version_dir: Path, files: dict[str, Path] | None = None, allow_class_change: bool = False,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ciss.errors import CissError
+from ciss.manifest import IMAGENET
 from ciss.trainer.data import open_dataset
 from ciss.trainer.data.cityscapes import CLASS_NAMES as CITYSCAPES_NAMES
 from ciss.trainer.data.folder import FolderDataset
@@ -238,7 +239,7 @@ def test_synthetic_dataset_is_deterministic_and_splits_differ():
 def test_train_transform_pads_label_with_ignore_and_image_with_mean():
     image = np.full((10, 12, 3), 200, np.uint8)
     label = np.zeros((10, 12), np.uint8)  # all background: padding must not look like it
-    t = TrainTransform(crop=32, scale=(1.0, 1.0))
+    t = TrainTransform(crop=32, normalisation=IMAGENET, scale=(1.0, 1.0))
     out_image, out_label = t(image, label, np.random.default_rng(0))
     assert out_image.shape == (3, 32, 32) and out_image.dtype == np.float32
     assert out_label.shape == (32, 32) and out_label.dtype == np.int64
@@ -250,14 +251,14 @@ def test_train_transform_pads_label_with_ignore_and_image_with_mean():
 def test_train_transform_is_a_function_of_the_rng_and_flips():
     image = rgb_image(40, 50)
     label = np.random.default_rng(1).integers(0, 5, (40, 50), dtype=np.uint8)
-    t = TrainTransform(crop=24)
+    t = TrainTransform(crop=24, normalisation=IMAGENET)
     first = t(image, label, np.random.default_rng(7))
     again = t(image, label, np.random.default_rng(7))
     assert all(np.array_equal(x, y) for x, y in zip(first, again))
     assert set(np.unique(first[1])) <= set(range(5)) | {255}
 
-    whole = TrainTransform(crop=50, scale=(0.8, 0.8), flip=True)  # 32x40 image inside a 50 crop
-    plain = EvalTransform()(cv2.resize(image, (40, 32)), label)[0]
+    whole = TrainTransform(crop=50, normalisation=IMAGENET, scale=(0.8, 0.8), flip=True)  # 32x40 image inside a 50 crop
+    plain = EvalTransform(IMAGENET)(cv2.resize(image, (40, 32)), label)[0]
     outs = [whole(image, label, np.random.default_rng(s))[0] for s in range(8)]
     nonzero = [o[:, np.abs(o).sum(0).any(1)][:, :, np.abs(o).sum(0).any(0)] for o in outs]
     assert any(np.allclose(n, plain) for n in nonzero) and any(np.allclose(n, plain[:, :, ::-1]) for n in nonzero)
@@ -265,7 +266,7 @@ def test_train_transform_is_a_function_of_the_rng_and_flips():
 
 def test_eval_transform_keeps_resolution():
     image, label = rgb_image(9, 7), np.ones((9, 7), np.uint8)
-    out_image, out_label = EvalTransform()(image, label)
+    out_image, out_label = EvalTransform(IMAGENET)(image, label)
     assert out_image.shape == (3, 9, 7) and out_label.shape == (9, 7) and out_label.dtype == np.int64
     expected = (image[0, 0, 0] / 255 - 0.485) / 0.229
     assert np.isclose(out_image[0, 0, 0], expected, atol=1e-5)

@@ -414,7 +414,7 @@ def test_idec_keeps_old_classes_where_ft_forgets(tmp_path: Path):
     shutil.copytree(tmp_path / "ft", tmp_path / "idec")
     def learned(run: Path, step: int) -> float:
         # sky and grass: the run never learns the scenes' other classes, which are scored as background
-        iou = RunStore(run).manifest(step)["metrics"]["per_class"]
+        iou = RunStore(run).manifest(step).metrics["per_class"]
         return (iou["sky"] + iou["grass"]) / 2
 
     old = {}

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 from ciss.errors import CissError
+from ciss.manifest import Normalisation
+from ciss.trainer import presets
+from ciss.trainer import step as steplib
 from ciss.trainer.config import TRAINING
 from ciss.trainer.data import open_dataset
 from ciss.trainer.learn import learn, plan_steps
@@ -68,7 +71,7 @@ def test_method_options_from_flags(tmp_path: Path, fast_config: Path):
                                   "--method", "plop", "--no", "plop.adaptive_factor",
                                   "--opt", "plop.threshold_mode=median", "--opt", "pod_weight=0.02"])
     assert r.exit_code == 0, r.output
-    opts = RunStore(run).manifest(0)["config"]["method"]["options"]
+    opts = RunStore(run).manifest(0).config["method"]["options"]
     assert opts == {"adaptive_factor": False, "threshold_mode": "median", "pod_weight": 0.02}
     # Options of another method, and unknown options, are refused before anything runs.
     r = CliRunner().invoke(main, ["learn", "--run", str(run), "--new-classes", "disk", "--method", "mib",
@@ -91,7 +94,7 @@ def test_run_older_than_a_config_key_continues(tmp_path: Path, fast_config: Path
     del m["config"]["train"]["clip_grad_norm"]
     manifest.write_text(json.dumps(m))
     learn(run, new_classes=["water"], method="mib", log=lambda s: None)
-    assert RunStore(run).manifest(1)["config"]["train"]["clip_grad_norm"] == 0.0
+    assert RunStore(run).manifest(1).config["train"]["clip_grad_norm"] == 0.0
 
 
 def _cli(*args: str):
@@ -109,14 +112,14 @@ def test_flags_apply_to_their_call_only(tmp_path: Path, fast_config: Path):
     r = _cli("learn", "--run", str(run), "--classes", "sky,grass", "--config", str(fast_config), "--method", "ft",
              "--epochs", "2", "--lr", "0.05", "--seed", "3", "--set", "train.clip_grad_norm=3")
     assert r.exit_code == 0, r.output
-    step0 = RunStore(run).manifest(0)["config"]
+    step0 = RunStore(run).manifest(0).config
     assert (step0["train"]["epochs"], step0["train"]["lr"], step0["train"]["clip_grad_norm"]) == (2, 0.05, 3.0)
     r = _cli("learn", "--run", str(run), "--new-classes", "water")
     assert r.exit_code == 0, r.output
     carried = [ln for ln in r.stderr.splitlines() if ln.startswith("carried over from step 0")]
     assert len(carried) == 1 and "seed=3" in carried[0] and "train.epochs_next=1" in carried[0], r.stderr
     assert "method=ft" in carried[0] and "lr" not in carried[0] and "clip_grad_norm" not in carried[0]
-    step1 = RunStore(run).manifest(1)["config"]
+    step1 = RunStore(run).manifest(1).config
     defaults = TRAINING.defaults()["train"]
     assert step1["train"]["lr_next"] == defaults["lr_next"] and step1["train"]["clip_grad_norm"] == 0.0
     assert step1["train"]["epochs_next"] == 1 and step1["seed"] == 3  # the config file and --seed stay
@@ -134,7 +137,7 @@ def test_a_config_file_at_a_later_step_is_named_with_what_it_replaces(tmp_path: 
     carried = [ln for ln in r.stderr.splitlines() if ln.startswith("carried over from step 0")]
     assert len(carried) == 1 and f"; from {later}: " in carried[0] and "train.lr_next=0.002" in carried[0], r.stderr
     assert carried[0].count("train.lr_next") == 1
-    assert RunStore(run).manifest(1)["config"]["train"]["lr_next"] == 0.002
+    assert RunStore(run).manifest(1).config["train"]["lr_next"] == 0.002
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -166,3 +169,36 @@ def test_a_schedule_in_iterations_and_the_printed_plan(tmp_path: Path, fast_conf
     assert manifest["train"]["iterations"] == 7 and manifest["train"]["epochs"] == 2  # 24 images, batch 4: 6 a epoch
     assert any("7 iterations (1.16667 epochs of 6)" in s for s in said), said
     assert any(s.startswith("step 0: about ") and "per iteration" in s for s in said), said
+
+
+def test_a_presets_normalisation_feeds_training_and_is_carried_by_the_run(tmp_path: Path, fast_config: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    """A preset's `mean` and `std` normalise step 0's training and eval images and go into its manifest;
+    later steps keep the step before's (what the weights learned), whatever the preset says by then."""
+    shipped = presets.model_presets()
+    own = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.4]}
+    monkeypatch.setattr(presets, "model_presets", lambda: {**shipped, "tiny": {**shipped["tiny"], **own}})
+    seen: list[tuple[str, Normalisation]] = []
+    train_transform, eval_transform = steplib.TrainTransform, steplib.EvalTransform
+
+    def spy_train(crop, normalisation, **options):
+        seen.append(("train", normalisation))
+        return train_transform(crop, normalisation, **options)
+
+    def spy_eval(normalisation):
+        seen.append(("eval", normalisation))
+        return eval_transform(normalisation)
+
+    monkeypatch.setattr(steplib, "TrainTransform", spy_train)
+    monkeypatch.setattr(steplib, "EvalTransform", spy_eval)
+    run = tmp_path / "r"
+    learn(run, classes=["sky", "grass"], config_file=fast_config, method="ft", log=lambda s: None)
+    expected = Normalisation((0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
+    assert RunStore(run).manifest(0).normalisation == expected
+    assert {kind for kind, _ in seen} == {"train", "eval"} and all(n == expected for _, n in seen)
+
+    monkeypatch.setattr(presets, "model_presets", lambda: shipped)
+    seen.clear()
+    learn(run, new_classes=["water"], method="ft", log=lambda s: None)
+    assert RunStore(run).manifest(1).normalisation == expected
+    assert seen and all(n == expected for _, n in seen)

@@ -11,10 +11,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ciss.errors import CissError
-from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ciss.manifest import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, Normalisation
 from ciss.trainer import presets
 from ciss.trainer.models import build_model, load_pretrained, load_step_model, pretrained_weights
-from ciss.trainer.presets import BACKBONES, model_presets
+from ciss.trainer.presets import BACKBONES, model_presets, preset_normalisation
 from ciss.trainer.models.efficientnet_lite import EfficientNetLite0
 from ciss.trainer.models.features import Backbone
 from ciss.trainer.models.mobilenet import MobileNetV3Large
@@ -226,6 +226,17 @@ def test_pretrained_auto_and_none_never_fetch():
     with pytest.raises(CissError, match="has no ImageNet weights"):
         pretrained_weights("tiny", "imagenet")
     assert model_presets()["mobilenet_v2"]["weights"] == "mobilenet_v2_imagenet"
+
+
+def test_presets_normalise_as_imagenet_unless_they_say_otherwise(monkeypatch: pytest.MonkeyPatch):
+    assert all(preset_normalisation(p) == IMAGENET for p in model_presets())  # none ships its own
+    shipped = model_presets()
+    monkeypatch.setattr(presets, "model_presets", lambda: {**shipped, "gray": {"mean": [0.5] * 3, "std": [0.5] * 3},
+                                                          "half": {"mean": [0.5] * 3}})
+    assert preset_normalisation("gray") == Normalisation((0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(CissError, match=r"preset 'half' in .*models\.toml: mean and std must be three numbers.*"
+                                        "give both, or neither for ImageNet's$"):
+        preset_normalisation("half")
 
 
 # --- pretrained weights ------------------------------------------------------------------------

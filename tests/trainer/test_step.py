@@ -15,7 +15,6 @@ import cv2
 import pytest
 import torch
 
-from ciss.classmap import ClassMap
 from ciss.trainer.learn import learn
 from ciss.trainer.store import RunStore, load_step
 from conftest import CISS, REPO, write_config
@@ -33,13 +32,13 @@ def test_two_steps_manifest_and_reports(tmp_path: Path, fast_config: Path):
     store = RunStore(run)
     assert store.steps() == [0, 1]
     m1 = store.manifest(1)
-    cmap = ClassMap.from_json(m1["classes"])
+    cmap = m1.classes
     assert cmap.names == ["background", "sky", "grass", "disk", "box"]
     assert [c.step for c in cmap] == [0, 0, 0, 0, 1]
-    assert m1["parent"]["sha256"] == store.manifest(0)["weights"]["sha256"]
-    assert m1["model"]["step_sizes"] == [4, 1]
-    assert m1["method"] == "mib" and m1["seed"] == 0 and "torch" in m1["versions"]
-    assert set(m1["metrics"]) >= {"miou_all", "miou_old", "miou_new", "per_class"}
+    assert m1.parent["sha256"] == store.manifest(0).weights.sha256
+    assert m1.model["step_sizes"] == [4, 1]
+    assert m1.method == "mib" and m1.seed == 0 and "torch" in m1.versions
+    assert set(m1.metrics) >= {"miou_all", "miou_old", "miou_new", "per_class"}
     # Loading needs nothing but the folder, and weights load with weights_only.
     model, _ = load_step(run / "step-1")
     assert model.num_classes == 5
@@ -252,9 +251,9 @@ def test_gradient_norm_logging_leaves_the_weights_unchanged(tmp_path: Path):
         runs[every] = run
     rows = [json.loads(line) for line in (runs[1] / "step-1" / "train_log.jsonl").read_text().splitlines()]
     manifest = RunStore(runs[1]).manifest(1)
-    assert manifest["method_report"]["thresholds_from"] in ("plop", "median")  # PLOP says which routine ran
-    assert RunStore(runs[1]).manifest(0)["method_report"] == {}
-    iterations = manifest["train"]["iterations"]
+    assert manifest.method_report["thresholds_from"] in ("plop", "median")  # PLOP says which routine ran
+    assert RunStore(runs[1]).manifest(0).method_report == {}
+    iterations = manifest.train["iterations"]
     assert len(rows) == iterations > 1 and {"gradnorm_ce", "gradnorm_pod", "gradnorm_backbone", "gradnorm_head_new"} <= set(rows[0])
     assert all(r["gradnorm_ce"] > 0 and r["gradnorm_pod"] >= 0 for r in rows)
     assert len((runs[1000] / "step-1" / "train_log.jsonl").read_text().splitlines()) == 1

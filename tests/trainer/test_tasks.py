@@ -13,6 +13,7 @@ from ciss import synthetic
 from ciss.classmap import ClassMap
 from ciss.config_paths import config_dir
 from ciss.errors import CissError
+from ciss.manifest import IMAGENET
 from ciss.trainer.data import ade20k, cityscapes, open_dataset, tasks, voc
 from ciss.trainer.data.base import DatasetInfo
 from ciss.trainer.data.synthetic import SyntheticDataset
@@ -145,12 +146,12 @@ def test_luts_without_background_and_order_from_classmap():
 def test_step_data_is_reproducible_per_position_and_epoch():
     ds = SyntheticDataset("train", size=4, height=40, width=48)
     lut = tasks.train_lut(ds.info, ClassMap.initial(list(synthetic.CLASS_NAMES)), 0)
-    data = tasks.StepData(ds, np.array([3, 1]), lut, TrainTransform(crop=32), seed=5)
+    data = tasks.StepData(ds, np.array([3, 1]), lut, TrainTransform(crop=32, normalisation=IMAGENET), seed=5)
     assert len(data) == 2
     image, label = data[(1, 2)]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label.dtype == torch.int64
     again = tasks.StepData(SyntheticDataset("train", size=4, height=40, width=48), np.array([3, 1]), lut,
-                           TrainTransform(crop=32), seed=5)[(1, 2)]
+                           TrainTransform(crop=32, normalisation=IMAGENET), seed=5)[(1, 2)]
     assert torch.equal(image, again[0]) and torch.equal(label, again[1])
     other = [data[(1, epoch)][0] for epoch in range(3, 6)]
     assert not all(torch.equal(image, o) for o in other)
@@ -160,7 +161,7 @@ def test_step_data_is_reproducible_per_position_and_epoch():
 def test_pad_collate_pads_images_with_zero_and_labels_with_ignore():
     ds = SyntheticDataset("test", size=2, height=16, width=20)
     lut = tasks.test_lut(ds.info, ClassMap.initial(list(synthetic.CLASS_NAMES)))
-    data = tasks.StepData(ds, np.arange(2), lut, EvalTransform())
+    data = tasks.StepData(ds, np.arange(2), lut, EvalTransform(IMAGENET))
     small = (torch.ones(3, 10, 12), torch.zeros(10, 12, dtype=torch.int64))
     images, labels = tasks.pad_collate([data[0], small])
     assert images.shape == (2, 3, 16, 20) and labels.shape == (2, 16, 20)

@@ -7,12 +7,12 @@ import cv2
 import numpy as np
 
 from ciss.classmap import IGNORE
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ciss.manifest import Normalisation
 
 
 class Normalise:
+    """`(pixel / 255 - mean) / std` as one multiply-add per channel, in float32."""
+
     def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]):
         self.scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
         self.shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
@@ -29,12 +29,13 @@ def _window(size: int, crop: int, rng: np.random.Generator) -> tuple[int, int, i
 
 
 class TrainTransform:
-    """Random scale, pad (mean colour / 255, never background), random crop, random flip."""
+    """Random scale, pad (mean colour / 255, never background), random crop, random flip; normalised
+    as the model's preset says."""
 
-    def __init__(self, crop: int, scale: tuple[float, float] = (0.5, 2.0), flip: bool = True,
-                 mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD):
+    def __init__(self, crop: int, normalisation: Normalisation, scale: tuple[float, float] = (0.5, 2.0),
+                 flip: bool = True):
         self.crop, self.scale, self.flip = int(crop), scale, flip
-        self._normalise = Normalise(mean, std)
+        self._normalise = Normalise(normalisation.mean, normalisation.std)
 
     def __call__(self, image: np.ndarray, label: np.ndarray,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -58,9 +59,8 @@ class TrainTransform:
 class EvalTransform:
     """Full resolution, normalisation only; takes (and ignores) an rng to share TrainTransform's call."""
 
-    def __init__(self, mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD):
-        self._normalise = Normalise(mean, std)
+    def __init__(self, normalisation: Normalisation):
+        self._normalise = Normalise(normalisation.mean, normalisation.std)
 
     def __call__(self, image: np.ndarray, label: np.ndarray,
                  rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:

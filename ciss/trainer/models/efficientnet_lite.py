@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciss.errors import CissError
+from ciss.manifest import IMAGENET_MEAN, IMAGENET_STD
 from ciss.trainer.models.layers import init_weights, stage_features
-from ciss.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # (expansion, kernel, first stride, output channels, repeats) of EfficientNet-B0's seven stages.
 SETTINGS = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
