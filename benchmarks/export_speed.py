@@ -10,6 +10,9 @@ it is the most any head on that backbone could gain, whatever its design.
 
     python benchmarks/export_speed.py --size 512x512 --threads 1 --rounds 5
     python benchmarks/export_speed.py --size 360x480 --presets mobilenet_v2,mobilenet_v2_lraspp
+
+A preset written PRESET@STRIDE is built at that output stride instead of its own (mobilenet_v2@32: the
+backbone undilated, as ImageNet trained it), to time what a coarser feature map would buy.
 """
 
 from __future__ import annotations
@@ -71,9 +74,11 @@ def main() -> None:
 
     variants: dict[tuple[str, str], object] = {}
     params: dict[str, float] = {}
-    for preset in args.presets.split(","):
+    entries = args.presets.split(",")
+    for preset in entries:
         torch.manual_seed(0)
-        model = build_model(preset, [CLASSES]).eval().fused()
+        name, _, stride = preset.partition("@")
+        model = build_model(name, [CLASSES], output_stride=int(stride) if stride else None).eval().fused()
         params[preset] = sum(p.numel() for p in model.parameters()) / 1e6
         graph = export_logits(model, (h, w), dynamic=False)
         tensor = torch.from_numpy(x)
@@ -94,16 +99,16 @@ def main() -> None:
     def ratio(a: tuple[str, str], b: tuple[str, str]) -> float:
         return statistics.median(r[b] / r[a] for r in rounds)  # how many times faster a is than b
 
-    presets = model_presets()
+    presets = {entry: model_presets()[entry.partition("@")[0]] for entry in entries}
     lines = [f"# CPU latency at {h}x{w}, {args.threads} thread(s)", "", f"CPU: {cpu_description()}; "
              f"torch {torch.__version__}; median of {args.rounds} interleaved rounds x {args.repeats} runs.", "",
              "| preset | params (M) | torch eager ms | ORT fp32 ms (x eager) | ORT int8 ms (x fp32) | ORT fp32 x DeepLabV3 "
              "| backbone alone, ORT fp32 ms (share) | most any head could gain over DeepLabV3 |",
              "|---|---|---|---|---|---|---|---|"]
     report = {"cpu": cpu_description(), "size": [h, w], "threads": args.threads, "ms": {}, "ratios": {}}
-    for preset in args.presets.split(","):
+    for preset in entries:
         backbone = presets[preset]["backbone"]
-        deeplab = next((p for p in args.presets.split(",") if presets[p]["backbone"] == backbone
+        deeplab = next((p for p in entries if presets[p]["backbone"] == backbone
                         and presets[p].get("decoder", "aspp") == "aspp"), None)
         vs = f"{ratio((preset, 'ort-fp32'), (deeplab, 'ort-fp32')):.2f}x" if deeplab and deeplab != preset else "-"
         share = statistics.median(r[(preset, "ort-backbone")] / r[(preset, "ort-fp32")] for r in rounds)

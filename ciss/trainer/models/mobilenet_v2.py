@@ -1,5 +1,8 @@
 """MobileNetV2 (Sandler et al., CVPR 2018), dilated for output stride 16 or 8, with torchvision's keys.
 
+Output stride 32 is the classification network as published (no dilation): segmentation trains at 16
+or 8 (the config allows those); 32 is there to time the backbone at its own cost (export_speed.py).
+
 Layout (torchvision's, so its IMAGENET1K_V1 file loads as-is): features.0 is the Conv-BN-ReLU6
 stem, features.1..17 the inverted residual blocks (`.conv.N`). The 1x1 conv to 1280 channels
 (features.18) and the classifier are left out, as DeepLab's MobileNetV2 does: the decoder reads the
@@ -8,7 +11,7 @@ stem, features.1..17 the inverted residual blocks (`.conv.N`). The 1x1 conv to 1
 Stages handed to the decoder are the last block at each resolution:
 stage1 = features.3 (stride 4, 24 ch), stage2 = features.6 (stride 8, 32 ch),
 stage3 = features.13 (stride 16, 96 ch), stage4 = features.17 (320 ch; stride 32 undilated,
-16 or 8 here). A block that would stride past the output stride runs at stride 1 and it and
+else 16 or 8). A block that would stride past the output stride runs at stride 1 and it and
 every later block double their dilation.
 """
 
@@ -52,8 +55,8 @@ class MobileNetV2(nn.Module):
 
     def __init__(self, output_stride: int = 16):
         super().__init__()
-        if output_stride not in (8, 16):
-            raise CissError(f"mobilenet_v2 output stride must be 8 or 16, got {output_stride}")
+        if output_stride not in (8, 16, 32):
+            raise CissError(f"mobilenet_v2 output stride must be 8, 16 or 32, got {output_stride}")
         self.output_stride = output_stride
         layers: list[nn.Module] = [ConvBNAct(3, STEM_CHANNELS, 3, stride=2, activation=nn.ReLU6, eps=EPS)]
         cin, current, dilation = STEM_CHANNELS, 2, 1
