@@ -83,6 +83,16 @@ def test_stage_strides():
         ResNet(50, 32)
 
 
+def test_mobilenet_v2_undilated_is_torchvisions_classification_trunk():
+    """At output stride 32 nothing dilates: every depthwise conv keeps dilation 1, as the ImageNet file was trained."""
+    net = MobileNetV2(32)
+    assert strides(net) == [4, 8, 16, 32] and net.output_stride == 32
+    assert all(m.dilation == (1, 1) for m in net.modules() if isinstance(m, nn.Conv2d))
+    assert any(m.dilation != (1, 1) for m in MobileNetV2(16).modules() if isinstance(m, nn.Conv2d))
+    with pytest.raises(CissError, match="8, 16 or 32"):
+        MobileNetV2(4)
+
+
 def test_a_backbone_registered_without_a_preset_is_a_model_by_its_name(monkeypatch: pytest.MonkeyPatch):
     """Its module and its registry entry make a new backbone usable: DeepLabV3's defaults, no ImageNet weights."""
     monkeypatch.setattr(presets, "BACKBONES", Registry("backbone", {**dict(presets.BACKBONES), "bare": TinyNet}))
