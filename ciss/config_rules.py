@@ -78,19 +78,23 @@ def _show(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
-@dataclass(frozen=True)
-class Flag:
-    """true or false; 1, "yes" and "true" are not booleans in TOML."""
-
-    def problem(self, value: Any) -> str | None:
-        return None if isinstance(value, bool) else f"must be true or false, not {kind_of(value)}"
+class _AsGiven:
+    """A rule whose valid values are already canonical: `clean` hands them back unchanged."""
 
     def clean(self, value: Any) -> Any:
         return value
 
 
 @dataclass(frozen=True)
-class Text:
+class Flag(_AsGiven):
+    """true or false; 1, "yes" and "true" are not booleans in TOML."""
+
+    def problem(self, value: Any) -> str | None:
+        return None if isinstance(value, bool) else f"must be true or false, not {kind_of(value)}"
+
+
+@dataclass(frozen=True)
+class Text(_AsGiven):
     """A string, one of `choices` when given (a callable is read when first needed: presets live in TOML)."""
 
     choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] = ()
@@ -102,9 +106,6 @@ class Text:
         if choices and value not in choices:
             return f"must be one of {', '.join(map(repr, choices))}"
         return None
-
-    def clean(self, value: Any) -> Any:
-        return value
 
 
 @dataclass(frozen=True)
@@ -128,14 +129,11 @@ class ScaleRange:
 
 
 @dataclass(frozen=True)
-class Table:
+class Table(_AsGiven):
     """A free-form table its reader checks (the dataset reader's options)."""
 
     def problem(self, value: Any) -> str | None:
         return None if isinstance(value, dict) else f"must be a table, not {kind_of(value)}"
-
-    def clean(self, value: Any) -> Any:
-        return value
 
 
 def rule_for(default: Any, choices: tuple[str, ...] = ()) -> Rule:
