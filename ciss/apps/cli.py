@@ -322,7 +322,12 @@ def live(camera: int | None, source: str | None, repo: Path | None, name: str | 
     repo = MODELS if repo is None else repo
     name = name or latest_model(repo, log=echo)
     cv2.setNumThreads(split.opencv)  # OpenCV's own pool would otherwise compete with the backend's threads
-    with Segmenter.from_repository(repo, name, backend=cfg["backend"], version=pin, poll_s=cfg["poll_s"],
+    backend = cfg["backend"]
+    if backend == "torch":  # the runtime loads no trainer: the command line hands it the reference's factory
+        from ciss.apps.reference import TorchBackend
+
+        backend = TorchBackend
+    with Segmenter.from_repository(repo, name, backend=backend, version=pin, poll_s=cfg["poll_s"],
                                    threads=split.backend, resize=cfg["resize"], log=echo) as segmenter:
         echo(split.describe())
         # Opened after the model is ready, so a live source does not count start-up frames as dropped.

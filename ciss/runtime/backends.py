@@ -1,5 +1,7 @@
-"""Inference backends for one model version: ONNX Runtime (TensorRT, CUDA or CPU execution provider),
-TensorRT engines, and the trained PyTorch step as a debug reference.
+"""Inference backends for one model version: ONNX Runtime (TensorRT, CUDA or CPU execution provider)
+and TensorRT engines, loaded by kind name, or any other backend through a `BackendFactory` (the torch
+reference that `ciss live --backend torch` builds from the trainer, ciss/apps/reference.py, or a
+robot's own accelerator), so the runtime never imports what it cannot install on a robot.
 
 onnxruntime-gpu on a machine without a usable GPU quietly runs on the CPU: its GPU providers are
 listed as available, session creation only logs the failure, and `get_providers()` is the one place
@@ -14,15 +16,14 @@ import functools
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from ciss.classmap import mask_dtype
 from ciss.engines import EngineManifest, engine_unavailable_reason, load_engine
 from ciss.errors import CissError
-from ciss.manifest import InputSpec, ModelManifest
+from ciss.manifest import ModelManifest
 from ciss.repository import member
 from ciss.runtime.log import LOGGER, Log
 from ciss.runtime.settings import check_kind
@@ -46,6 +47,14 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release what the backend holds (GPU memory) before the garbage collector would."""
+
+
+class BackendFactory(Protocol):
+    """Builds the Backend for one verified version; given in place of a kind name, it loads every
+    version a Segmenter serves, hot-swapped ones included. `threads`: intra-op threads (0: its default)."""
+
+    def __call__(self, version_dir: Path, manifest: ModelManifest, threads: int) -> Backend:
+        ...
 
 
 @functools.cache
@@ -160,41 +169,6 @@ class TensorRTBackend(Backend):
         del self.context, self.engine
 
 
-class TorchBackend(Backend):
-    """The trained step the version was exported from, rebuilt with PyTorch: a reference for
-    debugging the exported graph, never a deployment path (robots have no torch)."""
-
-    def __init__(self, manifest: ModelManifest, threads: int):
-        try:
-            import torch
-        except ImportError:
-            raise CissError("the torch backend needs PyTorch, which is not installed here") from None
-        from ciss.trainer.store import RunStore
-
-        source = manifest.source or {}
-        if "run" not in source or "step" not in source:
-            raise CissError("the torch backend rebuilds the step a version came from, and this manifest names none")
-        model, step_manifest = RunStore(Path(source["run"])).load(int(source["step"]))
-        if step_manifest.weights.sha256 != source.get("weights_sha256"):
-            raise CissError(f"step {source['step']} of {source['run']} has changed since this version was exported; "
-                            "the torch backend would not run the same weights")
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self._torch = torch
-        self.model = model.fused().eval()
-        self.name, self.precision = "torch", "fp32"
-        self.input_name = (manifest.input or InputSpec()).name
-        self.output_names = [o["name"] for o in manifest.outputs]
-        self._mask_dtype = mask_dtype(len(manifest.classes))
-
-    def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        with self._torch.no_grad():
-            logits = self.model(self._torch.from_numpy(x))
-        out = {"logits": logits.numpy(), "mask": logits.argmax(1).numpy().astype(self._mask_dtype),
-               "confidence": logits.softmax(1).amax(1).numpy()}
-        return {name: out[name] for name in self.output_names}
-
-
 @functools.cache
 def gpu_problem() -> str | None:
     """Why this machine has no usable NVIDIA GPU, asked of the driver library itself (no toolkit, no
@@ -293,8 +267,6 @@ def _load_tensorrt(version_dir: Path, manifest: ModelManifest) -> Backend:
 def _load(version_dir: Path, manifest: ModelManifest, kind: str, threads: int) -> Backend:
     if kind == "tensorrt":
         return _load_tensorrt(version_dir, manifest)
-    if kind == "torch":
-        return TorchBackend(manifest, threads)
     return _load_ort(version_dir, manifest, kind, threads)
 
 
@@ -321,18 +293,30 @@ def _auto(version_dir: Path, manifest: ModelManifest, threads: int, log: Log) ->
     return backend
 
 
-def load_backend(version_dir: Path, manifest: ModelManifest, kind: str = "auto", threads: int = 0,
+def check_backend(backend: str | BackendFactory) -> str | BackendFactory:
+    """`backend` if it is a factory or a kind this runtime loads, else the one-line refusal: "torch" is
+    a name of the command line's, which builds the reference from the trainer the runtime never imports."""
+    if callable(backend):
+        return backend
+    if check_kind(backend) == "torch":
+        raise CissError("the torch backend is built by the command line (ciss live --backend torch); "
+                        "in Python pass ciss.apps.reference.TorchBackend as the backend")
+    return backend
+
+
+def load_backend(version_dir: Path, manifest: ModelManifest, kind: str | BackendFactory = "auto", threads: int = 0,
                  log: Log | None = None) -> Backend:
-    """Load the version in `version_dir` (its verified `manifest`) on backend `kind` (one of
-    ciss.runtime.settings.KINDS).
+    """Load the version in `version_dir` (its verified `manifest`) on backend `kind`: one of
+    ciss.runtime.settings.KINDS but torch, or a BackendFactory.
 
     `threads` sets ONNX Runtime's intra-op threads (0: its default). A named kind that cannot load
     raises a one-line CissError; only `auto` falls back, logging each step down through `log`.
     """
-    check_kind(kind)
+    check_backend(kind)
     log = log or LOGGER.info
     if kind == "auto":
         return _auto(Path(version_dir), manifest, threads, log)
-    backend = _load(Path(version_dir), manifest, kind, threads)
-    log(f"backend {kind}: {backend.name} ({backend.precision})")
+    folder = Path(version_dir)
+    backend = kind(folder, manifest, threads) if callable(kind) else _load(folder, manifest, kind, threads)
+    log(f"backend {kind if isinstance(kind, str) else backend.name}: {backend.name} ({backend.precision})")
     return backend

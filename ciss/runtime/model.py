@@ -17,7 +17,7 @@ import numpy as np
 from ciss.classmap import ClassMap, mask_dtype, unlearned, unlearned_warning
 from ciss.errors import CissError
 from ciss.manifest import InputSpec, ModelManifest, Normalisation
-from ciss.runtime.backends import Backend, load_backend, return_freed_memory
+from ciss.runtime.backends import Backend, BackendFactory, load_backend, return_freed_memory
 from ciss.runtime.log import Log
 from ciss.sizes import ASPECT_WARNING, aspect_change, check_resize, input_size, matching_size, placement
 
@@ -73,7 +73,7 @@ class Model:
         self._rgb = self.spec.color == "RGB"
 
     @classmethod
-    def load(cls, path: Path, manifest: ModelManifest, kind: str, threads: int, log: Log,
+    def load(cls, path: Path, manifest: ModelManifest, kind: str | BackendFactory, threads: int, log: Log,
              resize: str = "stretch") -> Model:
         return cls(manifest.version, manifest, load_backend(path, manifest, kind, threads, log), resize)
 

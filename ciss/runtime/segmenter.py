@@ -28,8 +28,7 @@ from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.manifest import ModelManifest
 from ciss.repository import ModelRepository
-from ciss.runtime.backends import keep_large_blocks_mapped
-from ciss.runtime.settings import check_kind
+from ciss.runtime.backends import BackendFactory, check_backend, keep_large_blocks_mapped
 from ciss.runtime.hotswap import HotSwap, prepare
 from ciss.runtime.log import LOGGER, Log
 from ciss.runtime.model import Model, Result
@@ -116,8 +115,9 @@ class Segmenter:
         self._aspect_warned = False  # the stretch warning is said once, not on every frame
 
     @classmethod
-    def from_repository(cls, repo: Path | str, name: str, backend: str = "auto", version: int | None = None,
-                        watch: bool = True, poll_s: float = 0.5, threads: int = 0, resize: str = DEFAULT_RESIZE,
+    def from_repository(cls, repo: Path | str, name: str, backend: str | BackendFactory = "auto",
+                        version: int | None = None, watch: bool = True, poll_s: float = 0.5, threads: int = 0,
+                        resize: str = DEFAULT_RESIZE,
                         on_swap: Callable[[int, int], None] | None = None,
                         on_error: Callable[[Exception], None] | None = None, log: Log | None = None) -> Segmenter:
         """Serve `name` from the repository at `repo`: version `version` only (pinned), or the latest
@@ -130,9 +130,10 @@ class Segmenter:
         versions are taken only when check_updates() is called. `threads` is the backend's intra-op
         threads (0: its default); ciss.runtime.stages.thread_split chooses them for a stream.
         `resize` fits frames of another shape to a fixed-size model: "letterbox" keeps their aspect
-        ratio and pads, "stretch" fills the input (ciss.sizes).
+        ratio and pads, "stretch" fills the input (ciss.sizes). `backend` is a kind name
+        (ciss.runtime.settings.KINDS) or a BackendFactory, which then loads every version served.
         """
-        check_kind(backend)
+        check_backend(backend)
         check_resize(resize)
         if not (math.isfinite(poll_s) and poll_s > 0):  # 0 would re-check the repository in a busy loop
             raise CissError(f"--poll {poll_s:g} is not a positive number of seconds; give e.g. --poll 0.5")

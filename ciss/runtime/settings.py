@@ -14,7 +14,8 @@ from ciss.config import Settings
 from ciss.errors import CissError
 from ciss.sizes import DEFAULT_RESIZE, RESIZE_MODES
 
-KINDS = ("auto", "tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "ort-int8", "torch")  # ciss/runtime/backends.py
+# ciss/runtime/backends.py loads them, but torch: the command line builds it (ciss/apps/reference.py)
+KINDS = ("auto", "tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "ort-int8", "torch")
 
 LIVE = Settings.table("live", {
     "backend": "auto",        # one of KINDS; torch is a debugging reference that needs the training extra

@@ -1,5 +1,6 @@
-"""ciss.runtime.backends on real exported versions: ONNX Runtime on the CPU, the torch reference, and
-GPU backends asked for on this GPU-less machine (they must refuse at once, in one line)."""
+"""ciss.runtime.backends on real exported versions: ONNX Runtime on the CPU, backends given as factories
+(the torch reference of ciss.apps.reference, one of the user's own), and GPU backends asked for on
+this GPU-less machine (they must refuse at once, in one line)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,19 @@ import numpy as np
 import pytest
 from tiny_models import NAME, SIZE, exported, loaded, publish
 
+from ciss.apps.reference import TorchBackend
 from ciss.errors import CissError
-from ciss.runtime.backends import gpu_problem, load_backend
+from ciss.manifest import ModelManifest
+from ciss.runtime.backends import Backend, gpu_problem, load_backend
+from ciss.runtime.segmenter import Segmenter
 from ciss.runtime.settings import KINDS
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory) -> Path:
+    return exported(tmp_path_factory).v1
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +90,7 @@ def test_int8_backend_loads_the_variant_file_and_refuses_without_one(v2: Path, t
 
 def test_torch_backend_rebuilds_the_step_and_agrees_with_onnx(v2: Path):
     manifest = loaded(v2)
-    reference = load_backend(v2, manifest, "torch", log=lambda s: None)
+    reference = load_backend(v2, manifest, TorchBackend, log=lambda s: None)
     assert reference.name == "torch" and reference.output_names == ["mask"]
     x = example_input(1)
     expected = load_backend(v2, manifest, "ort-cpu", log=lambda s: None).infer(x)["mask"]
@@ -90,7 +99,32 @@ def test_torch_backend_rebuilds_the_step_and_agrees_with_onnx(v2: Path):
 
     changed = replace(manifest, source={**manifest.source, "weights_sha256": "0" * 64})
     with pytest.raises(CissError, match="has changed since this version was exported"):
-        load_backend(v2, changed, "torch")
+        load_backend(v2, changed, TorchBackend)
+
+
+def test_the_runtime_refuses_to_build_the_torch_reference_itself(v2: Path, tmp_path: Path):
+    for load in (lambda: load_backend(v2, loaded(v2), "torch"),
+                 lambda: Segmenter.from_repository(tmp_path / "nowhere", NAME, backend="torch")):
+        with pytest.raises(CissError) as info:
+            load()
+        assert "pass ciss.apps.reference.TorchBackend as the backend" in str(info.value)
+        assert "\n" not in str(info.value)
+
+
+def test_a_backend_factory_loads_every_version_served(v1: Path, v2: Path, tmp_path: Path):
+    repo = tmp_path / "models"
+    publish(repo, v1)
+    built: list[tuple[int, int]] = []
+
+    def on_the_cpu(version_dir: Path, manifest: ModelManifest, threads: int) -> Backend:
+        built.append((manifest.version, threads))
+        return load_backend(version_dir, manifest, "ort-cpu", threads, log=lambda s: None)
+
+    with Segmenter.from_repository(repo, NAME, backend=on_the_cpu, watch=False, threads=1, log=lambda s: None) as seg:
+        publish(repo, v2)
+        assert seg.check_updates() == 2
+        assert seg(np.zeros((*SIZE, 3), np.uint8)).version == 2
+    assert built == [(1, 1), (2, 1)]
 
 
 def test_the_runtime_imports_without_torch():
