@@ -28,6 +28,17 @@ class TrainBatch:
     epoch: int = 0  # for schedules that change with training progress
     progress: float = 0.0  # iterations done / total, in [0, 1)
 
+    @property
+    def old_logits(self) -> torch.Tensor:
+        """The previous model's logits: there is one at every step > 0, where `incremental_losses` runs."""
+        assert self.old is not None, "no previous model at step 0"
+        return self.old.logits
+
+    @property
+    def n_old(self) -> int:
+        """Channels of the previous model (background included): the classes it must keep."""
+        return self.old_logits.shape[1]
+
 
 @dataclass
 class StepContext:

@@ -265,11 +265,10 @@ class GSC(PLOP):
 
     # --- every batch ---------------------------------------------------------------------------
     def incremental_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        assert batch.old is not None and self.ctx is not None
+        assert self.ctx is not None
         o = self.options
         logits, labels = batch.out.logits, batch.labels
-        old = batch.old.logits
-        n_old, n_total = old.shape[1], logits.shape[1]
+        old, n_old, n_total = batch.old_logits, batch.n_old, logits.shape[1]
         if self._class_steps is None or self._class_steps.numel() != n_total:
             raise RuntimeError("GSC was not prepared for this step's classes: call prepare() before losses()")
         mode = self.mode

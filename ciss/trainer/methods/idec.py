@@ -216,11 +216,9 @@ class IDEC(Method):
         self.thresholds = torch.full((ctx.n_old,), o["threshold_init"], device=ctx.device) if use_thresholds else None
 
     def incremental_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        assert batch.old is not None
         o = self.options
         logits, labels = batch.out.logits, batch.labels
-        old = batch.old.logits
-        n_old, n_total = old.shape[1], logits.shape[1]
+        old, n_old, n_total = batch.old_logits, batch.n_old, logits.shape[1]
         regions = None
         if self.thresholds is not None:
             self._update_thresholds(old, labels)

@@ -28,10 +28,8 @@ class MiB(Method):
         super().__init__(**resolve_options(self.name, self.defaults, options, self.choices))
 
     def incremental_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        assert batch.old is not None
         logits, labels, red = batch.out.logits, batch.labels, self.options["reduction"]
-        old = batch.old.logits
-        n_old = old.shape[1]
+        old, n_old = batch.old_logits, batch.n_old
         return {
             "ce": unbiased_cross_entropy(logits, labels, n_old, red),
             # MiB averages the distillation over all pixels, whatever the CE reduction.

@@ -184,11 +184,9 @@ class PLOP(Method):
 
     # --- every batch ---------------------------------------------------------------------------
     def incremental_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        assert batch.old is not None
         o = self.options
         logits, labels = batch.out.logits, batch.labels
-        old = batch.old.logits
-        n_old, n_total = old.shape[1], logits.shape[1]
+        old, n_old, n_total = batch.old_logits, batch.n_old, logits.shape[1]
         if n_total <= n_old:
             raise RuntimeError(f"the current model has {n_total} outputs, not more than the old model's {n_old}")
         tau = self._tau(n_old, logits.device)
