@@ -124,17 +124,22 @@ def carried_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def describe_carried(store: RunStore, step: int, cfg: Mapping[str, Any], method: Mapping[str, Any],
-                     file_cfg: Mapping[str, Any] | None = None, source: str = "") -> str:
+                     file_cfg: Mapping[str, Any] | None = None, source: str = "",
+                     flags: Mapping[str, Any] | None = None) -> str:
     """One line: what the run brings from `step` to this call (the settings that differ from the defaults),
-    and what a config file given to this call replaces of them."""
-    defaults, carried = TRAINING.flatten(TRAINING.defaults()), TRAINING.flatten(cfg)
-    replaced = {k: v for k, v in TRAINING.flatten(file_cfg or {}).items() if carried.get(k) != v}
-    items = [f"{k}={toml_text(v)}" for k, v in carried.items() if defaults.get(k) != v and k not in replaced]
+    and what a config file and then the command line (`flags`, flat keys) given to this call replace of
+    them; a key both set is the command line's, which wins."""
+    defaults, carried, flags = TRAINING.flatten(TRAINING.defaults()), TRAINING.flatten(cfg), flags or {}
+    typed = {k: v for k, v in flags.items() if carried.get(k) != v}
+    replaced = {k: v for k, v in TRAINING.flatten(file_cfg or {}).items() if carried.get(k) != v and k not in flags}
+    items = [f"{k}={toml_text(v)}" for k, v in carried.items()
+             if defaults.get(k) != v and k not in replaced and k not in typed]
     options = ", ".join(f"{k}={toml_text(v)}" for k, v in method.get("options", {}).items())
     items.append(f"method={method['name']}" + (f" ({options})" if options else ""))
     line = f"carried over from step {step} of {store.root}: {', '.join(items)}"
-    if replaced:
-        line += f"; from {source}: " + ", ".join(f"{k}={toml_text(v)}" for k, v in replaced.items())
+    for origin, values in ((source, replaced), ("the command line", typed)):
+        if values:
+            line += f"; from {origin}: " + ", ".join(f"{k}={toml_text(v)}" for k, v in values.items())
     return line
 
 
@@ -197,12 +202,13 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
     base = TRAINING.merge(TRAINING.defaults(), stored)
     file_cfg, source = TRAINING.load(config_file)
     file_method = file_cfg.pop("method", {})
-    if last is not None:
-        log(describe_carried(store, last, base, base_method, file_cfg, source))
     carried, per_call = split_per_call(overrides or {})
     data_cli = dataset_overrides(data, dataset, root)
     if data_cli:
         carried.setdefault("data", {}).update(data_cli)
+    if last is not None:
+        typed = {**TRAINING.flatten(carried), **TRAINING.flatten(per_call)}
+        log(describe_carried(store, last, base, base_method, file_cfg, source, typed))
     run_cfg = resolve_model(TRAINING.resolve(file_cfg, carried, under=stored))
     cfg = TRAINING.merge(run_cfg, per_call)
     check_resolved(cfg, world_size())  # before a dataset is opened or a file written

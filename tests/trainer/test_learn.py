@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,21 @@ def test_a_config_file_at_a_later_step_is_named_with_what_it_replaces(tmp_path: 
     assert len(carried) == 1 and f"; from {later}: " in carried[0] and "train.lr_next=0.002" in carried[0], r.stderr
     assert carried[0].count("train.lr_next") == 1
     assert RunStore(run).manifest(1).config["train"]["lr_next"] == 0.002
+
+
+def test_a_flag_over_a_later_config_file_is_named_as_the_command_lines(tmp_path: Path, fast_config: Path):
+    """`--seed 5` beats the file's seed: the carried-over line must not say the file's value is used."""
+    run = tmp_path / "r"
+    assert _cli("learn", "--run", str(run), "--classes", "sky,grass", "--config", str(fast_config),
+                "--method", "ft", "--seed", "3").exit_code == 0
+    later = tmp_path / "later.toml"
+    later.write_text(re.sub(r"(?m)^seed = .*$", "seed = 0", fast_config.read_text()))
+    r = _cli("learn", "--run", str(run), "--new-classes", "water", "--config", str(later), "--seed", "5")
+    assert r.exit_code == 0, r.output
+    carried = [ln for ln in r.stderr.splitlines() if ln.startswith("carried over from step 0")]
+    assert len(carried) == 1 and "seed=0" not in carried[0] and carried[0].count("seed=") == 1, r.stderr
+    assert carried[0].endswith("; from the command line: seed=5"), r.stderr
+    assert RunStore(run).manifest(1).seed == 5
 
 
 @pytest.mark.parametrize("args,fragment", [
