@@ -26,24 +26,26 @@ def test_every_file_it_names_exists():
     assert not missing, f"docs/architecture.md names files that do not exist: {missing}"
 
 
-def package_with(copy: Path, module_path: str, module: str, registry_path: str, kind: str, entry: str) -> None:
-    """A copy of the package and its configs at `copy`, with `module` added and `entry` first in the
-    registry of `kind` in `registry_path`: exactly the two files the page says."""
+def package_from_page(copy: Path, module_path: str, registry_path: str, kind: str, registry: str) -> None:
+    """A copy of the package and its configs at `copy`, with the page's code for `module_path` added and
+    the page's entry for `registry` first in the registry of `kind` in `registry_path`: exactly the two
+    files the page says."""
+    text = DOC.read_text()
+    folder, name = module_path.rsplit("/", 1)
+    module = re.search(rf"1\. `{re.escape(folder)}/(?:<name>\.py`, here `)?{re.escape(name)}`:.*?```python\n(.*?)```",
+                       text, re.S).group(1)
+    entry = re.search(rf"One entry in `{registry}`.*?```python\n(.*?)\n```", text, re.S).group(1)
     shutil.copytree(REPO / "ciss", copy / "ciss", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "configs", copy / "configs")
     (copy / module_path).write_text(module)
-    registry = copy / registry_path
-    source = registry.read_text()
+    source = (copy / registry_path).read_text()
     assert f'Registry("{kind}", {{' in source
-    registry.write_text(source.replace(f'Registry("{kind}", {{', f'Registry("{kind}", {{' + entry + " ", 1))
+    (copy / registry_path).write_text(source.replace(f'Registry("{kind}", {{', f'Registry("{kind}", {{' + entry + " ", 1))
 
 
 def test_the_worked_example_of_a_new_method_trains_a_step(tmp_path: Path):
-    text = DOC.read_text()
-    module = re.search(r"1\. `ciss/trainer/methods/lwf\.py`:\n\n```python\n(.*?)```", text, re.S).group(1)
-    entry = re.search(r"One entry in `METHODS`.*?```python\n(.*?)\n```", text, re.S).group(1)
     copy = tmp_path / "copy"
-    package_with(copy, "ciss/trainer/methods/lwf.py", module, "ciss/trainer/methods/__init__.py", "method", entry)
+    package_from_page(copy, "ciss/trainer/methods/lwf.py", "ciss/trainer/methods/__init__.py", "method", "METHODS")
 
     run, config = tmp_path / "run", write_config(tmp_path / "fast.toml")
     env = dict(os.environ, PYTHONPATH=str(copy), OMP_NUM_THREADS="1")
@@ -60,12 +62,8 @@ def test_the_worked_example_of_a_new_method_trains_a_step(tmp_path: Path):
 
 def test_the_worked_example_of_a_new_backbone_trains_a_step_by_its_name(tmp_path: Path):
     """Two files and no preset: the registered backbone is a model under its own name, DeepLabV3's defaults."""
-    text = DOC.read_text()
-    module = re.search(r"1\. `ciss/trainer/models/<name>\.py`, here `plain\.py`:.*?```python\n(.*?)```", text,
-                       re.S).group(1)
-    entry = re.search(r"One entry in `BACKBONES`.*?```python\n(.*?)\n```", text, re.S).group(1)
     copy = tmp_path / "copy"
-    package_with(copy, "ciss/trainer/models/plain.py", module, "ciss/trainer/presets.py", "backbone", entry)
+    package_from_page(copy, "ciss/trainer/models/plain.py", "ciss/trainer/presets.py", "backbone", "BACKBONES")
     assert "[plain]" not in (copy / "configs/models.toml").read_text()
 
     run, config = tmp_path / "run", write_config(tmp_path / "fast.toml")
@@ -98,12 +96,8 @@ def write_street(root: Path, split: str, n: int) -> None:
 
 def test_the_worked_example_of_a_new_dataset_reader_trains_a_step(tmp_path: Path):
     """Two files: the reader module and its READERS entry; `--dataset street --root DIR` learns from it."""
-    text = DOC.read_text()
-    module = re.search(r"1\. `ciss/trainer/data/<name>\.py`, here `street\.py`:.*?```python\n(.*?)```", text,
-                       re.S).group(1)
-    entry = re.search(r"One entry in `READERS`.*?```python\n(.*?)\n```", text, re.S).group(1)
     copy = tmp_path / "copy"
-    package_with(copy, "ciss/trainer/data/street.py", module, "ciss/trainer/data/__init__.py", "dataset kind", entry)
+    package_from_page(copy, "ciss/trainer/data/street.py", "ciss/trainer/data/__init__.py", "dataset kind", "READERS")
     data = tmp_path / "street"
     write_street(data, "train", 6)
     write_street(data, "test", 2)
