@@ -286,7 +286,9 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
     if failed:
         lines += ["", "Runs that did not finish (no row above):", ""]
         lines += [f"- {name}: {why}" for name, why in sorted(failed.items())]
-    pairs = [(p, b) for p in main_rows if p.split("-")[0] in PROPOSED for b in BASELINES if b in results]
+    # A baseline's variant (mib-clip3: MiB with its gradients clipped) is a baseline too; the reference row is not.
+    baselines = [b for b in main_rows if b.split("-")[0] in BASELINES and b != REFERENCE]
+    pairs = [(p, b) for p in main_rows if p.split("-")[0] in PROPOSED for b in baselines]
     if pairs:
         lines += ["", "GSC and IDEC against every baseline (all-mIoU, mean difference; ahead or behind only "
                   "beyond two standard deviations):", ""]
