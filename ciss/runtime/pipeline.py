@@ -29,6 +29,7 @@ from ciss.runtime.log import LOGGER, Log
 from ciss.runtime.model import Result
 from ciss.runtime.render import class_lut, hud, legend, overlay
 from ciss.runtime.segmenter import Segmenter
+from ciss.runtime.settings import LIVE
 from ciss.runtime.sinks import Display, MaskSink, StatsSink, VideoSink, pixel_shares
 from ciss.runtime.sources import Frame, Source
 from ciss.runtime.stages import Reservoir
@@ -48,9 +49,9 @@ class LiveOptions:
     save_masks: Path | None = None    # one palette PNG of class ids per frame (sinks.MaskSink)
     stats: Path | None = None         # JSONL, one record per frame
     max_frames: int | None = None
-    alpha: float = 0.5
-    legend: bool = True               # the class legend, top right (--no-legend)
-    hud: bool = True                  # FPS, latency, version and backend, top left (--no-hud)
+    alpha: float = LIVE.default("live.alpha")
+    legend: bool = LIVE.default("live.legend")  # the class legend, top right (--no-legend)
+    hud: bool = LIVE.default("live.hud")        # FPS, latency, version and backend, top left (--no-hud)
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:  # also refuses NaN; outside [0, 1] the overlay wraps around

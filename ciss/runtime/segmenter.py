@@ -32,6 +32,7 @@ from ciss.runtime.backends import BackendFactory, check_backend, keep_large_bloc
 from ciss.runtime.hotswap import HotSwap, prepare
 from ciss.runtime.log import LOGGER, Log
 from ciss.runtime.model import Model, Result
+from ciss.runtime.settings import LIVE
 from ciss.runtime.sources import Frame, Source
 from ciss.runtime.stages import Pipeline
 from ciss.sizes import DEFAULT_RESIZE, check_resize
@@ -116,7 +117,7 @@ class Segmenter:
 
     @classmethod
     def from_repository(cls, repo: Path | str, name: str, backend: str | BackendFactory = "auto",
-                        version: int | None = None, watch: bool = True, poll_s: float = 0.5, threads: int = 0,
+                        version: int | None = None, watch: bool = True, poll_s: float = LIVE.default("live.poll_s"), threads: int = 0,
                         resize: str = DEFAULT_RESIZE,
                         on_swap: Callable[[int, int], None] | None = None,
                         on_error: Callable[[Exception], None] | None = None, log: Log | None = None) -> Segmenter:
