@@ -6,7 +6,8 @@ depend on the values, except int8's calibration ranges, which come from a few ra
 interleaved rounds in one process, so ratios survive a shared, noisy machine; medians are shown.
 Ratios: each backend against PyTorch eager of the same preset, and each preset against DeepLabV3 on
 the same backbone (the light-head question). The backbone alone is timed too: DeepLabV3's latency over
-it is the most any head on that backbone could gain, whatever its design.
+it is the most any head on that backbone could gain, whatever its design. Each model's and backbone's
+multiply-adds are counted as well (torch's FlopCounterMode), since latency does not follow them.
 
     python benchmarks/export_speed.py --size 512x512 --threads 1 --rounds 5
     python benchmarks/export_speed.py --size 360x480 --presets mobilenet_v2,mobilenet_v2_lraspp
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from machine import cpu_description
 from ciss.export.onnx import export_logits, parse_size
@@ -47,6 +49,14 @@ class LastStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return list(self.backbone(x).values())[-1]  # stage1, stage2, ...: the last is the deepest
+
+
+def gflops(module: nn.Module, x: torch.Tensor) -> float:
+    """Floating-point operations of one forward pass (2 per multiply-add), in billions."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(x)
+    return counter.get_total_flops() / 1e9
 
 
 def median_ms(call, repeats: int) -> float:
@@ -74,6 +84,7 @@ def main() -> None:
 
     variants: dict[tuple[str, str], object] = {}
     params: dict[str, float] = {}
+    flops: dict[str, tuple[float, float]] = {}  # preset -> (whole model, backbone alone)
     entries = args.presets.split(",")
     for preset in entries:
         torch.manual_seed(0)
@@ -82,6 +93,7 @@ def main() -> None:
         params[preset] = sum(p.numel() for p in model.parameters()) / 1e6
         graph = export_logits(model, (h, w), dynamic=False)
         tensor = torch.from_numpy(x)
+        flops[preset] = (gflops(model, tensor), gflops(LastStage(model.backbone), tensor))
         variants[(preset, "torch")] = lambda m=model, t=tensor: m(t)
         fp32 = cpu_session(graph.SerializeToString(), args.threads)
         int8 = cpu_session(quantize_int8(graph, calibration).SerializeToString(), args.threads)
@@ -102,10 +114,11 @@ def main() -> None:
     presets = {entry: model_presets()[entry.partition("@")[0]] for entry in entries}
     lines = [f"# CPU latency at {h}x{w}, {args.threads} thread(s)", "", f"CPU: {cpu_description()}; "
              f"torch {torch.__version__}; median of {args.rounds} interleaved rounds x {args.repeats} runs.", "",
-             "| preset | params (M) | torch eager ms | ORT fp32 ms (x eager) | ORT int8 ms (x fp32) | ORT fp32 x DeepLabV3 "
-             "| backbone alone, ORT fp32 ms (share) | most any head could gain over DeepLabV3 |",
-             "|---|---|---|---|---|---|---|---|"]
-    report = {"cpu": cpu_description(), "size": [h, w], "threads": args.threads, "ms": {}, "ratios": {}}
+             "| preset | params (M) | GFLOPs (backbone) | torch eager ms | ORT fp32 ms (x eager) | ORT int8 ms (x fp32) "
+             "| ORT fp32 x DeepLabV3 | backbone alone, ORT fp32 ms (share) | most any head could gain over DeepLabV3 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    report = {"cpu": cpu_description(), "size": [h, w], "threads": args.threads,
+              "gflops": {}, "ms": {}, "ratios": {}}
     for preset in entries:
         backbone = presets[preset]["backbone"]
         deeplab = next((p for p in entries if presets[p]["backbone"] == backbone
@@ -113,14 +126,18 @@ def main() -> None:
         vs = f"{ratio((preset, 'ort-fp32'), (deeplab, 'ort-fp32')):.2f}x" if deeplab and deeplab != preset else "-"
         share = statistics.median(r[(preset, "ort-backbone")] / r[(preset, "ort-fp32")] for r in rounds)
         ceiling = f"{ratio((preset, 'ort-backbone'), (deeplab, 'ort-fp32')):.2f}x" if deeplab else "-"
-        lines.append(f"| {preset} | {params[preset]:.2f} | {ms[(preset, 'torch')]:.1f} | "
+        lines.append(f"| {preset} | {params[preset]:.2f} | {flops[preset][0]:.2f} ({flops[preset][1]:.2f}) | "
+                     f"{ms[(preset, 'torch')]:.1f} | "
                      f"{ms[(preset, 'ort-fp32')]:.1f} ({ratio((preset, 'ort-fp32'), (preset, 'torch')):.2f}x) | "
                      f"{ms[(preset, 'ort-int8')]:.1f} ({ratio((preset, 'ort-int8'), (preset, 'ort-fp32')):.2f}x) | {vs} | "
                      f"{ms[(preset, 'ort-backbone')]:.1f} ({100 * share:.0f} %) | {ceiling} |")
+        report["gflops"][preset] = {"model": flops[preset][0], "backbone": flops[preset][1]}
         report["ms"][preset] = {b: ms[(preset, b)] for b in ("torch", "ort-fp32", "ort-int8", "ort-backbone")}
         report["ratios"][preset] = {"ort_vs_torch": ratio((preset, "ort-fp32"), (preset, "torch")),
                                     "int8_vs_fp32": ratio((preset, "ort-int8"), (preset, "ort-fp32"))}
-    lines += ["", "x eager / x fp32 / x DeepLabV3: how many times faster than that reference (> 1 is faster).",
+    lines += ["", "GFLOPs: floating-point operations of one forward pass at this size, 2 per multiply-add; the "
+              "backbone's in brackets.",
+              "x eager / x fp32 / x DeepLabV3: how many times faster than that reference (> 1 is faster).",
               "most any head could gain: DeepLabV3 on this preset's backbone over this backbone alone (a head "
               "that cost nothing).",
               "int8 here is calibrated on random inputs (speed only); export_int8.py measures its accuracy."]
