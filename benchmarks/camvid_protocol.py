@@ -81,6 +81,16 @@ def last_metrics(run_dir: Path, n_steps: int) -> dict | None:
     return last[0].metrics if last else None
 
 
+def at_own_step(run_dir: Path, steps: list[list[str]]) -> dict[str, float]:
+    """Each new class's IoU right after the step that added it: what the step learned, before later
+    steps could erode it. The joint run's one step added them all."""
+    by_step = {m.step: m.metrics["per_class"] for m in run_steps(run_dir)}
+    added = {c: s for s, names in enumerate(steps[1:], start=1) for c in names}
+    if len(by_step) == 1:  # the joint bound
+        added = {c: 0 for c in added}
+    return {c: by_step[s][c] for c, s in added.items() if c in by_step.get(s, {})}
+
+
 def summarise(per_class: dict[str, float], old: list[str], new: list[str]) -> dict[str, float | None]:
     def mean(names: list[str]) -> float | None:
         vals = [per_class[n] for n in names if n in per_class]
@@ -186,7 +196,7 @@ def main() -> None:
         # A run read back from an earlier invocation keeps its wall time and margins (an eval pass each).
         margins = earlier.get("margins") if wall is None else None
         row = {"seed": seed, **summarise(metrics["per_class"], old, new), "per_class": metrics["per_class"],
-               "margins": margins or new_class_margins(target, new),
+               "margins": margins or new_class_margins(target, new), "at_step": at_own_step(target, steps),
                "wall_s": earlier.get("wall_s") if wall is None else round(wall, 1)}
         with lock:
             rows = [r for r in results.get(v.name, []) if r["seed"] != seed]
@@ -304,6 +314,7 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
                 vals = [r["margins"][c] for r in results[n] if r.get("margins") and r["margins"].get(c) is not None]
                 cells.append(f"{statistics.mean(vals):+.2f}" if vals else "-")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += plasticity_table(results, main_rows, learnable or new)
     first = seeds[0]
     lines += ["", f"Per-class IoU (%) after the last step, seed {first}:", "",
               "| method | " + " | ".join(old + new) + " |", "|---|" + "---|" * len(old + new)]
@@ -330,6 +341,33 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
               "```"] + commands + ["```", ""]
     (args.out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def plasticity_table(results: dict[str, list[dict]], rows: list[str], classes: list[str]) -> list[str]:
+    """New classes as learned (IoU right after the step that added each) and as kept (after the last
+    step), mean over seeds: separates what a step fails to learn from what later steps erode."""
+    rows = [n for n in rows if any(r.get("at_step") for r in results[n])]
+    if not rows:
+        return []
+
+    def mean(n: str, c: str, key: str) -> float | None:
+        vals = [(r["at_step"] if key == "at_step" else r["per_class"]).get(c) for r in results[n] if r.get("at_step")]
+        vals = [v for v in vals if v is not None]
+        return statistics.mean(vals) if vals else None
+
+    def both(n: str, cs: list[str]) -> str:
+        learned = [v for v in (mean(n, c, "at_step") for c in cs) if v is not None]
+        kept = [v for v in (mean(n, c, "per_class") for c in cs) if v is not None]
+        if not learned or not kept:
+            return "-"
+        return f"{pct(statistics.mean(learned))} → {pct(statistics.mean(kept))}"
+
+    lines = ["", f"New classes as learned and as kept: IoU (%) right after the step that added each → after the "
+             f"last step, mean over seeds ({', '.join(classes)}).", "",
+             "| method | mean | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
+    for n in rows:
+        lines.append(f"| {n} | {both(n, classes)} | " + " | ".join(both(n, [c]) for c in classes) + " |")
+    return lines
 
 
 if __name__ == "__main__":

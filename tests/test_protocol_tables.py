@@ -1,0 +1,30 @@
+"""benchmarks/camvid_protocol.py's tables, on results written by hand: the arithmetic of each cell."""
+
+from __future__ import annotations
+
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from camvid_protocol import plasticity_table  # noqa: E402
+
+
+def row(seed: int, learned: dict[str, float], kept: dict[str, float]) -> dict:
+    return {"seed": seed, "at_step": learned, "per_class": kept}
+
+
+def test_plasticity_table_averages_learned_and_kept_over_seeds_and_classes():
+    results = {
+        "gsc": [row(0, {"car": 0.6, "fence": 0.2}, {"car": 0.5, "fence": 0.1}),
+                row(1, {"car": 0.8, "fence": 0.0}, {"car": 0.7, "fence": 0.1})],
+        "mib-init": [{"seed": 0, "per_class": {"car": 0.0, "fence": 0.0}}],  # no step learned anything: no row
+    }
+    lines = plasticity_table(results, ["mib-init", "gsc"], ["car", "fence"])
+    assert lines[3] == "| method | mean | car | fence |"
+    # car learned 0.7 kept 0.6; fence learned 0.1 kept 0.1; their mean 0.4 -> 0.35
+    assert lines[5:] == ["| gsc | 40.0 → 35.0 | 70.0 → 60.0 | 10.0 → 10.0 |"]
+
+
+def test_plasticity_table_is_empty_without_per_step_figures():
+    assert plasticity_table({"ft": [{"seed": 0, "per_class": {"car": 0.1}}]}, ["ft"], ["car"]) == []
