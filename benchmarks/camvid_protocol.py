@@ -6,8 +6,9 @@ component of GSC with that component off), trains the remaining steps from a cop
 independent processes, `--jobs` of them at a time, each with its share of the CPU threads. A run
 whose folder already holds the protocol's last step is read, not retrained, so an interrupted
 invocation picks up where it stopped and later invocations into the same --out add methods or
-seeds. `--reuse DIR` copies step 0 and the joint run of each seed from another --out of the same
-dataset and base classes (6-5 and 6-1 share both).
+seeds. A run that failed (it diverged) is listed in failed.json and stays a result: it is trained
+again only with `--retry-failed`. `--reuse DIR` copies step 0 and the joint run of each seed from
+another --out of the same dataset and base classes (6-5 and 6-1 share both).
 
 Written to --out: results.md (old/new/all mIoU after the last step, mean ± sample std over seeds;
 new mIoU also over only the classes the joint bound learns; each method against the best and GSC/IDEC
@@ -165,6 +166,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     ap.add_argument("--reuse", type=Path, help="another --out whose step-0 and joint runs to copy")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="train again the runs failed.json lists (by default a run that failed stays a result)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -221,8 +224,11 @@ def main() -> None:
     def train(v: Variant, seed: int, base: Future) -> None:
         target = args.out / "runs" / f"seed{seed}" / v.name
         n_steps = 1 if v.method == "joint" else len(steps)
+        key = f"{v.name} seed {seed}"
         if last_metrics(target, n_steps) is not None:
             record(v, seed, target, None)
+            return
+        if key in failed and not args.retry_failed:
             return
         if v.method == "joint":
             source = args.reuse / "runs" / f"seed{seed}" / "joint" if args.reuse else None
@@ -237,9 +243,12 @@ def main() -> None:
                         "--seed", str(seed), *common])
         except subprocess.CalledProcessError as e:  # a run that diverges is a result too, not a crash
             with lock:
-                failed[f"{v.name} seed {seed}"] = f"`ciss learn` exited {e.returncode} (its error line is in the log)"
+                failed[key] = f"`ciss learn` exited {e.returncode} (its error line is in the log)"
                 failed_file.write_text(json.dumps(failed, indent=2) + "\n")
             return
+        with lock:
+            if failed.pop(key, None) is not None:
+                failed_file.write_text(json.dumps(failed, indent=2) + "\n")
         record(v, seed, target, wall)
 
     def reference(seed: int, base: Future) -> None:
