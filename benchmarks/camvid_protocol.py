@@ -323,7 +323,8 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
                 vals = [r["margins"][c] for r in results[n] if r.get("margins") and r["margins"].get(c) is not None]
                 cells.append(f"{statistics.mean(vals):+.2f}" if vals else "-")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines += plasticity_table(results, main_rows, learnable or new)
+    ablated = [n for n in results if "-no-" in n]
+    lines += plasticity_table(results, main_rows + ablated, learnable or new)
     first = seeds[0]
     lines += ["", f"Per-class IoU (%) after the last step, seed {first}:", "",
               "| method | " + " | ".join(old + new) + " |", "|---|" + "---|" * len(old + new)]
@@ -331,7 +332,6 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
         pc = next((r["per_class"] for r in results[n] if r["seed"] == first), None)
         if pc is not None:
             lines.append(f"| {n} | " + " | ".join(pct(pc.get(c)) for c in old + new) + " |")
-    ablated = [n for n in results if "-no-" in n]
     if ablated:
         lines += ["", "Ablation: each component switched off alone (`--no METHOD.COMPONENT`); Δ all = change "
                   "of all-mIoU against the full method over the same seeds.", "",
