@@ -307,10 +307,12 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
         lines += [f"- {name}: {why}" for name, why in sorted(failed.items())]
     # A baseline's variant (mib-clip3: MiB with its gradients clipped) is a baseline too; the reference row is not.
     baselines = [b for b in main_rows if b.split("-")[0] in BASELINES and b != REFERENCE]
-    pairs = [(p, b) for p in main_rows if p.split("-")[0] in PROPOSED for b in baselines]
+    # An ablated variant run over several seeds is a candidate too (is GSC better without a part?).
+    candidates = main_rows + [n for n in results if "-no-" in n and len(results[n]) > 1]
+    pairs = [(p, b) for p in candidates if p.split("-")[0] in PROPOSED for b in baselines]
     if pairs:
-        lines += ["", "GSC and IDEC against every baseline (all-mIoU, mean difference; ahead or behind only "
-                  "beyond two standard deviations):", ""]
+        lines += ["", "GSC and IDEC (and their variants run over several seeds) against every baseline (all-mIoU, "
+                  "mean difference; ahead or behind only beyond two standard deviations):", ""]
         lines += [f"- {p} vs {b}: {compare(results, p, b)}" for p, b in pairs]
     margin_rows = [n for n in main_rows if any(r.get("margins") for r in results[n])]
     if margin_rows:
