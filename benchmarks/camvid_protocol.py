@@ -14,8 +14,8 @@ Written to --out: results.md (old/new/all mIoU after the last step, mean ± samp
 new mIoU also over only the classes the joint bound learns; each method against the best and GSC/IDEC
 against every baseline, a difference under two standard deviations called a tie; the reference row
 "mib-init" (the step-0 model grown by MiB's initialisation alone, no training, new biases +1e-3);
-the median logit margin new - background on each new class's pixels; per-class IoU; wall time; the
-ablation table), results.json, the exact commands, the config, and for the first seed each run's
+the median logit margin new - background on each new class's pixels; each new class's IoU right
+after its step and after the last; per-class IoU; wall time; the ablation table), results.json, the exact commands, the config, and for the first seed each run's
 per-step table (steps-<run>.csv) and forgetting plot (forgetting-<run>.png).
 
     python benchmarks/camvid_protocol.py --data ../shared/data/camvid --task camvid:6-1 \
@@ -280,7 +280,8 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
     def mean_all(name: str) -> float:
         return statistics.mean(r["all"] for r in results[name])
 
-    main_rows = sorted((n for n in results if "-no-" not in n), key=lambda n: ORDER.index(n) if n in ORDER else 99)
+    ablated = [n for n in results if "-no-" in n]
+    main_rows = sorted((n for n in results if n not in ablated), key=lambda n: ORDER.index(n) if n in ORDER else 99)
     seeds = sorted({r["seed"] for rows in results.values() for r in rows})
     learnable = learnable_classes(results, new)
     for rows in results.values():
@@ -308,7 +309,7 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
     # A baseline's variant (mib-clip3: MiB with its gradients clipped) is a baseline too; the reference row is not.
     baselines = [b for b in main_rows if b.split("-")[0] in BASELINES and b != REFERENCE]
     # An ablated variant run over several seeds is a candidate too (is GSC better without a part?).
-    candidates = main_rows + [n for n in results if "-no-" in n and len(results[n]) > 1]
+    candidates = main_rows + [n for n in ablated if len(results[n]) > 1]
     pairs = [(p, b) for p in candidates if p.split("-")[0] in PROPOSED for b in baselines]
     if pairs:
         lines += ["", "GSC and IDEC (and their variants run over several seeds) against every baseline (all-mIoU, "
@@ -325,7 +326,6 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
                 vals = [r["margins"][c] for r in results[n] if r.get("margins") and r["margins"].get(c) is not None]
                 cells.append(f"{statistics.mean(vals):+.2f}" if vals else "-")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    ablated = [n for n in results if "-no-" in n]
     lines += plasticity_table(results, main_rows + ablated, learnable or new)
     first = seeds[0]
     lines += ["", f"Per-class IoU (%) after the last step, seed {first}:", "",
@@ -361,8 +361,8 @@ def plasticity_table(results: dict[str, list[dict]], rows: list[str], classes: l
     if not rows:
         return []
 
-    def mean(n: str, c: str, key: str) -> float | None:
-        vals = [(r["at_step"] if key == "at_step" else r["per_class"]).get(c) for r in results[n] if r.get("at_step")]
+    def mean(n: str, c: str, key: str) -> float | None:  # key: "at_step" (learned) or "per_class" (kept)
+        vals = [r[key].get(c) for r in results[n] if r.get("at_step")]
         vals = [v for v in vals if v is not None]
         return statistics.mean(vals) if vals else None
 

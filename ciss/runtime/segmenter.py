@@ -117,7 +117,8 @@ class Segmenter:
 
     @classmethod
     def from_repository(cls, repo: Path | str, name: str, backend: str | BackendFactory = "auto",
-                        version: int | None = None, watch: bool = True, poll_s: float = LIVE.default("live.poll_s"), threads: int = 0,
+                        version: int | None = None, watch: bool = True,
+                        poll_s: float = LIVE.default("live.poll_s"), threads: int = 0,
                         resize: str = DEFAULT_RESIZE,
                         on_swap: Callable[[int, int], None] | None = None,
                         on_error: Callable[[Exception], None] | None = None, log: Log | None = None) -> Segmenter:
