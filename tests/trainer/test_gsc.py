@@ -167,20 +167,21 @@ def test_distillation_terms_finite_without_valid_pixels():
 def test_prototype_relabel_by_hand():
     # n_old = 3 (background, a, b), new class 3; prototypes a = (1, 0), b = (0, 1)
     protos = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    old = logits((0, 5, 0), (0, 0, 5), (5, 0, 0), (0, 5, 0), (0, 0, 5), (0, 5, 0))
-    feats = logits((1.0, 0.2), (1.0, 0.5), (0.0, 1.0), (1.0, 0.0), (0.1, 1.0), (3.0, 0.0))
-    gt = lab(0, 0, 0, 3, 0, 0)
-    plop = lab(1, 2, 255, 3, 2, 255)  # PLOP's entropy test rejected pixels 2 and 5
+    old = logits((0, 5, 0), (0, 0, 5), (5, 0, 0), (0, 5, 0), (0, 0, 5), (0, 5, 0), (1, 0, 0))
+    feats = logits((1.0, 0.2), (1.0, 0.5), (0.0, 1.0), (1.0, 0.0), (0.1, 1.0), (3.0, 0.0), (0.0, 1.0))
+    gt = lab(0, 0, 0, 3, 0, 0, 0)
+    plop = lab(1, 2, 0, 3, 2, 255, 255)  # PLOP's entropy test rejected pixels 5 and 6
     out = prototype_relabel(gt, plop, old, feats, protos, 0.5)
-    # 0: a, nearest a, cos 0.98 -> a; 1: b but nearest a -> 255; 2: old says background -> 0;
-    # 3: GT new class is never overwritten; 4: b, nearest b -> b; 5: entropy test failed -> 255
-    assert out.flatten().tolist() == [1, 255, 0, 3, 2, 255]
+    # 0: a, nearest a, cos 0.98 -> a; 1: b but nearest a -> 255; 2: PLOP kept it as background -> 0;
+    # 3: GT new class is never overwritten; 4: b, nearest b -> b; 5: entropy test failed -> 255;
+    # 6: the old model says background but the entropy test failed -> 255, not background
+    assert out.flatten().tolist() == [1, 255, 0, 3, 2, 255, 255]
     # the similarity threshold: cos(pixel 0, a) = 1 / sqrt(1.04) = 0.981
-    assert prototype_relabel(gt, plop, old, feats, protos, 0.99).flatten().tolist() == [255, 255, 0, 3, 2, 255]
+    assert prototype_relabel(gt, plop, old, feats, protos, 0.99).flatten().tolist() == [255, 255, 0, 3, 2, 255, 255]
     # a class without a prototype (zero row) is never nearest
     unseen = protos.clone()
     unseen[2] = 0
-    assert prototype_relabel(gt, plop, old, feats, unseen, 0.5).flatten().tolist() == [1, 255, 0, 3, 255, 255]
+    assert prototype_relabel(gt, plop, old, feats, unseen, 0.5).flatten().tolist() == [1, 255, 0, 3, 255, 255, 255]
 
 
 def test_prototype_relabel_only_touches_background():

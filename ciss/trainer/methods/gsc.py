@@ -9,8 +9,8 @@ adaptive factor, Local POD and resume logic.
 Step 0: plain cross-entropy. Steps t > 0, every part switchable by an option:
 - pseudo: prototypical pseudo re-labelling. PLOP's entropy labels, then a GT-background pixel keeps
   old class ĉ only when its old-model feature is nearest (cosine) to ĉ's prototype with similarity
-  >= proto_threshold; a pixel the old model calls background stays background, the rest is 255.
-  Off: PLOP's entropy labels alone.
+  >= proto_threshold; a pixel PLOP's entropy labels keep as background stays background, the rest
+  is 255, so the prototype test only ever removes labels from PLOP's. Off: PLOP's entropy labels alone.
 - compensation: the CE of each pixel × w, the gradient magnitude at its target (1 − p_ỹ) raised to
   κ = n_old / n_total and divided by its mean over the pixels of classes from the same step, clamped
   to [0.5, 1.2] as HFC does (1 for this step's classes and, unless compensate_background, for
@@ -126,9 +126,11 @@ def prototype_relabel(labels: torch.Tensor, plop_labels: torch.Tensor, old_logit
 
     Such a pixel takes the old model's class ĉ > 0 when PLOP's entropy test accepted it
     (`plop_labels` == ĉ), its nearest prototype by cosine is ĉ's and that cosine >= `threshold`.
-    Otherwise it stays background if ĉ = 0, else 255. `prototypes` (n_old, D) has unit rows; zero
-    rows (background, classes never seen) are never nearest. Features are L2-normalised, compared
-    at their own resolution and the similarities upsampled bilinearly to the labels'.
+    It stays background when PLOP's test kept it as background (`plop_labels` == 0) and is 255
+    otherwise, so the prototype test only narrows PLOP's labels and never trains as background a
+    pixel PLOP ignores. `prototypes` (n_old, D) has unit rows; zero rows (background, classes never
+    seen) are never nearest. Features are L2-normalised, compared at their own resolution and the
+    similarities upsampled bilinearly to the labels'.
     """
     n_old = old_logits.shape[1]
     with torch.no_grad():
@@ -142,7 +144,7 @@ def prototype_relabel(labels: torch.Tensor, plop_labels: torch.Tensor, old_logit
         background = (labels < n_old) & (labels != IGNORE)
         accept = background & (pred > 0) & (plop_labels == pred) & (nearest + 1 == pred) & (best >= threshold)
         out = torch.where(background, torch.full_like(labels, IGNORE), labels)
-        out = torch.where(background & (pred == 0), torch.zeros_like(labels), out)
+        out = torch.where(background & (plop_labels == 0), torch.zeros_like(labels), out)
         return torch.where(accept, pred, out)
 
 
