@@ -15,8 +15,9 @@ new mIoU also over only the classes the joint bound learns; each method against 
 against every baseline, a difference under two standard deviations called a tie; the reference row
 "mib-init" (the step-0 model grown by MiB's initialisation alone, no training, new biases +1e-3);
 the median logit margin new - background on each new class's pixels; each new class's IoU right
-after its step and after the last; per-class IoU; wall time; the ablation table), results.json, the exact commands, the config, and for the first seed each run's
-per-step table (steps-<run>.csv) and forgetting plot (forgetting-<run>.png).
+after its step and after the last; per-class IoU; wall time; the ablation table), results.json, the
+exact commands, the config, and for the first seed each run's per-step table (steps-<run>.csv) and
+forgetting plot (forgetting-<run>.png).
 
     python benchmarks/camvid_protocol.py --data ../shared/data/camvid --task camvid:6-1 \
         --methods ft,mib,plop,gsc,idec --joint --ablate gsc,idec \

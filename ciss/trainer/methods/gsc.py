@@ -124,17 +124,16 @@ def prototype_relabel(labels: torch.Tensor, plop_labels: torch.Tensor, old_logit
                       old_features: torch.Tensor, prototypes: torch.Tensor, threshold: float) -> torch.Tensor:
     """Prototypical pseudo re-labelling; only GT-background pixels change.
 
-    Such a pixel takes the old model's class ĉ > 0 when PLOP's entropy test accepted it
-    (`plop_labels` == ĉ), its nearest prototype by cosine is ĉ's and that cosine >= `threshold`.
-    It stays background when PLOP's test kept it as background (`plop_labels` == 0) and is 255
-    otherwise, so the prototype test only narrows PLOP's labels and never trains as background a
-    pixel PLOP ignores. `prototypes` (n_old, D) has unit rows; zero rows (background, classes never
-    seen) are never nearest. Features are L2-normalised, compared at their own resolution and the
-    similarities upsampled bilinearly to the labels'.
+    Such a pixel keeps PLOP's label ĉ > 0 (the old model's class, accepted by the entropy test) only
+    when its nearest prototype by cosine is ĉ's and that cosine >= `threshold`, else it becomes 255.
+    PLOP's background (0) and ignored (255) labels stay as they are, so the prototype test only
+    narrows PLOP's labels and never trains as background a pixel PLOP ignores. `prototypes`
+    (n_old, D) has unit rows; zero rows (background, classes never seen) are never nearest. Features
+    are L2-normalised, compared at their own resolution and the similarities upsampled bilinearly
+    to the labels'.
     """
     n_old = old_logits.shape[1]
     with torch.no_grad():
-        pred = old_logits.argmax(dim=1)
         protos = prototypes[1:].to(old_features.device, torch.float32)
         cos = torch.einsum("bdhw,kd->bkhw", F.normalize(old_features.float(), dim=1), protos)
         known = protos.norm(dim=1) > 0
@@ -142,10 +141,10 @@ def prototype_relabel(labels: torch.Tensor, plop_labels: torch.Tensor, old_logit
         cos = F.interpolate(cos, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         best, nearest = cos.max(dim=1)
         background = (labels < n_old) & (labels != IGNORE)
-        accept = background & (pred > 0) & (plop_labels == pred) & (nearest + 1 == pred) & (best >= threshold)
-        out = torch.where(background, torch.full_like(labels, IGNORE), labels)
-        out = torch.where(background & (plop_labels == 0), torch.zeros_like(labels), out)
-        return torch.where(accept, pred, out)
+        old_class = (plop_labels > 0) & (plop_labels != IGNORE)
+        confirmed = (nearest + 1 == plop_labels) & (best >= threshold)
+        out = torch.where(old_class & ~confirmed, torch.full_like(labels, IGNORE), plop_labels)
+        return torch.where(background, out, labels)
 
 
 def _class_feature_sums(feats: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, n_classes: int) -> torch.Tensor:
