@@ -7,7 +7,7 @@ import sys
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from camvid_protocol import plasticity_table  # noqa: E402
+from camvid_protocol import plasticity_table, verdict_pairs  # noqa: E402
 
 
 def row(seed: int, learned: dict[str, float], kept: dict[str, float]) -> dict:
@@ -28,3 +28,14 @@ def test_plasticity_table_averages_learned_and_kept_over_seeds_and_classes():
 
 def test_plasticity_table_is_empty_without_per_step_figures():
     assert plasticity_table({"ft": [{"seed": 0, "per_class": {"car": 0.1}}]}, ["ft"], ["car"]) == []
+
+
+def test_verdict_pairs_leave_out_references_and_labelled_runs():
+    one, two = [{"seed": 0}], [{"seed": 0}, {"seed": 1}]
+    results = {"mib-init": one, "mib": two, "mib-clip3": two, "mib-seen": two, "gsc": two, "gsc-seen": two,
+               "joint": two, "gsc-no-pod": one, "idec-no-contrast": two}
+    main_rows = ["mib-init", "mib", "mib-clip3", "mib-seen", "gsc", "gsc-seen", "joint"]
+    pairs = verdict_pairs(results, main_rows, ["gsc-no-pod", "idec-no-contrast"], {"mib-seen", "gsc-seen"})
+    # the one-seed ablation, the labelled runs, the MiB-init reference and joint take no part
+    assert pairs == [("gsc", "mib"), ("gsc", "mib-clip3"),
+                     ("idec-no-contrast", "mib"), ("idec-no-contrast", "mib-clip3")]

@@ -35,6 +35,7 @@ SCHEMA: dict[str, Rule] = {
     "data.eval_split": Text(),
     "data.setting": Text(("overlap", "disjoint")),
     "data.eval_protocol": Text(("mib", "all")),
+    "data.labels": Text(("step", "seen")),
     "data.options": Table(),
     "train.batch_size": COUNT,
     "train.crop": Number(integer=True, low=1, high=8192),  # the model's output stride is checked once known

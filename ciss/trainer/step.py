@@ -194,7 +194,8 @@ def build_data(plan: StepPlan, cfg: dict[str, Any], dist: Dist, normalisation: N
         raise CissError(f"no training image in split '{cfg['data']['train_split']}' contains any of "
                         f"{', '.join(classmap[i].name for i in classmap.ids_of_step(step))}")
     transform = TrainTransform(tcfg["crop"], normalisation, scale=tuple(tcfg["scale"]), flip=tcfg["flip"])
-    train = StepData(train_ds, idx, train_lut(train_ds.info, classmap, step), transform, seed=int(cfg["seed"]) + step)
+    lut = train_lut(train_ds.info, classmap, step, cfg["data"]["labels"])
+    train = StepData(train_ds, idx, lut, transform, seed=int(cfg["seed"]) + step)
     return TrainingData(train_ds, eval_ds, idx, train, schedule(len(idx), cfg, step),
                         int(tcfg["batch_size"]), int(tcfg["workers"]), normalisation)
 

@@ -132,6 +132,16 @@ def test_luts_with_native_background():
     assert test[:5].tolist() == [0, 1, 2, 3, 0] and test[255] == 255 and test[200] == 255
 
 
+def test_train_lut_seen_labels_every_learned_class():
+    cm = ClassMap.initial(["a", "b"]).extend(["c"]).extend(["d"])
+    # step 1 sees a, b (step 0) and c; d is a future class and stays background
+    assert tasks.train_lut(WITH_BG, cm, 1, "seen")[:5].tolist() == [0, 1, 2, 3, 0]
+    assert tasks.train_lut(WITH_BG, cm, 1, "step")[:5].tolist() == [0, 0, 0, 3, 0]
+    assert tasks.train_lut(WITH_BG, cm, 0, "seen").tolist() == tasks.train_lut(WITH_BG, cm, 0).tolist()
+    with pytest.raises(CissError, match="known: step, seen"):
+        tasks.train_lut(WITH_BG, cm, 1, "all")
+
+
 def test_luts_without_background_and_order_from_classmap():
     cm = ClassMap.initial(["c", "a"]).extend(["d"])
     assert tasks.train_lut(NO_BG, cm, 0)[:4].tolist() == [2, 0, 1, 0]

@@ -180,11 +180,18 @@ def _native(info: DatasetInfo, name: str) -> int:
                         f"(its classes: {', '.join(info.learnable)})") from None
 
 
-def train_lut(info: DatasetInfo, classmap: ClassMap, step: int) -> np.ndarray:
-    """Native id -> training label at `step`: this step's classes keep their ids, all else is background."""
+def train_lut(info: DatasetInfo, classmap: ClassMap, step: int, labels: str = "step") -> np.ndarray:
+    """Native id -> training label at `step`: this step's classes keep their ids, all else is background.
+
+    labels="seen" also keeps the ids of every earlier step's classes. That breaks the class-incremental
+    setting (old classes are not labelled in new data) and exists as a reference: a method trained so
+    has the labels that the best possible pseudo-labelling of the old model would give it."""
+    if labels not in ("step", "seen"):
+        raise CissError(f"unknown training labels '{labels}'; known: step, seen")
     lut = np.zeros(256, np.uint8)
     lut[IGNORE] = IGNORE
-    for model_id in classmap.ids_of_step(step):
+    steps = range(step + 1) if labels == "seen" else (step,)
+    for model_id in (i for s in steps for i in classmap.ids_of_step(s)):
         lut[_native(info, classmap[model_id].name)] = model_id
     return lut
 
