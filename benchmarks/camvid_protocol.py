@@ -124,10 +124,10 @@ def compare(results: dict[str, list[dict]], a: str, b: str) -> str:
 def verdict_pairs(results: dict[str, list[dict]], main_rows: list[str], ablated: list[str],
                   labelled: set[str]) -> list[tuple[str, str]]:
     """(proposed, baseline) rows to compare. A baseline's variant (mib-clip3: MiB with its gradients
-    clipped) is a baseline too, and an ablated variant run over several seeds is a candidate (is GSC
-    better without a part?); the reference rows and runs given the old classes' labels are neither."""
+    clipped) is a baseline too, but not FT given the old classes' labels (`labelled`, a reference);
+    an ablated variant run over several seeds is a candidate (is GSC better without a part?)."""
     baselines = [b for b in main_rows if b.split("-")[0] in BASELINES and b != REFERENCE and b not in labelled]
-    candidates = [n for n in main_rows + [n for n in ablated if len(results[n]) > 1] if n not in labelled]
+    candidates = main_rows + [n for n in ablated if len(results[n]) > 1]
     return [(p, b) for p in candidates if p.split("-")[0] in PROPOSED for b in baselines]
 
 

@@ -228,7 +228,11 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
             raise CissError(f"option '{key}' belongs to method '{prefix}', but this step uses '{name}'")
         options[option] = value
     cfg["method"] = {"name": name, "options": options}
-    build_method(name, options)  # unknown methods and options fail before anything runs
+    built = build_method(name, options)  # unknown methods and options fail before anything runs
+    if cfg["data"]["labels"] == "seen" and built.uses_old_model:
+        raise CissError(f"data.labels = \"seen\" labels the old classes, but method '{name}' reads every old-class "
+                        "label as background (it is built for data without them), so they would be lost; "
+                        "use it with --method ft")
 
     d = cfg["data"]
     info = open_dataset(d["kind"] or None, Path(d["root"]) if d["root"] else None, d["train_split"], **d["options"]).info

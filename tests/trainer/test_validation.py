@@ -124,6 +124,12 @@ def test_method_option_refuses(workdir: Path, method: str, option: str, value: s
     assert f"--opt {method}.{option}=" in line, line
 
 
+@pytest.mark.parametrize("method", ["mib", "plop", "gsc", "idec"])
+def test_seen_labels_refuse_methods_that_merge_old_labels_into_background(workdir: Path, method: str):
+    line = refused(workdir, "--method", method, "--set", "data.labels=\"seen\"")
+    assert f"method '{method}'" in line and "--method ft" in line, line
+
+
 def test_config_file_method_option_refuses(workdir: Path):
     cfg = workdir / "c.toml"
     cfg.write_text('[method]\nname = "mib"\noptions = {kd_weight = nan}\n')

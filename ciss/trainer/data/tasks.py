@@ -184,8 +184,8 @@ def train_lut(info: DatasetInfo, classmap: ClassMap, step: int, labels: str = "s
     """Native id -> training label at `step`: this step's classes keep their ids, all else is background.
 
     labels="seen" also keeps the ids of every earlier step's classes. That breaks the class-incremental
-    setting (old classes are not labelled in new data) and exists as a reference: a method trained so
-    has the labels that the best possible pseudo-labelling of the old model would give it."""
+    setting (old classes are not labelled in new data) and exists as a reference: plain cross-entropy
+    (ft) trained so has the labels that perfect pseudo-labelling by the old model would give it."""
     if labels not in ("step", "seen"):
         raise CissError(f"unknown training labels '{labels}'; known: step, seen")
     lut = np.zeros(256, np.uint8)
