@@ -205,6 +205,17 @@ def test_every_term_by_hand():
     assert terms["contrast"].item() == pytest.approx(arcl / 2, rel=1e-5)
 
 
+def test_unknown_pixels_as_not_new_by_hand():
+    """The same batch with unknown = "not_new": the one unknown pixel (image 1, pixel 1) adds MiB's
+    -log(q_bg + q_old) instead of nothing; the labelled pixels' terms are unchanged."""
+    terms = hand_method(unknown="not_new").losses(hand_batch())
+    targets = [(0, 0, 1), (0, 1, 2), (1, 0, 0)]
+    ce = sum(lse(*NEW_LOGITS[i][p]) - NEW_LOGITS[i][p][c] for i, p, c in targets)
+    z = NEW_LOGITS[1][1]
+    ce += lse(*z) - lse(z[0], z[1])  # n_old = 2: background and a
+    assert terms["ce"].item() == pytest.approx(ce / 4, rel=1e-5)
+
+
 def test_gradients_reach_the_student_only():
     m = hand_method()
     batch = hand_batch()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ciss.trainer.methods.losses import (
-    cross_entropy, local_pod, merge_extra_channels, plop_median_thresholds, plop_uncertainty, pod_embedding,
+    cross_entropy, cross_entropy_not_new, local_pod, merge_extra_channels, plop_median_thresholds, plop_uncertainty, pod_embedding,
     pod_layer, pseudo_label, quantile_thresholds, unbiased_cross_entropy, unbiased_kd, uncertainty_histogram)
 
 E = math.e
@@ -265,3 +265,19 @@ def test_merge_extra_channels():
     z = torch.arange(5.0).view(1, 5, 1, 1)  # n_old = 3: bg 0, old 1, 2; new 3, 4
     assert merge_extra_channels(z, 3, "sum").flatten().tolist() == [0 + 3 + 4, 1, 2]
     assert merge_extra_channels(z, 3, "trim").flatten().tolist() == [0, 1, 2]
+
+
+def test_cross_entropy_not_new_by_hand_and_its_gradient_sides():
+    z = torch.tensor([[1.0, 0.5, 2.0], [0.2, -1.0, 1.5], [0.3, 0.1, 0.9]]).T.reshape(1, 3, 1, 3).requires_grad_()
+    labels = lab(2, 255, 255)
+    not_new = torch.tensor([[[False, True, False]]])
+    loss = cross_entropy_not_new(z, labels, not_new, n_old=2, reduction="all")
+    q0, q1 = torch.softmax(z.detach()[0, :, 0, 0], 0), torch.softmax(z.detach()[0, :, 0, 1], 0)
+    # pixel 0: CE on its label; pixel 1: -log(q_bg + q_old); pixel 2 ignored but counted by "all"
+    assert loss.item() == pytest.approx((-math.log(q0[2]) - math.log(q1[0] + q1[1])) / 3, rel=1e-5)
+    valid = cross_entropy_not_new(z, labels, not_new, n_old=2, reduction="valid")
+    assert valid.item() == pytest.approx(loss.item() * 3 / 2, rel=1e-5)
+    loss.backward()
+    g = z.grad[0, :, 0, 1]
+    assert g[2] > 0 and g[0] < 0 and g[1] < 0  # the new class loses there; background and the old class share
+    assert z.grad[0, :, 0, 2].abs().sum() == 0

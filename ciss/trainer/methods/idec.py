@@ -7,8 +7,9 @@ our data does not have; here IDEC works on the softmax-with-background head ever
 Step 0: plain cross-entropy. Steps t > 0, each part switchable by its option:
 - pseudo: a background pixel takes the old model's argmax ĉ when its softmax confidence s ≥ τ_ĉ, where
   τ_c = max(floor, EMA over batches of the mean s of the background pixels the old model assigns to c)
-  (summed over processes); the other background pixels are unknown (255 in the CE). New-class ground
-  truth is never overwritten.
+  (summed over processes); the other background pixels are unknown: ignored in the CE, or with
+  unknown = "not_new" given MiB's "none of this step's classes" term. New-class ground truth is never
+  overwritten.
 - feature_kd: DADA, a distance between the old and the new model's raw features of stage1..3 and of
   the ASPP output (no trainable adapter in between, which could absorb the drift), per-layer weights,
   the stage weights times feature_decay ** progress.
@@ -31,13 +32,14 @@ from torch import nn
 from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, saved
-from ciss.trainer.methods.losses import REDUCTIONS, cross_entropy, unbiased_kd
+from ciss.trainer.methods.losses import REDUCTIONS, cross_entropy, cross_entropy_not_new, unbiased_kd
 from ciss.trainer.methods.options import resolve_options
 from ciss.trainer.models.features import DECODER, STAGES
 
 DECAYED = STAGES[:3]  # the backbone stages whose distillation decays with progress
 FEATURE_LAYERS = DECAYED + (DECODER,)  # option "<layer>_weight" weighs each
 FEATURE_DISTANCES = ("cosine", "channel_kd")
+UNKNOWN_PIXELS = ("ignore", "not_new")  # what the CE makes of a background pixel the old model is unsure of
 
 
 class LateConv1x1(nn.Module):
@@ -160,6 +162,7 @@ class IDEC(Method):
     defaults: dict[str, Any] = {
         "reduction": "all",
         "pseudo": True,
+        "unknown": "ignore",
         "feature_kd": True,
         "logit_kd": True,
         "contrast": True,
@@ -178,7 +181,8 @@ class IDEC(Method):
         "contrast_temperature": 0.1,
         "contrast_dim": 128,
     }
-    choices: dict[str, tuple[str, ...]] = {"reduction": REDUCTIONS, "feature_distance": FEATURE_DISTANCES}
+    choices: dict[str, tuple[str, ...]] = {"reduction": REDUCTIONS, "feature_distance": FEATURE_DISTANCES,
+                                           "unknown": UNKNOWN_PIXELS}
 
     def __init__(self, **options: Any):
         super().__init__(**resolve_options(self.name, self.defaults, options, self.choices))
@@ -223,11 +227,15 @@ class IDEC(Method):
         if self.thresholds is not None:
             self._update_thresholds(old, labels)
             regions = region_labels(labels, old, self.thresholds.clamp(min=o["threshold_floor"]), unknown=n_total)
-        target = labels
         if o["pseudo"]:
             assert regions is not None
-            target = torch.where(regions == n_total, torch.full_like(regions, IGNORE), regions)
-        terms = {"ce": cross_entropy(logits, target, o["reduction"])}
+            unknown = regions == n_total
+            target = torch.where(unknown, torch.full_like(regions, IGNORE), regions)
+            ce = cross_entropy_not_new(logits, target, unknown, n_old, o["reduction"]) \
+                if o["unknown"] == "not_new" else cross_entropy(logits, target, o["reduction"])
+        else:
+            ce = cross_entropy(logits, labels, o["reduction"])
+        terms = {"ce": ce}
         if o["feature_kd"]:
             terms["feature_kd"] = self._feature_kd(batch)
         if o["logit_kd"]:

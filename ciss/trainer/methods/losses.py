@@ -68,6 +68,27 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "
     return reduce_pixels(per_pixel, labels != IGNORE, reduction)
 
 
+def log_old_mass(logits: torch.Tensor, n_old: int) -> torch.Tensor:
+    """log Σ_{k<n_old} q_k (N,H,W) in float32: the log-probability of "background or an old class",
+    MiB's term for a pixel whose only label is "none of this step's classes"."""
+    z = logits.float()
+    return torch.logsumexp(z[:, :n_old], dim=1) - torch.logsumexp(z, dim=1)
+
+
+def cross_entropy_not_new(logits: torch.Tensor, labels: torch.Tensor, not_new: torch.Tensor, n_old: int,
+                          reduction: str = "all") -> torch.Tensor:
+    """Cross-entropy on labelled pixels, and −log Σ_{k<n_old} q_k on the `not_new` pixels (N,H,W bool).
+
+    Pseudo-labelling leaves GT-background pixels the old model is unsure of without a class. Ignoring
+    them throws away what their label does say, that they are none of this step's classes; training
+    them as background would bring back background shift. MiB's term keeps exactly that much: the new
+    classes lose there, and the old classes and background share the rest as the model sees fit.
+    """
+    _check_labels(logits, labels)
+    per_pixel = torch.where(not_new, -log_old_mass(logits, n_old), pixel_cross_entropy(logits, labels))
+    return reduce_pixels(per_pixel, (labels != IGNORE) | not_new, reduction)
+
+
 def unbiased_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_old: int,
                            reduction: str = "all") -> torch.Tensor:
     """MiB's unbiased cross-entropy (UNCE), peers.md 6.1.
@@ -81,9 +102,8 @@ def unbiased_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_old: in
     if not 1 <= n_old <= logits.shape[1]:
         raise ValueError(f"n_old must be in [1, {logits.shape[1]}], got {n_old}")
     z = logits.float()
-    den = torch.logsumexp(z, dim=1, keepdim=True)
-    log_bg = torch.logsumexp(z[:, :n_old], dim=1, keepdim=True) - den
-    log_p = torch.cat([log_bg, z[:, 1:] - den], dim=1)  # channel 0 now means "bg or old"
+    log_p = torch.cat([log_old_mass(z, n_old).unsqueeze(1), z[:, 1:] - torch.logsumexp(z, dim=1, keepdim=True)],
+                      dim=1)  # channel 0 now means "bg or old"
     valid = labels != IGNORE
     target = torch.where(valid & (labels < n_old), torch.zeros_like(labels), labels)
     target = torch.where(valid, target, torch.zeros_like(labels))
