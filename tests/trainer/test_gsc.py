@@ -109,6 +109,28 @@ def test_compensation_is_a_constant_factor_on_the_ce():
     assert torch.allclose(out.logits.grad, z.grad, atol=1e-7)
 
 
+def test_unknown_pixels_as_not_new_add_mibs_term_with_weight_one():
+    """unknown = "not_new": every GT-background pixel left at 255 (the entropy test rejected it) adds
+    −log(q_bg + q_old) at weight 1, beside the compensated CE of the labelled pixels; nothing else changes."""
+    opts = {"soft": False, "sharp": False, "relation": False, "pod": False, "pseudo": False,
+            "adaptive_factor": False, "reduction": "valid"}
+    ctx = context()
+    m, plain = build_method("gsc", {**opts, "unknown": "not_new"}), build_method("gsc", opts)
+    m.prepare(ctx)
+    plain.prepare(ctx)
+    out, old = outputs(N_TOTAL, True, 1), outputs(N_OLD, False, 2)
+    y = labels()
+    ce = m.losses(TrainBatch(images(0), y, out, old))["ce"]
+    target, _ = pseudo_label(y, old.logits, m.thresholds, N_TOTAL, "median")
+    unknown = (y < N_OLD) & (target == 255)
+    assert unknown.any() and (target != 255).any()
+    z = out.logits.detach()
+    not_new = -(torch.logsumexp(z[:, :N_OLD], 1) - torch.logsumexp(z, 1))
+    n_lab, n_unk = int((target != 255).sum()), int(unknown.sum())
+    labelled = plain.losses(TrainBatch(images(0), y, out, old))["ce"].item() * n_lab  # the compensated CE's sum
+    assert ce.item() == pytest.approx((labelled + not_new[unknown].sum().item()) / (n_lab + n_unk), rel=1e-5)
+
+
 # --- soft-sharp semantic relation distillation -------------------------------------------------
 
 def test_soft_sharp_distillation_by_hand():

@@ -14,7 +14,7 @@ from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.trainer.methods import METHODS, build_method, load_presets, method_options
 from ciss.trainer.methods.base import StepContext, TrainBatch
-from ciss.trainer.methods.losses import plop_uncertainty, quantile_thresholds
+from ciss.trainer.methods.losses import plop_uncertainty, pseudo_label, quantile_thresholds
 from ciss.trainer.models.outputs import Outputs
 
 N_OLD, N_TOTAL = 3, 5  # background + 2 old classes, 2 new classes
@@ -192,6 +192,23 @@ def test_plop_median_mode_thresholds_match_exact_medians():
             exact = float(torch.tensor(vs).median())
             assert m.thresholds[c].item() == pytest.approx(exact, abs=2e-3)
     assert torch.equal(m.thresholds, quantile_thresholds(m.histogram, 0.5, 0.0))
+
+
+def test_plop_unknown_pixels_as_not_new():
+    """PLOP with unknown = "not_new": the pixels its entropy test rejects add MiB's −log(q_bg + q_old)."""
+    opts = {"threshold_mode": "median", "pod_weight": 0.0, "pod_logits_weight": 0.0, "adaptive_factor": False}
+    m, plain = build_method("plop", {**opts, "unknown": "not_new"}), build_method("plop", opts)
+    ctx = context(step=1, old=FakeOld())
+    m.prepare(ctx)
+    plain.prepare(ctx)
+    out, old, y = outputs(N_TOTAL, True, 5), outputs(N_OLD, False, 6), labels()
+    target, _ = pseudo_label(y, old.logits, m.thresholds, N_TOTAL, "median")
+    unknown = (y < N_OLD) & (target == 255)
+    assert unknown.any()
+    z = out.logits.detach()
+    extra = -(torch.logsumexp(z[:, :N_OLD], 1) - torch.logsumexp(z, 1))[unknown].sum() / y.numel()  # "all"
+    got = m.losses(TrainBatch(images(0), y, out, old))["ce"].item()
+    assert got == pytest.approx(plain.losses(TrainBatch(images(0), y, out, old))["ce"].item() + extra.item(), rel=1e-5)
 
 
 def test_plop_step0_is_plain_ce():

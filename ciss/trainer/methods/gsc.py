@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import StepContext, TrainBatch, restored, saved
-from ciss.trainer.methods.losses import (pixel_cross_entropy, plop_uncertainty, pseudo_label,
+from ciss.trainer.methods.losses import (pixel_cross_entropy_not_new, plop_uncertainty, pseudo_label,
                                          reduce_pixels)
 from ciss.trainer.methods.plop import PLOP, POD_FEATURES, POD_LOGITS
 from ciss.trainer.models.features import DECODER, STAGE4
@@ -285,10 +285,11 @@ class GSC(PLOP):
                                            o["compensate_background"], (o["compensation_min"], o["compensation_max"]))
         else:
             weights = (target != IGNORE).float()
-        per_pixel = pixel_cross_entropy(logits, target) * weights
+        unknown = self.not_new_pixels(labels, target, n_old)  # weight 1: compensation weighs labelled pixels
+        per_pixel = pixel_cross_entropy_not_new(logits, target, unknown, n_old) * (weights + unknown.float())
         if o["adaptive_factor"]:
             per_pixel = per_pixel * nu[:, None, None]
-        terms = {"ce": reduce_pixels(per_pixel, target != IGNORE, o["reduction"])}
+        terms = {"ce": reduce_pixels(per_pixel, (target != IGNORE) | unknown, o["reduction"])}
         # FBL divides both by the number of channels C (methods.md 2.4); its weights 0.3 and 0.1 were
         # tuned with that factor, so it stays with them.
         if o["soft"]:

@@ -32,14 +32,13 @@ from torch import nn
 from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, saved
-from ciss.trainer.methods.losses import REDUCTIONS, cross_entropy, cross_entropy_not_new, unbiased_kd
+from ciss.trainer.methods.losses import REDUCTIONS, UNKNOWN_PIXELS, cross_entropy, cross_entropy_not_new, unbiased_kd
 from ciss.trainer.methods.options import resolve_options
 from ciss.trainer.models.features import DECODER, STAGES
 
 DECAYED = STAGES[:3]  # the backbone stages whose distillation decays with progress
 FEATURE_LAYERS = DECAYED + (DECODER,)  # option "<layer>_weight" weighs each
 FEATURE_DISTANCES = ("cosine", "channel_kd")
-UNKNOWN_PIXELS = ("ignore", "not_new")  # what the CE makes of a background pixel the old model is unsure of
 
 
 class LateConv1x1(nn.Module):

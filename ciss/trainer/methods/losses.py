@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ciss.classmap import IGNORE
 
 REDUCTIONS = ("valid", "all")
+UNKNOWN_PIXELS = ("ignore", "not_new")  # what a CE makes of a background pixel pseudo-labelling leaves unlabelled
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -84,9 +85,15 @@ def cross_entropy_not_new(logits: torch.Tensor, labels: torch.Tensor, not_new: t
     them as background would bring back background shift. MiB's term keeps exactly that much: the new
     classes lose there, and the old classes and background share the rest as the model sees fit.
     """
+    return reduce_pixels(pixel_cross_entropy_not_new(logits, labels, not_new, n_old), (labels != IGNORE) | not_new,
+                         reduction)
+
+
+def pixel_cross_entropy_not_new(logits: torch.Tensor, labels: torch.Tensor, not_new: torch.Tensor,
+                                n_old: int) -> torch.Tensor:
+    """Per pixel (N,H,W): −log q_y where labelled, −log Σ_{k<n_old} q_k where `not_new`, else 0."""
     _check_labels(logits, labels)
-    per_pixel = torch.where(not_new, -log_old_mass(logits, n_old), pixel_cross_entropy(logits, labels))
-    return reduce_pixels(per_pixel, (labels != IGNORE) | not_new, reduction)
+    return torch.where(not_new, -log_old_mass(logits, n_old), pixel_cross_entropy(logits, labels))
 
 
 def unbiased_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_old: int,

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, restored, saved
-from ciss.trainer.methods.losses import (REDUCTIONS, UNCERTAINTY_MODES, local_pod,
-                                         merge_extra_channels, pixel_cross_entropy,
+from ciss.trainer.methods.losses import (REDUCTIONS, UNCERTAINTY_MODES, UNKNOWN_PIXELS, local_pod,
+                                         merge_extra_channels, pixel_cross_entropy_not_new,
                                          plop_median_thresholds, plop_uncertainty, pseudo_label,
                                          quantile_thresholds, reduce_pixels, uncertainty_histogram)
 from ciss.trainer.methods.options import resolve_options
@@ -70,6 +70,7 @@ class PLOP(Method):
         "threshold_bins": 100,
         "threshold_quantile": 0.5,
         "adaptive_factor": True,
+        "unknown": "ignore",
         "reduction": "all",
         "pod_weight": 0.1,
         "pod_logits_weight": 0.005,
@@ -82,6 +83,7 @@ class PLOP(Method):
     choices: dict[str, tuple[str, ...]] = {
         "threshold_mode": THRESHOLD_MODES,
         "reduction": REDUCTIONS,
+        "unknown": UNKNOWN_PIXELS,
         "pod_extra_channels": ("sum", "trim"),
         "pod_regions": ("clean", "plop"),
     }
@@ -192,13 +194,21 @@ class PLOP(Method):
         tau = self._tau(n_old, logits.device)
         mode = self.mode
         pseudo, nu = pseudo_label(labels, old, tau, n_total, mode, empty_factor=1.0 if mode == "median" else 0.0)
-        per_pixel = pixel_cross_entropy(logits, pseudo)
+        unknown = self.not_new_pixels(labels, pseudo, n_old)
+        per_pixel = pixel_cross_entropy_not_new(logits, pseudo, unknown, n_old)
         if o["adaptive_factor"]:
             per_pixel = per_pixel * nu[:, None, None]
-        terms = {"ce": reduce_pixels(per_pixel, pseudo != IGNORE, o["reduction"])}
+        terms = {"ce": reduce_pixels(per_pixel, (pseudo != IGNORE) | unknown, o["reduction"])}
         if self.feature_names:
             terms["pod"] = self._pod(batch, n_old, n_total)
         return terms
+
+    def not_new_pixels(self, labels: torch.Tensor, target: torch.Tensor, n_old: int) -> torch.Tensor:
+        """The GT-background pixels pseudo-labelling left without a class, where option unknown =
+        "not_new" asks for MiB's "none of this step's classes" term; none with "ignore" (PLOP)."""
+        if self.options["unknown"] == "ignore":
+            return torch.zeros_like(labels, dtype=torch.bool)
+        return (labels < n_old) & (labels != IGNORE) & (target == IGNORE)
 
     def _tau(self, n_old: int, device: torch.device) -> torch.Tensor:
         if self.thresholds is None:
