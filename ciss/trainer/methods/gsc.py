@@ -285,11 +285,14 @@ class GSC(PLOP):
                                            o["compensate_background"], (o["compensation_min"], o["compensation_max"]))
         else:
             weights = (target != IGNORE).float()
-        unknown = self.not_new_pixels(labels, target, n_old)  # weight 1: compensation weighs labelled pixels
-        per_pixel = pixel_cross_entropy_not_new(logits, target, unknown, n_old) * (weights + unknown.float())
+        unknown = self.not_new_pixels(labels, target, n_old)
+        if unknown is not None:  # weight 1: compensation weighs labelled pixels only
+            weights = weights + unknown.float()
+        per_pixel, counted = pixel_cross_entropy_not_new(logits, target, unknown, n_old)
+        per_pixel = per_pixel * weights
         if o["adaptive_factor"]:
             per_pixel = per_pixel * nu[:, None, None]
-        terms = {"ce": reduce_pixels(per_pixel, (target != IGNORE) | unknown, o["reduction"])}
+        terms = {"ce": reduce_pixels(per_pixel, counted, o["reduction"])}
         # FBL divides both by the number of channels C (methods.md 2.4); its weights 0.3 and 0.1 were
         # tuned with that factor, so it stays with them.
         if o["soft"]:

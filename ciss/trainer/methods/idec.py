@@ -230,8 +230,8 @@ class IDEC(Method):
             assert regions is not None
             unknown = regions == n_total
             target = torch.where(unknown, torch.full_like(regions, IGNORE), regions)
-            ce = cross_entropy_not_new(logits, target, unknown, n_old, o["reduction"]) \
-                if o["unknown"] == "not_new" else cross_entropy(logits, target, o["reduction"])
+            ce = cross_entropy_not_new(logits, target, unknown if o["unknown"] == "not_new" else None, n_old,
+                                       o["reduction"])
         else:
             ce = cross_entropy(logits, labels, o["reduction"])
         terms = {"ce": ce}

@@ -76,24 +76,28 @@ def log_old_mass(logits: torch.Tensor, n_old: int) -> torch.Tensor:
     return torch.logsumexp(z[:, :n_old], dim=1) - torch.logsumexp(z, dim=1)
 
 
-def cross_entropy_not_new(logits: torch.Tensor, labels: torch.Tensor, not_new: torch.Tensor, n_old: int,
+def cross_entropy_not_new(logits: torch.Tensor, labels: torch.Tensor, not_new: torch.Tensor | None, n_old: int,
                           reduction: str = "all") -> torch.Tensor:
-    """Cross-entropy on labelled pixels, and −log Σ_{k<n_old} q_k on the `not_new` pixels (N,H,W bool).
+    """Cross-entropy on labelled pixels, and −log Σ_{k<n_old} q_k on the `not_new` pixels (N,H,W bool;
+    None: no such pixel, the plain `cross_entropy`).
 
     Pseudo-labelling leaves GT-background pixels the old model is unsure of without a class. Ignoring
     them throws away what their label does say, that they are none of this step's classes; training
     them as background would bring back background shift. MiB's term keeps exactly that much: the new
     classes lose there, and the old classes and background share the rest as the model sees fit.
     """
-    return reduce_pixels(pixel_cross_entropy_not_new(logits, labels, not_new, n_old), (labels != IGNORE) | not_new,
-                         reduction)
+    per_pixel, counted = pixel_cross_entropy_not_new(logits, labels, not_new, n_old)
+    return reduce_pixels(per_pixel, counted, reduction)
 
 
-def pixel_cross_entropy_not_new(logits: torch.Tensor, labels: torch.Tensor, not_new: torch.Tensor,
-                                n_old: int) -> torch.Tensor:
-    """Per pixel (N,H,W): −log q_y where labelled, −log Σ_{k<n_old} q_k where `not_new`, else 0."""
-    _check_labels(logits, labels)
-    return torch.where(not_new, -log_old_mass(logits, n_old), pixel_cross_entropy(logits, labels))
+def pixel_cross_entropy_not_new(logits: torch.Tensor, labels: torch.Tensor, not_new: torch.Tensor | None,
+                                n_old: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel (N,H,W): −log q_y where labelled, −log Σ_{k<n_old} q_k where `not_new`, else 0; and
+    the pixels that count (labelled or `not_new`). With `not_new` None the second term is not computed."""
+    per_pixel, counted = pixel_cross_entropy(logits, labels), labels != IGNORE
+    if not_new is None:
+        return per_pixel, counted
+    return torch.where(not_new, -log_old_mass(logits, n_old), per_pixel), counted | not_new
 
 
 def unbiased_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_old: int,

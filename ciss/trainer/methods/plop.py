@@ -194,20 +194,20 @@ class PLOP(Method):
         tau = self._tau(n_old, logits.device)
         mode = self.mode
         pseudo, nu = pseudo_label(labels, old, tau, n_total, mode, empty_factor=1.0 if mode == "median" else 0.0)
-        unknown = self.not_new_pixels(labels, pseudo, n_old)
-        per_pixel = pixel_cross_entropy_not_new(logits, pseudo, unknown, n_old)
+        per_pixel, counted = pixel_cross_entropy_not_new(logits, pseudo, self.not_new_pixels(labels, pseudo, n_old),
+                                                         n_old)
         if o["adaptive_factor"]:
             per_pixel = per_pixel * nu[:, None, None]
-        terms = {"ce": reduce_pixels(per_pixel, (pseudo != IGNORE) | unknown, o["reduction"])}
+        terms = {"ce": reduce_pixels(per_pixel, counted, o["reduction"])}
         if self.feature_names:
             terms["pod"] = self._pod(batch, n_old, n_total)
         return terms
 
-    def not_new_pixels(self, labels: torch.Tensor, target: torch.Tensor, n_old: int) -> torch.Tensor:
+    def not_new_pixels(self, labels: torch.Tensor, target: torch.Tensor, n_old: int) -> torch.Tensor | None:
         """The GT-background pixels pseudo-labelling left without a class, where option unknown =
-        "not_new" asks for MiB's "none of this step's classes" term; none with "ignore" (PLOP)."""
+        "not_new" asks for MiB's "none of this step's classes" term; None with "ignore" (PLOP)."""
         if self.options["unknown"] == "ignore":
-            return torch.zeros_like(labels, dtype=torch.bool)
+            return None
         return (labels < n_old) & (labels != IGNORE) & (target == IGNORE)
 
     def _tau(self, n_old: int, device: torch.device) -> torch.Tensor:
