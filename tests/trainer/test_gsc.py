@@ -6,6 +6,7 @@ import io
 import json
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.trainer.learn import learn
 from ciss.trainer.methods import build_method
@@ -23,6 +23,8 @@ from ciss.trainer.methods.gsc import (_class_feature_sums, compensation_weights,
 from ciss.trainer.methods.losses import cross_entropy, pixel_cross_entropy, pseudo_label, reduce_pixels
 from ciss.trainer.models.outputs import Outputs
 from conftest import write_config
+from method_fixtures import N_OLD, N_TOTAL, classmap, images, labels, step0_labels
+from method_fixtures import context as step_context, outputs as random_outputs
 
 E = math.e
 
@@ -275,35 +277,6 @@ def test_prototypes_from_a_controlled_old_model():
 
 # --- the method --------------------------------------------------------------------------------
 
-N_OLD, N_TOTAL = 3, 5
-FEATS = {"stage1": 4, "stage2": 4, "stage3": 6, "stage4": 6, "aspp": 5}
-
-
-def classmap(step: int) -> ClassMap:
-    cm = ClassMap.initial(["a", "b"])
-    return cm.extend(["c", "d"]) if step else cm
-
-
-def outputs(n: int, grad: bool, seed: int) -> Outputs:
-    g = torch.Generator().manual_seed(seed)
-    z = (torch.randn(2, n, 8, 8, generator=g) * 3).requires_grad_(grad)
-    feats = {k: torch.randn(2, c, 4, 4, generator=g).requires_grad_(grad) for k, c in FEATS.items()}
-    feats["logits_lowres"] = torch.randn(2, n, 4, 4, generator=g).requires_grad_(grad)
-    return Outputs(z, feats)
-
-
-def labels(all_ignored: bool = False) -> torch.Tensor:
-    y = torch.zeros(2, 8, 8, dtype=torch.long)
-    y[:, 2:5, 2:5] = 3
-    y[1, 5:, 5:] = 4
-    y[:, 0] = 255
-    return torch.full_like(y, 255) if all_ignored else y
-
-
-def images(seed: int) -> torch.Tensor:
-    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
 class FakeOld(nn.Module):
     """Fixed 1x1 convs: logits and a 'stage4'/'aspp' feature at half resolution."""
 
@@ -322,11 +295,11 @@ class FakeOld(nn.Module):
         return Outputs(z, {"stage4": f, "aspp": f}) if features else z
 
 
-def context(step: int = 1, old: nn.Module | None = None, batches=None, all_reduce=lambda t: t) -> StepContext:
-    data = [(images(i), labels()) for i in range(3)]
-    return StepContext(step=step, classmap=classmap(step), n_old=N_OLD if step else 0, model=nn.Identity(),
-                       old_model=(old or FakeOld()) if step else None, device=torch.device("cpu"),
-                       batches=batches or (lambda: iter(data)), all_reduce=all_reduce)
+def context(step: int = 1, old: nn.Module | None = None, **kwargs) -> StepContext:
+    return step_context(step, old or FakeOld(), **kwargs)
+
+
+outputs = partial(random_outputs, scale=3.0)  # GSC's sharpening and relation terms want confident logits
 
 
 def test_step0_is_plain_ce():
@@ -335,7 +308,7 @@ def test_step0_is_plain_ce():
     m.prepare(context(step=0))
     assert not m.needs_old_model and m.feature_names == ()
     out = outputs(N_OLD, True, 0)
-    y = torch.where(labels() == 255, labels(), labels().clamp(max=N_OLD - 1))
+    y = step0_labels()
     terms = m.losses(TrainBatch(images(0), y, out, None))
     assert set(terms) == {"ce"} and terms["ce"].item() == pytest.approx(cross_entropy(out.logits, y, "all").item())
 

@@ -10,42 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.trainer.methods import METHODS, build_method, load_presets, method_options
-from ciss.trainer.methods.base import StepContext, TrainBatch
+from ciss.trainer.methods.base import TrainBatch
 from ciss.trainer.methods.losses import plop_uncertainty, pseudo_label, quantile_thresholds
 from ciss.trainer.models.outputs import Outputs
-
-N_OLD, N_TOTAL = 3, 5  # background + 2 old classes, 2 new classes
-FEATS = {"stage1": 4, "stage2": 4, "stage3": 6, "stage4": 6, "aspp": 5}
-
-
-def classmap(step: int) -> ClassMap:
-    cm = ClassMap.initial(["a", "b"])
-    return cm.extend(["c", "d"]) if step else cm
-
-
-def outputs(n_classes: int, grad: bool, seed: int) -> Outputs:
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(2, n_classes, 8, 8, generator=g).requires_grad_(grad)
-    feats = {k: torch.randn(2, c, 4, 4, generator=g).requires_grad_(grad) for k, c in FEATS.items()}
-    feats["logits_lowres"] = torch.randn(2, n_classes, 4, 4, generator=g).requires_grad_(grad)
-    return Outputs(logits, feats)
-
-
-def labels(all_ignored: bool = False) -> torch.Tensor:
-    y = torch.zeros(2, 8, 8, dtype=torch.long)
-    y[:, 2:5, 2:5] = 3
-    y[1, 5:, 5:] = 4
-    y[:, 0] = 255
-    return torch.full_like(y, 255) if all_ignored else y
-
-
-def step0_labels() -> torch.Tensor:
-    y = labels()
-    return torch.where(y == 255, y, y.clamp(max=N_OLD - 1))
-
+from method_fixtures import N_OLD, N_TOTAL, context, images, labels, outputs, step0_labels
 
 class FakeOld(nn.Module):
     """A fixed 1x1 conv old model with n_old outputs."""
@@ -59,17 +29,6 @@ class FakeOld(nn.Module):
 
     def forward(self, x: torch.Tensor, features: bool = False):
         return self.conv(x)
-
-
-def images(seed: int) -> torch.Tensor:
-    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def context(step: int = 1, old: nn.Module | None = None, batches=None, all_reduce=lambda t: t) -> StepContext:
-    data = [(images(i), labels()) for i in range(3)]
-    return StepContext(step=step, classmap=classmap(step), n_old=N_OLD if step else 0, model=nn.Identity(),
-                       old_model=old if step else None, device=torch.device("cpu"),
-                       batches=batches or (lambda: iter(data)), all_reduce=all_reduce)
 
 
 def check_terms(terms: dict[str, torch.Tensor], names: set[str], out: Outputs) -> None:
