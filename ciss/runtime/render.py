@@ -62,13 +62,26 @@ def _shade(image: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> None:
     np.right_shift(box, 2, out=box)
 
 
+def _shade_rows(image: np.ndarray, lefts: list[int], rights: list[int], row: int, pad: int) -> None:
+    """Shade a stack of text rows, each only as wide as its own text: a ragged box hides less scene
+    than one as wide as the longest row (on 240x180, a third less for CamVid's legend)."""
+    last = len(lefts) - 1
+    for k, (x0, x1) in enumerate(zip(lefts, rights, strict=True)):
+        _shade(image, x0, 0 if k == 0 else pad + k * row, x1, pad + (k + 1) * row + (pad if k == last else 0))
+
+
+def _entry_width(text: str, scale: float, thickness: int, row: int, pad: int) -> int:
+    """Pixels one legend row takes: text, then its swatch (row - 4 square) against the frame edge."""
+    return pad + cv2.getTextSize(text, _FONT, scale, thickness)[0][0] + pad + (row - 4) + pad
+
+
 def legend(image: np.ndarray, classmap: ClassMap, new_ids: Iterable[int] = (),
            unlearned_ids: Iterable[int] = (), mask: np.ndarray | None = None) -> list[str]:
-    """Draw the classes of `classmap` (not background) top right, in place, with a colour swatch
-    each, a NEW tag on `new_ids` and a NOT LEARNED tag on `unlearned_ids` (which outranks NEW: a
-    class the overlay will not show must not be advertised); columns wrap leftwards when full.
-    When all of them would cover more than LEGEND_SHARE of the frame and the frame's `mask` is given,
-    only the classes in it and the tagged ones are listed.
+    """Draw the classes of `classmap` (not background) top right, in place, each row right-aligned
+    with its colour swatch at the edge, a NEW tag on `new_ids` and a NOT LEARNED tag on
+    `unlearned_ids` (which outranks NEW: a class the overlay will not show must not be advertised);
+    columns wrap leftwards when full. When all of them would cover more than LEGEND_SHARE of the
+    frame and the frame's `mask` is given, only the classes in it and the tagged ones are listed.
 
     Returns the entries as drawn, e.g. "5 disk NEW".
     """
@@ -79,45 +92,37 @@ def legend(image: np.ndarray, classmap: ClassMap, new_ids: Iterable[int] = (),
     pad = row // 3
     swatch = row - 4
     classes = [c for c in classmap if c.id != 0]
-    if mask is not None and _legend_area(classes, tags, scale, thickness, row) > LEGEND_SHARE * mask.size:
-        keep = set(np.flatnonzero(np.bincount(mask.ravel(), minlength=len(classmap))).tolist()) | set(tags)
-        classes = [c for c in classes if c.id in keep]
     entries = [f"{c.id} {c.name}" + (f" {tags[c.id][0]}" if c.id in tags else "") for c in classes]
-    if not classes:
-        return entries
+    if mask is not None and _legend_area(entries, scale, thickness, row) > LEGEND_SHARE * mask.size:
+        keep = set(np.flatnonzero(np.bincount(mask.ravel(), minlength=len(classmap))).tolist()) | set(tags)
+        kept = [(c, e) for c, e in zip(classes, entries, strict=True) if c.id in keep]
+        classes, entries = [c for c, _ in kept], [e for _, e in kept]
     per_column = max(1, (image.shape[0] - 2 * pad) // row)
     right = image.shape[1]
     for start in range(0, len(classes), per_column):
         chunk = classes[start:start + per_column]
-        names = [f"{c.id} {c.name}" for c in chunk]
-        text_w = max(cv2.getTextSize(n, _FONT, scale, thickness)[0][0] for n in names)
-        tag_w = max((cv2.getTextSize(f" {tags[c.id][0]}", _FONT, scale, thickness)[0][0]
-                     for c in chunk if c.id in tags), default=0)
-        width = pad + swatch + pad + text_w + tag_w + pad
-        left = right - width
-        _shade(image, left, 0, right, 2 * pad + row * len(chunk))
-        for k, (c, name) in enumerate(zip(chunk, names, strict=True)):
+        widths = [_entry_width(e, scale, thickness, row, pad) for e in entries[start:start + per_column]]
+        _shade_rows(image, [right - w for w in widths], [right] * len(chunk), row, pad)
+        box = right - pad - swatch
+        for k, (c, width) in enumerate(zip(chunk, widths, strict=True)):
             top = pad + k * row
-            bgr = c.color[::-1]
-            cv2.rectangle(image, (left + pad, top + 2), (left + pad + swatch, top + 2 + swatch), bgr, -1)
-            baseline = top + row - 4
-            x = left + 2 * pad + swatch
+            cv2.rectangle(image, (box, top + 2), (box + swatch, top + 2 + swatch), c.color[::-1], -1)
+            name, baseline = f"{c.id} {c.name}", top + row - 4
+            x = right - width + pad
             cv2.putText(image, name, (x, baseline), _FONT, scale, TEXT_COLOR, thickness, cv2.LINE_AA)
             if c.id in tags:
                 tag, color = tags[c.id]
-                cv2.putText(image, f" {tag}", (x + text_w, baseline), _FONT, scale, color, thickness, cv2.LINE_AA)
-        right = left
+                x += cv2.getTextSize(name, _FONT, scale, thickness)[0][0]
+                cv2.putText(image, f" {tag}", (x, baseline), _FONT, scale, color, thickness, cv2.LINE_AA)
+        right -= max(widths)
     return entries
 
 
-def _legend_area(classes: list[ClassInfo], tags: dict[int, tuple[str, tuple[int, int, int]]], scale: float,
-                 thickness: int, row: int) -> int:
-    """Pixels a one-column legend of `classes` would cover (its shaded box)."""
-    if not classes:
-        return 0
-    text = max(cv2.getTextSize(f"{c.id} {c.name}" + (f" {tags[c.id][0]}" if c.id in tags else ""), _FONT, scale,
-                               thickness)[0][0] for c in classes)
-    return (text + row) * (row * len(classes) + row // 2)
+def _legend_area(entries: list[str], scale: float, thickness: int, row: int) -> int:
+    """Pixels a one-column legend of `entries` would cover (its shaded rows)."""
+    pad = row // 3
+    widths = [_entry_width(e, scale, thickness, row, pad) for e in entries]
+    return sum(widths) * row + pad * (widths[0] + widths[-1]) if widths else 0
 
 
 def hud(image: np.ndarray, fps: float | None, latency_ms: float | None, version: int | None,
@@ -131,8 +136,8 @@ def hud(image: np.ndarray, fps: float | None, latency_ms: float | None, version:
     lines = [f"{speed}  {delay}", f"{model}  {short}"]
     scale, thickness, row = _metrics(image)
     pad = row // 3
-    width = max(cv2.getTextSize(t, _FONT, scale, thickness)[0][0] for t in lines) + 2 * pad
-    _shade(image, 0, 0, width, 2 * pad + row * len(lines))
+    widths = [cv2.getTextSize(t, _FONT, scale, thickness)[0][0] + 2 * pad for t in lines]
+    _shade_rows(image, [0] * len(lines), widths, row, pad)
     for k, text in enumerate(lines):
         cv2.putText(image, text, (pad, pad + (k + 1) * row - 4), _FONT, scale, TEXT_COLOR, thickness, cv2.LINE_AA)
     return lines

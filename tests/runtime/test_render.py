@@ -125,6 +125,15 @@ def test_legend_and_hud_leave_most_of_a_small_frame_to_the_scene():
     assert covered(big) < 0.15
 
 
+def test_legend_rows_are_shaded_only_as_wide_as_their_text():
+    image = np.full((180, 240, 3), 255, np.uint8)
+    legend(image, CAMVID, new_ids=[10, 11], mask=np.ones((180, 240), np.uint8))
+    shaded = image.max(axis=2) < 255
+    short, long = shaded[8].sum(), shaded[20].sum()  # rows "1 sky" and "10 pedestrian NEW" (12 px each)
+    assert 0 < short < long / 2
+    assert shaded[:, -1].sum() > 0 and not shaded[:, :120].any()  # against the right edge
+
+
 def test_legend_and_hud_can_be_hidden():
     frame, mask = scene(180, 240)
     result = Result(mask, None, CLASSES, 1, 0, {}, backend="ort CPU")
