@@ -1,7 +1,8 @@
 """Run a CISS protocol on a folder-format dataset: several methods, the joint bound, ablations.
 
-Step 0 is trained once per seed and shared (every method trains step 0 the same way: plain
-cross-entropy), then each method, or each ablated variant of one (`--ablate gsc` adds one run per
+Step 0 is trained once per seed and shared (every softmax method trains step 0 the same way: plain
+cross-entropy; `--base 'idec:--opt idec.activation=sigmoid'` trains it as a sigmoid head instead, for
+the methods run with that option), then each method, or each ablated variant of one (`--ablate gsc` adds one run per
 component of GSC with that component off), trains the remaining steps from a copy of it. Runs are
 independent processes, `--jobs` of them at a time, each with its share of the CPU threads. A run
 whose folder already holds the protocol's last step is read, not retrained, so an interrupted
@@ -181,7 +182,11 @@ def main() -> None:
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
-    ap.add_argument("--reuse", type=Path, help="another --out whose step-0 and joint runs to copy")
+    ap.add_argument("--base", default="ft", metavar="METHOD[:FLAGS]",
+                    help="how step 0 is trained: 'ft' (plain cross-entropy, the default) or a method with "
+                         "`ciss learn` flags, e.g. 'idec:--opt idec.activation=sigmoid'")
+    ap.add_argument("--reuse", type=Path, help="another --out whose step-0 (with the default --base) and joint "
+                                               "runs to copy")
     ap.add_argument("--retry-failed", action="store_true",
                     help="train again the runs failed.json lists (by default a run that failed stays a result)")
     ap.add_argument("--out", type=Path, required=True)
@@ -229,12 +234,13 @@ def main() -> None:
 
     def train_base(seed: int) -> Path:
         base = args.out / "runs" / f"seed{seed}" / "base"
-        source = args.reuse / "runs" / f"seed{seed}" / "base" if args.reuse else None
+        source = args.reuse / "runs" / f"seed{seed}" / "base" if args.reuse and args.base == "ft" else None
         if not (base / "step-0").exists():
             if source is not None and (source / "step-0").exists():
                 shutil.copytree(source, base, dirs_exist_ok=True)
             else:
-                run(["learn", "--run", str(base), "--classes", ",".join(old), "--method", "ft",
+                method, _, flags = args.base.partition(":")
+                run(["learn", "--run", str(base), "--classes", ",".join(old), "--method", method, *shlex.split(flags),
                      "--seed", str(seed), *common])
         return base
 
@@ -317,7 +323,9 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
              "deviations (the larger of the two)." + (
                  f" {', '.join(f'`{n}`' for n in sorted(labelled))}: trained with every class learned so far "
                  "labelled on the step's images (`data.labels = \"seen\"`), not class-incremental: the labels "
-                 "that perfect pseudo-labelling would give." if labelled else ""), "",
+                 "that perfect pseudo-labelling would give." if labelled else "") + (
+                 f" Step 0 (shared by every row) trained with `--method {args.base.replace(':', ' ', 1)}`."
+                 if args.base != "ft" else ""), "",
              "| method | seeds | old | new | new* | all | vs best (all) | wall (s) |", "|---|---|---|---|---|---|---|---|"]
     for n in main_rows:
         walls = [r["wall_s"] for r in results[n] if r.get("wall_s")]

@@ -17,13 +17,14 @@ from typing import Any, Callable, Mapping, Sequence
 from ciss.classmap import ClassMap
 from ciss.config import toml_text
 from ciss.errors import CissError
-from ciss.manifest import run_steps
+from ciss.manifest import StepManifest, run_steps
 from ciss.trainer.config import CARRIED, DEFAULT_METHOD, TRAINING, check_resolved, resolve_model, split_per_call
 from ciss.trainer.data import open_dataset
 from ciss.trainer.data.base import DatasetInfo
 from ciss.trainer.data.tasks import load_protocol
 from ciss.trainer.distributed import Dist, setup, teardown, world_size
-from ciss.trainer.methods import build_method
+from ciss.trainer.methods import build_method, method_options
+from ciss.trainer.methods.base import Method
 from ciss.trainer.report import write_reports
 from ciss.trainer.step import CHECKPOINT, StepPlan, train_step
 from ciss.trainer.store import RunStore
@@ -176,6 +177,19 @@ def committed_already(store: RunStore, classes: Sequence[str] | None, new_classe
     return last if [n.strip() for n in asked] == store.manifest(last).added else None
 
 
+def _check_activation(method: Method, parent: StepManifest) -> None:
+    """Refuse to train a sigmoid step on a softmax model or the other way round: the old model's
+    scores (pseudo-labels, distillation) would be read as what they are not."""
+    given = parent.config.get("method", {}).get("options", {})
+    before = given.get("activation") or method_options(parent.method).get("activation", "softmax")
+    if before == method.activation:
+        return
+    fix = f"--opt {method.name}.activation={before}" if "activation" in method.options else \
+        f"a method with the option 'activation' and --opt <method>.activation={before}"
+    raise CissError(f"step {parent.step} was trained as a {before} head and method '{method.name}' trains a "
+                    f"{method.activation} one; continue with {fix}, or start a new run")
+
+
 def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, root: Path | None = None,
           classes: Sequence[str] | None = None, new_classes: Sequence[str] | None = None,
           task: str | None = None, method: str | None = None, method_options: dict[str, Any] | None = None,
@@ -229,6 +243,8 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
         options[option] = value
     cfg["method"] = {"name": name, "options": options}
     built = build_method(name, options)  # unknown methods and options fail before anything runs
+    if last is not None:
+        _check_activation(built, store.manifest(last))
     if cfg["data"]["labels"] == "seen" and built.uses_old_model:
         raise CissError(f"data.labels = \"seen\" labels the old classes, but method '{name}' reads every old-class "
                         "label as background (it is built for data without them), so they would be lost; "

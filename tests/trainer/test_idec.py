@@ -216,6 +216,49 @@ def test_unknown_pixels_as_not_new_by_hand():
     assert terms["ce"].item() == pytest.approx(ce / 4, rel=1e-5)
 
 
+def softplus(x: float) -> float:
+    return math.log(1 + math.exp(x))
+
+
+def bce(z, target: int | None) -> float:
+    """Σ_c BCE(z_c, [c = target]) over a pixel's channels."""
+    return sum(softplus(v) - (v if c == target else 0.0) for c, v in enumerate(z))
+
+
+def test_sigmoid_head_terms_by_hand():
+    """activation = "sigmoid": the old model's scores are its per-class sigmoids (here the same values
+    as its softmax: σ(10) and σ(0) = 1/2, so the same thresholds and pseudo-labels), the CE is the BCE
+    summed over channels, the logit KD a BCE towards the old sigmoids on the old channels."""
+    m = hand_method(activation="sigmoid")
+    terms = m.losses(hand_batch())
+    tau0 = 0.5 * 0.7 + 0.5 * (SIG10 + 0.5) / 2
+    assert m.thresholds.tolist() == pytest.approx([tau0, 0.5 * 0.7 + 0.5 * SIG10])
+    targets = [(0, 0, 1), (0, 1, 2), (1, 0, 0)]  # the unknown pixel (1, 1) is ignored
+    assert terms["ce"].item() == pytest.approx(sum(bce(NEW_LOGITS[i][p], c) for i, p, c in targets) / 4, rel=1e-5)
+    kd = sum(softplus(z) - z / (1 + math.exp(-t))
+             for i in range(2) for p in range(2) for z, t in zip(NEW_LOGITS[i][p][:2], OLD_LOGITS[i][p]))
+    assert terms["logit_kd"].item() == pytest.approx(kd / 4, rel=1e-5)
+    softmax_terms = hand_method().losses(hand_batch())  # the feature terms do not depend on the head
+    for key in ("feature_kd", "contrast"):
+        assert terms[key].item() == pytest.approx(softmax_terms[key].item(), rel=1e-6)
+
+    not_new = hand_method(activation="sigmoid", unknown="not_new").losses(hand_batch())["ce"]
+    extra = softplus(NEW_LOGITS[1][1][2])  # the unknown pixel: only the new class told "no"
+    assert not_new.item() == pytest.approx(terms["ce"].item() + extra / 4, rel=1e-5)
+
+
+def test_sigmoid_step0_is_bce():
+    m = build_method("idec", {"activation": "sigmoid"})
+    m.prepare(context(step=0, model=build_model("tiny", [2])))
+    logits = torch.randn(2, 2, 4, 4, requires_grad=True)
+    labels = torch.randint(0, 2, (2, 4, 4))
+    terms = m.losses(TrainBatch(torch.zeros(2, 3, 4, 4), labels, Outputs(logits), None))
+    onehot = torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float()
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logits, onehot, reduction="sum") / labels.numel()
+    assert set(terms) == {"ce"} and terms["ce"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert m.activation == "sigmoid" and build_method("idec").activation == "softmax"
+
+
 def test_gradients_reach_the_student_only():
     m = hand_method()
     batch = hand_batch()
@@ -387,6 +430,8 @@ def test_needs_the_old_model_and_checks_options():
         IDEC(feature_distance="kl")
     with pytest.raises(CissError, match="true or false"):
         IDEC(pseudo=1)
+    with pytest.raises(CissError, match="activation"):
+        IDEC(activation="tanh")
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -438,6 +483,33 @@ def test_idec_keeps_old_classes_where_ft_forgets(tmp_path: Path):
     assert {"ce", "feature_kd", "logit_kd", "contrast"} <= set(rows[-1])
     assert base > 0.3
     assert old["ft"] < 0.1 and old["idec"] > 0.75 * base and old["idec"] > old["ft"] + 0.2
+
+
+@pytest.mark.slow
+def test_sigmoid_idec_trains_from_its_own_step0_and_refuses_a_softmax_one(tmp_path: Path):
+    """The release's head end to end: step 0 and step 1 as sigmoids keep the old classes (step 1 inherits
+    the option with the method); a softmax step on a sigmoid-trained step 0 stops before anything is
+    written, with the flag that fixes it."""
+    from ciss.trainer.learn import learn
+    from ciss.trainer.store import RunStore
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(E2E_CONFIG)
+    sigmoid = {"activation": "sigmoid"}
+    run = tmp_path / "sig"
+    learn(run, classes=["sky", "grass"], config_file=cfg, method="idec", method_options=sigmoid, log=lambda s: None)
+    shutil.copytree(run, tmp_path / "mixed")
+    learn(run, new_classes=["disk"], config_file=cfg, method="idec", method_options=sigmoid, log=lambda s: None)
+    iou = [RunStore(run).manifest(k).metrics["per_class"] for k in (0, 1)]
+    base, kept = ((m["sky"] + m["grass"]) / 2 for m in iou)
+    assert base > 0.3 and kept > 0.75 * base
+
+    with pytest.raises(CissError, match="step 0 was trained as a sigmoid head .* --opt idec.activation=sigmoid"):
+        learn(tmp_path / "mixed", new_classes=["disk"], config_file=cfg, method="idec",
+              method_options={"activation": "softmax"}, log=lambda s: None)
+    with pytest.raises(CissError, match="method 'mib' trains a softmax one; continue with a method with the option"):
+        learn(tmp_path / "mixed", new_classes=["disk"], config_file=cfg, method="mib", log=lambda s: None)
+    assert not (tmp_path / "mixed" / "step-1").exists()
 
 
 def test_feature_kd_distils_raw_features_through_no_trainable_module():

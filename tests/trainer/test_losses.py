@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ciss.trainer.methods.losses import (
-    cross_entropy, cross_entropy_not_new, local_pod, merge_extra_channels, plop_median_thresholds, plop_uncertainty, pod_embedding,
-    pod_layer, pseudo_label, quantile_thresholds, unbiased_cross_entropy, unbiased_kd, uncertainty_histogram)
+    binary_cross_entropy, class_scores, cross_entropy, cross_entropy_not_new, local_pod, merge_extra_channels, plop_median_thresholds, plop_uncertainty, pod_embedding,
+    pod_layer, pseudo_label, quantile_thresholds, sigmoid_kd, unbiased_cross_entropy, unbiased_kd, uncertainty_histogram)
 
 E = math.e
 
@@ -281,3 +281,48 @@ def test_cross_entropy_not_new_by_hand_and_its_gradient_sides():
     g = z.grad[0, :, 0, 1]
     assert g[2] > 0 and g[0] < 0 and g[1] < 0  # the new class loses there; background and the old class share
     assert z.grad[0, :, 0, 2].abs().sum() == 0
+
+
+# --- sigmoid head ------------------------------------------------------------------------------
+
+def softplus(x: float) -> float:
+    return math.log(1 + math.exp(x))
+
+
+def test_binary_cross_entropy_by_hand():
+    """BCE(z, t) = softplus(z) - t z per channel, summed over channels; "not_new" pixels tell only the
+    new channels (here channel 2, n_old = 2) "no"."""
+    z = torch.tensor([[1.0, 0.5, 2.0], [0.2, -1.0, 1.5], [0.3, 0.1, 0.9]]).T.reshape(1, 3, 1, 3).requires_grad_()
+    labels = lab(2, 255, 255)
+    pixel0 = softplus(1.0) + softplus(0.5) + softplus(2.0) - 2.0
+    assert binary_cross_entropy(z, labels, "valid").item() == pytest.approx(pixel0, rel=1e-6)
+    assert binary_cross_entropy(z, labels, "all").item() == pytest.approx(pixel0 / 3, rel=1e-6)
+    not_new = torch.tensor([[[False, True, False]]])
+    loss = binary_cross_entropy(z, labels, "all", not_new, n_old=2)
+    assert loss.item() == pytest.approx((pixel0 + softplus(1.5)) / 3, rel=1e-6)
+    loss.backward()
+    g = z.grad[0, :, 0, 1]
+    assert g[2] > 0 and g[0] == 0 and g[1] == 0  # only the new class is pushed down; old scores untouched
+    assert z.grad[0, :, 0, 2].abs().sum() == 0
+    none = binary_cross_entropy(z, lab(255, 255, 255), "valid")
+    assert torch.isfinite(none) and none.item() == 0.0
+
+
+def test_sigmoid_kd_by_hand_and_zero_gradient_at_the_teacher():
+    z = logits_1x3x1x2()  # student: bg, old class 1, new class 2
+    old = torch.tensor([[[[0.0, 0.0]], [[math.log(3), 0.0]]]])  # teacher sigmoids: pixel 0 (1/2, 3/4), pixel 1 (1/2, 1/2)
+    px0 = (softplus(1.0) - 0.5 * 1.0) + (softplus(2.0) - 0.75 * 2.0)  # the new channel is not distilled
+    px1 = 2 * softplus(0.0)
+    assert sigmoid_kd(z, old).item() == pytest.approx((px0 + px1) / 2, rel=1e-6)
+    at_teacher = torch.cat([old, torch.randn(1, 2, 1, 2)], dim=1).requires_grad_()
+    sigmoid_kd(at_teacher, old).backward()
+    assert at_teacher.grad.abs().max().item() < 1e-7
+
+
+def test_class_scores_softmax_and_sigmoid_agree_on_the_class():
+    z = logits_1x3x1x2()
+    for activation, top in (("softmax", E**3 / S), ("sigmoid", 1 / (1 + math.exp(-3)))):
+        score, pred = class_scores(z, activation)
+        assert pred.tolist() == [[[2, 0]]] and score[0, 0, 0].item() == pytest.approx(top, rel=1e-6)
+    with pytest.raises(ValueError, match="activation"):
+        class_scores(z, "tanh")

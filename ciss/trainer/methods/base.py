@@ -63,7 +63,7 @@ class StepContext:
 
 
 class Method:
-    """Base class: step 0 is plain cross-entropy for every method, and a method that distils from the
+    """Base class: step 0 is plain cross-entropy for every softmax method, and a method that distils from the
     previous model refuses to start a later step without it.
 
     Subclasses set the class attributes and override `incremental_losses` (the terms of a step > 0),
@@ -119,15 +119,25 @@ class Method:
         """The intermediate features a step > 0 reads, as the options decide."""
         return ()
 
+    @property
+    def activation(self) -> str:
+        """What the logits are trained as, "softmax" or "sigmoid" (losses.ACTIVATIONS): a later step
+        must train as its old model was trained, or the old model's scores mean something else."""
+        return "softmax"
+
     # --- every batch ---------------------------------------------------------------------------
     def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """Named, already weighted loss terms: cross-entropy without an old model's outputs (step 0)."""
+        """Named, already weighted loss terms: `base_losses` without an old model's outputs (step 0)."""
         if batch.old is None:
-            return {"ce": cross_entropy(batch.out.logits, batch.labels, self.options["reduction"])}
+            return self.base_losses(batch)
         missing = [k for k in self.feature_names if k not in batch.out.features or k not in batch.old.features]
         if missing:
             raise RuntimeError(f"method '{self.name}' needs features {', '.join(missing)} from both models")
         return self.incremental_losses(batch)
+
+    def base_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """Step 0's terms: plain cross-entropy, the same for every softmax method."""
+        return {"ce": cross_entropy(batch.out.logits, batch.labels, self.options["reduction"])}
 
     def incremental_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """The terms of a step > 0, where `batch.old` holds the frozen old model's outputs."""

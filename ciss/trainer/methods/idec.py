@@ -1,11 +1,13 @@
 """IDEC: Inherit with Distillation and Evolve with Contrast (Zhao et al., TPAMI 2023, arXiv 2309.15413).
 
 The release builds on SSUL's sigmoid head with an "unknown" channel filled from saliency maps, which
-our data does not have; here IDEC works on the softmax-with-background head every method shares, and
-"unknown" means a ground-truth background pixel the old model is not confident about.
+our data does not have; here "unknown" means a ground-truth background pixel the old model is not
+confident about. The logits are trained as the softmax every method shares (activation = "softmax"),
+or as the release's per-class sigmoids (activation = "sigmoid": BCE summed over channels, a sigmoid
+KD, sigmoid scores for the pseudo-labels); both predict the argmax, so export and runtime are the same.
 
-Step 0: plain cross-entropy. Steps t > 0, each part switchable by its option:
-- pseudo: a background pixel takes the old model's argmax ĉ when its softmax confidence s ≥ τ_ĉ, where
+Step 0: plain cross-entropy (BCE under "sigmoid"). Steps t > 0, each part switchable by its option:
+- pseudo: a background pixel takes the old model's argmax ĉ when its confidence s ≥ τ_ĉ, where
   τ_c = max(floor, EMA over batches of the mean s of the background pixels the old model assigns to c)
   (summed over processes); the other background pixels are unknown: ignored in the CE, or with
   unknown = "not_new" given MiB's "none of this step's classes" term. New-class ground truth is never
@@ -13,7 +15,8 @@ Step 0: plain cross-entropy. Steps t > 0, each part switchable by its option:
 - feature_kd: DADA, a distance between the old and the new model's raw features of stage1..3 and of
   the ASPP output (no trainable adapter in between, which could absorb the drift), per-layer weights,
   the stage weights times feature_decay ** progress.
-- logit_kd: MiB's unbiased KD on the old channels, teacher logits times kd_alpha.
+- logit_kd: MiB's unbiased KD on the old channels, teacher logits times kd_alpha (`sigmoid_kd` under
+  "sigmoid").
 - contrast: ARCL, an InfoNCE between region embeddings (mean of projected ASPP features over each
   pseudo-label region of each image, unknown regions included): anchors from the frozen old model
   (old-class regions), positives and negatives from the current model over the whole batch.
@@ -32,7 +35,8 @@ from torch import nn
 from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, saved
-from ciss.trainer.methods.losses import REDUCTIONS, UNKNOWN_PIXELS, cross_entropy, cross_entropy_not_new, unbiased_kd
+from ciss.trainer.methods.losses import (ACTIVATIONS, REDUCTIONS, UNKNOWN_PIXELS, binary_cross_entropy, class_scores,
+                                         cross_entropy, cross_entropy_not_new, sigmoid_kd, unbiased_kd)
 from ciss.trainer.methods.options import resolve_options
 from ciss.trainer.models.features import DECODER, STAGES
 
@@ -95,11 +99,11 @@ def feature_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str = "
 
 
 @torch.no_grad()
-def class_confidence(old_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(2, n_old) float32: per old class c, the sum and the count of the old model's max softmax
-    over background pixels (label < n_old, not 255) whose old argmax is c."""
+def class_confidence(old_logits: torch.Tensor, labels: torch.Tensor, activation: str = "softmax") -> torch.Tensor:
+    """(2, n_old) float32: per old class c, the sum and the count of the old model's score
+    (`class_scores`) over background pixels (label < n_old, not 255) whose old argmax is c."""
     n_old = old_logits.shape[1]
-    conf, pred = torch.softmax(old_logits.float(), dim=1).max(dim=1)
+    conf, pred = class_scores(old_logits, activation)
     bg = (labels < n_old) & (labels != IGNORE)
     sums = torch.bincount(pred[bg], weights=conf[bg], minlength=n_old)
     counts = torch.bincount(pred[bg], minlength=n_old).float()
@@ -108,11 +112,11 @@ def class_confidence(old_logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 @torch.no_grad()
 def region_labels(labels: torch.Tensor, old_logits: torch.Tensor, thresholds: torch.Tensor,
-                  unknown: int) -> torch.Tensor:
-    """Pseudo-labels as regions: a background pixel takes the old argmax ĉ when the old max softmax
-    is ≥ thresholds[ĉ], else `unknown`; new-class and 255 labels are kept."""
+                  unknown: int, activation: str = "softmax") -> torch.Tensor:
+    """Pseudo-labels as regions: a background pixel takes the old argmax ĉ when the old model's score
+    (`class_scores`) is ≥ thresholds[ĉ], else `unknown`; new-class and 255 labels are kept."""
     n_old = old_logits.shape[1]
-    conf, pred = torch.softmax(old_logits.float(), dim=1).max(dim=1)
+    conf, pred = class_scores(old_logits, activation)
     bg = (labels < n_old) & (labels != IGNORE)
     confident = conf >= thresholds.to(conf.device)[pred]
     return torch.where(bg, torch.where(confident, pred, torch.full_like(pred, unknown)), labels)
@@ -157,9 +161,10 @@ def region_info_nce(anchors: torch.Tensor, embeddings: torch.Tensor, classes: to
 class IDEC(Method):
     name = "idec"
     uses_old_model = True
-    init_new_heads = True  # MiB init: softmax head (SSUL's unknown-head transfer does not apply)
+    init_new_heads = True  # MiB init (SSUL's unknown-head transfer has no unknown head to copy here)
     defaults: dict[str, Any] = {
         "reduction": "all",
+        "activation": "softmax",
         "pseudo": True,
         "unknown": "ignore",
         "feature_kd": True,
@@ -181,7 +186,7 @@ class IDEC(Method):
         "contrast_dim": 128,
     }
     choices: dict[str, tuple[str, ...]] = {"reduction": REDUCTIONS, "feature_distance": FEATURE_DISTANCES,
-                                           "unknown": UNKNOWN_PIXELS}
+                                           "unknown": UNKNOWN_PIXELS, "activation": ACTIVATIONS}
 
     def __init__(self, **options: Any):
         super().__init__(**resolve_options(self.name, self.defaults, options, self.choices))
@@ -205,6 +210,14 @@ class IDEC(Method):
     def modules(self) -> nn.ModuleDict:
         return self.projections
 
+    @property
+    def activation(self) -> str:
+        return self.options["activation"]
+
+    @property
+    def sigmoid(self) -> bool:
+        return self.activation == "sigmoid"
+
     def features(self) -> tuple[str, ...]:
         wanted = set(self.layer_weights) | ({DECODER} if self.options["contrast"] else set())
         return tuple(k for k in FEATURE_LAYERS if k in wanted)
@@ -225,30 +238,42 @@ class IDEC(Method):
         regions = None
         if self.thresholds is not None:
             self._update_thresholds(old, labels)
-            regions = region_labels(labels, old, self.thresholds.clamp(min=o["threshold_floor"]), unknown=n_total)
+            regions = region_labels(labels, old, self.thresholds.clamp(min=o["threshold_floor"]), unknown=n_total,
+                                    activation=self.activation)
         if o["pseudo"]:
             assert regions is not None
             unknown = regions == n_total
             target = torch.where(unknown, torch.full_like(regions, IGNORE), regions)
-            ce = cross_entropy_not_new(logits, target, unknown if o["unknown"] == "not_new" else None, n_old,
-                                       o["reduction"])
+            not_new = unknown if o["unknown"] == "not_new" else None
+            ce = binary_cross_entropy(logits, target, o["reduction"], not_new, n_old) if self.sigmoid \
+                else cross_entropy_not_new(logits, target, not_new, n_old, o["reduction"])
         else:
-            ce = cross_entropy(logits, labels, o["reduction"])
+            ce = self._supervised(logits, labels)
         terms = {"ce": ce}
         if o["feature_kd"]:
             terms["feature_kd"] = self._feature_kd(batch)
         if o["logit_kd"]:
-            terms["logit_kd"] = o["logit_kd_weight"] * unbiased_kd(logits, old, alpha=o["kd_alpha"])
+            kd = sigmoid_kd(logits, old) if self.sigmoid else unbiased_kd(logits, old, alpha=o["kd_alpha"])
+            terms["logit_kd"] = o["logit_kd_weight"] * kd
         if o["contrast"]:
             assert regions is not None
             terms["contrast"] = o["contrast_weight"] * self._contrast(batch, regions, n_old, n_total)
         return terms
 
+    def base_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        return {"ce": self._supervised(batch.out.logits, batch.labels)}
+
+    def _supervised(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss on labels alone, as the activation trains them."""
+        if self.sigmoid:
+            return binary_cross_entropy(logits, labels, self.options["reduction"])
+        return cross_entropy(logits, labels, self.options["reduction"])
+
     @torch.no_grad()
     def _update_thresholds(self, old_logits: torch.Tensor, labels: torch.Tensor) -> None:
         """One EMA step of τ_c towards this batch's mean confidence of class c (all processes)."""
         assert self.thresholds is not None
-        stats = class_confidence(old_logits, labels)
+        stats = class_confidence(old_logits, labels, self.activation)
         assert self.ctx is not None
         reduced = self.ctx.all_reduce(stats)
         stats = stats if reduced is None else reduced

@@ -10,6 +10,8 @@ shared/research/peers.md section 6 and methods.md sections 1.2-1.3; no code copi
 - `plop_uncertainty`, `uncertainty_histogram`, `plop_median_thresholds`, `quantile_thresholds`,
   `pseudo_label`: PLOP (Douillard et al., CVPR 2021), arthurdouillard/CVPR2021_PLOP `train.py`.
 - `local_pod`, `pod_embedding`, `merge_extra_channels`: PLOP's Local POD, same repository, `utils/loss.py`.
+- `binary_cross_entropy`: SSUL/IDEC's per-channel BCE (YBIO/IDEC `BCEWithLogitsLossWithIgnoreIndex`),
+  methods.md 3.5; `sigmoid_kd` is ours (the release has no logit distillation).
 
 Every loss is computed in float32 (logits may arrive in fp16/bf16 under autocast) and stays finite,
 with a gradient path, when a batch has no valid pixel.
@@ -26,7 +28,8 @@ import torch.nn.functional as F
 from ciss.classmap import IGNORE
 
 REDUCTIONS = ("valid", "all")
-UNKNOWN_PIXELS = ("ignore", "not_new")  # what a CE makes of a background pixel pseudo-labelling leaves unlabelled
+UNKNOWN_PIXELS = ("ignore", "not_new")
+ACTIVATIONS = ("softmax", "sigmoid")  # what a method trains the logits as: one distribution, or one score per class  # what a CE makes of a background pixel pseudo-labelling leaves unlabelled
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -100,6 +103,28 @@ def pixel_cross_entropy_not_new(logits: torch.Tensor, labels: torch.Tensor, not_
     return torch.where(not_new, -log_old_mass(logits, n_old), per_pixel), counted | not_new
 
 
+def pixel_binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, not_new: torch.Tensor | None = None,
+                               n_old: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel (N,H,W): Σ_c BCE(z_c, [y = c]) over every channel where labelled (a sigmoid head: each
+    class a yes/no of its own, summed over channels as in the release), Σ_{c ≥ n_old} BCE(z_c, 0) where
+    `not_new` (only the new classes are told "no"), else 0; and the pixels that count."""
+    _check_labels(logits, labels)
+    z = logits.float()
+    valid = labels != IGNORE
+    onehot = F.one_hot(torch.where(valid, labels, 0), z.shape[1]).permute(0, 3, 1, 2).float()
+    per_pixel = F.binary_cross_entropy_with_logits(z, onehot, reduction="none").sum(dim=1) * valid
+    if not_new is None:
+        return per_pixel, valid
+    return torch.where(not_new, F.softplus(z[:, n_old:]).sum(dim=1), per_pixel), valid | not_new
+
+
+def binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "all",
+                         not_new: torch.Tensor | None = None, n_old: int = 0) -> torch.Tensor:
+    """The sigmoid head's loss, `pixel_binary_cross_entropy` reduced over pixels; 255 ignored."""
+    per_pixel, counted = pixel_binary_cross_entropy(logits, labels, not_new, n_old)
+    return reduce_pixels(per_pixel, counted, reduction)
+
+
 def unbiased_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_old: int,
                            reduction: str = "all") -> torch.Tensor:
     """MiB's unbiased cross-entropy (UNCE), peers.md 6.1.
@@ -149,6 +174,31 @@ def unbiased_kd(logits: torch.Tensor, old_logits: torch.Tensor, alpha: float = 1
     if mask is not None:
         per_pixel = per_pixel * mask.to(per_pixel.dtype)
     return per_pixel.mean()
+
+
+def sigmoid_kd(logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+    """Distillation for a sigmoid head: Σ over the old channels (background included) of
+    BCE(z_c, σ(z_c^old)), mean over pixels. Each old class keeps its own score where the teacher
+    gave it; nothing is merged, since sigmoid channels do not share a mass. Per channel the gradient
+    is σ(z_c) − σ(z_c^old), as the softmax KD's is q_c − p'_c; zero at the teacher's logits."""
+    n_old = old_logits.shape[1]
+    if logits.shape[1] < n_old or logits.shape[0] != old_logits.shape[0] \
+            or logits.shape[-2:] != old_logits.shape[-2:]:
+        raise ValueError(f"student {tuple(logits.shape)} and teacher {tuple(old_logits.shape)} do not match")
+    teacher = torch.sigmoid(old_logits.float().detach())
+    return F.binary_cross_entropy_with_logits(logits[:, :n_old].float(), teacher, reduction="none").sum(dim=1).mean()
+
+
+def class_scores(logits: torch.Tensor, activation: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """(score, class) per pixel (N,H,W each): the largest softmax probability, or under "sigmoid" the
+    largest per-class sigmoid, and its channel. The same argmax either way; the scores differ."""
+    z = logits.float()
+    if activation == "softmax":
+        return torch.softmax(z, dim=1).max(dim=1)
+    if activation == "sigmoid":
+        top, pred = z.max(dim=1)
+        return torch.sigmoid(top), pred
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 # --- PLOP pseudo-labels ------------------------------------------------------------------------
