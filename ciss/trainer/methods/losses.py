@@ -180,7 +180,8 @@ def sigmoid_kd(logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
     """Distillation for a sigmoid head: Σ over the old channels (background included) of
     BCE(z_c, σ(z_c^old)), mean over pixels. Each old class keeps its own score where the teacher
     gave it; nothing is merged, since sigmoid channels do not share a mass. Per channel the gradient
-    is σ(z_c) − σ(z_c^old), as the softmax KD's is q_c − p'_c; zero at the teacher's logits."""
+    is σ(z_c) − σ(z_c^old), zero at the teacher's logits. Summed over channels as the BCE beside it
+    is; MiB's softmax KD averages over them, so against its CE this term weighs about n_old times more."""
     n_old = old_logits.shape[1]
     if logits.shape[1] < n_old or logits.shape[0] != old_logits.shape[0] \
             or logits.shape[-2:] != old_logits.shape[-2:]:
