@@ -220,6 +220,10 @@ def softplus(x: float) -> float:
     return math.log(1 + math.exp(x))
 
 
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
 def bce(z, target: int | None) -> float:
     """Σ_c BCE(z_c, [c = target]) over a pixel's channels."""
     return sum(softplus(v) - (v if c == target else 0.0) for c, v in enumerate(z))
@@ -228,15 +232,20 @@ def bce(z, target: int | None) -> float:
 def test_sigmoid_head_terms_by_hand():
     """activation = "sigmoid": the old model's scores are its per-class sigmoids (here the same values
     as its softmax: σ(10) and σ(0) = 1/2, so the same thresholds and pseudo-labels), the CE is the BCE
-    summed over channels, the logit KD a BCE towards the old sigmoids on the old channels."""
+    summed over channels, the logit KD a BCE towards the old sigmoids, with the new class merged into
+    the background's."""
     m = hand_method(activation="sigmoid")
     terms = m.losses(hand_batch())
     tau0 = 0.5 * 0.7 + 0.5 * (SIG10 + 0.5) / 2
     assert m.thresholds.tolist() == pytest.approx([tau0, 0.5 * 0.7 + 0.5 * SIG10])
     targets = [(0, 0, 1), (0, 1, 2), (1, 0, 0)]  # the unknown pixel (1, 1) is ignored
     assert terms["ce"].item() == pytest.approx(sum(bce(NEW_LOGITS[i][p], c) for i, p, c in targets) / 4, rel=1e-5)
-    kd = sum(softplus(z) - z / (1 + math.exp(-t))
-             for i in range(2) for p in range(2) for z, t in zip(NEW_LOGITS[i][p][:2], OLD_LOGITS[i][p]))
+    kd = 0.0
+    for i in range(2):
+        for p in range(2):
+            (bg, a, n), (old_bg, old_a) = NEW_LOGITS[i][p], OLD_LOGITS[i][p]
+            either, t = 1 - (1 - sig(bg)) * (1 - sig(n)), sig(old_bg)  # background or the new class
+            kd += -t * math.log(either) - (1 - t) * math.log(1 - either) + softplus(a) - a * sig(old_a)
     assert terms["logit_kd"].item() == pytest.approx(kd / 4, rel=1e-5)
     softmax_terms = hand_method().losses(hand_batch())  # the feature terms do not depend on the head
     for key in ("feature_kd", "contrast"):

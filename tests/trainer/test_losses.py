@@ -308,15 +308,34 @@ def test_binary_cross_entropy_by_hand():
     assert torch.isfinite(none) and none.item() == 0.0
 
 
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def bce_p(p: float, t: float) -> float:
+    return -t * math.log(p) - (1 - t) * math.log(1 - p)
+
+
 def test_sigmoid_kd_by_hand_and_zero_gradient_at_the_teacher():
     z = logits_1x3x1x2()  # student: bg, old class 1, new class 2
     old = torch.tensor([[[[0.0, 0.0]], [[math.log(3), 0.0]]]])  # teacher sigmoids: pixel 0 (1/2, 3/4), pixel 1 (1/2, 1/2)
-    px0 = (softplus(1.0) - 0.5 * 1.0) + (softplus(2.0) - 0.75 * 2.0)  # the new channel is not distilled
-    px1 = 2 * softplus(0.0)
+    # background against "background or the new class" 1 - (1 - σ(z_bg))(1 - σ(z_new)); class 1 channel by channel
+    px0 = bce_p(1 - (1 - sigmoid(1.0)) * (1 - sigmoid(3.0)), 0.5) + softplus(2.0) - 0.75 * 2.0
+    px1 = bce_p(0.75, 0.5) + softplus(0.0)
     assert sigmoid_kd(z, old).item() == pytest.approx((px0 + px1) / 2, rel=1e-6)
-    at_teacher = torch.cat([old, torch.randn(1, 2, 1, 2)], dim=1).requires_grad_()
+    # a student that agrees with the teacher and scores no new class has nothing left to learn
+    at_teacher = torch.cat([old, torch.full((1, 2, 1, 2), -40.0)], dim=1).requires_grad_()
     sigmoid_kd(at_teacher, old).backward()
-    assert at_teacher.grad.abs().max().item() < 1e-7
+    assert at_teacher.grad.abs().max().item() < 1e-6
+    # where the teacher said background, a student that says "new class" instead is not pulled back
+    # (a per-channel KD would push its background channel up by σ(4) - σ(-4) = 0.96)
+    z = torch.tensor([[[[-4.0]], [[-4.0]], [[4.0]]]], requires_grad=True)
+    sigmoid_kd(z, torch.tensor([[[[4.0]], [[-4.0]]]])).backward()
+    assert z.grad.abs().max().item() < 0.02
+    far = torch.tensor([[[[-200.0]], [[0.0]], [[-200.0]]]], requires_grad=True)
+    loss = sigmoid_kd(far, torch.tensor([[[[4.0]], [[0.0]]]]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(far.grad).all()
 
 
 def test_class_scores_softmax_and_sigmoid_agree_on_the_class():

@@ -177,17 +177,27 @@ def unbiased_kd(logits: torch.Tensor, old_logits: torch.Tensor, alpha: float = 1
 
 
 def sigmoid_kd(logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
-    """Distillation for a sigmoid head: Σ over the old channels (background included) of
-    BCE(z_c, σ(z_c^old)), mean over pixels. Each old class keeps its own score where the teacher
-    gave it; nothing is merged, since sigmoid channels do not share a mass. Per channel the gradient
-    is σ(z_c) − σ(z_c^old), zero at the teacher's logits. Summed over channels as the BCE beside it
-    is; MiB's softmax KD averages over them, so against its CE this term weighs about n_old times more."""
+    """Distillation for a sigmoid head, unbiased as MiB's: per pixel, Σ over the old classes c ≥ 1 of
+    BCE(z_c, σ(z_c^old)), plus BCE(P, σ(z_0^old)) for the background, where P = 1 − (1 − σ(z_0))
+    Π_new (1 − σ(z_k)) is the student's "background or a new class": the old model saw the new
+    classes as background, so its background score must not be held against them (MiB merges the
+    same channels under softmax). Mean over pixels; summed over channels as the BCE beside it is."""
     n_old = old_logits.shape[1]
     if logits.shape[1] < n_old or logits.shape[0] != old_logits.shape[0] \
             or logits.shape[-2:] != old_logits.shape[-2:]:
         raise ValueError(f"student {tuple(logits.shape)} and teacher {tuple(old_logits.shape)} do not match")
+    z = logits.float()
     teacher = torch.sigmoid(old_logits.float().detach())
-    return F.binary_cross_entropy_with_logits(logits[:, :n_old].float(), teacher, reduction="none").sum(dim=1).mean()
+    old_classes = F.binary_cross_entropy_with_logits(z[:, 1:n_old], teacher[:, 1:], reduction="none").sum(dim=1)
+    log_neither = -F.softplus(torch.cat([z[:, :1], z[:, n_old:]], dim=1)).sum(dim=1)  # log(1 - P)
+    background = -teacher[:, 0] * _log1mexp(log_neither) - (1 - teacher[:, 0]) * log_neither
+    return (background + old_classes).mean()
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − e^x) for x ≤ 0, accurate at both ends (Mächler 2012); x is kept below −1e-12."""
+    x = x.clamp(max=-1e-12)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def class_scores(logits: torch.Tensor, activation: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
