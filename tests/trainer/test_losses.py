@@ -332,10 +332,13 @@ def test_sigmoid_kd_by_hand_and_zero_gradient_at_the_teacher():
     z = torch.tensor([[[[-4.0]], [[-4.0]], [[4.0]]]], requires_grad=True)
     sigmoid_kd(z, torch.tensor([[[[4.0]], [[-4.0]]]])).backward()
     assert z.grad.abs().max().item() < 0.02
-    far = torch.tensor([[[[-200.0]], [[0.0]], [[-200.0]]]], requires_grad=True)
-    loss = sigmoid_kd(far, torch.tensor([[[[4.0]], [[0.0]]]]))
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(far.grad).all()
+    # finite, gradient included, where background and new class are all but ruled out (there 1 - P
+    # rounds to 1 in float32) and where they are certain
+    for bg in (-200.0, -40.0, -20.0, -18.5, -16.0, 0.0, 40.0):
+        z = torch.tensor([[[[bg]], [[0.0]], [[bg]]]], requires_grad=True)
+        loss = sigmoid_kd(z, torch.tensor([[[[4.0]], [[0.0]]]]))
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(z.grad).all(), bg
 
 
 def test_class_scores_softmax_and_sigmoid_agree_on_the_class():

@@ -195,9 +195,14 @@ def sigmoid_kd(logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − e^x) for x ≤ 0, accurate at both ends (Mächler 2012); x is kept below −1e-12."""
+    """log(1 − e^x) for x ≤ 0, accurate at both ends (Mächler 2012); x is kept below −1e-12. Each
+    branch sees only inputs it is finite on: torch.where passes the other branch's gradient through
+    as 0 · inf = NaN."""
     x = x.clamp(max=-1e-12)
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    near = x > -math.log(2)
+    cut = torch.full_like(x, -math.log(2))
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, cut))),
+                       torch.log1p(-torch.exp(torch.where(near, cut, x))))
 
 
 def class_scores(logits: torch.Tensor, activation: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
