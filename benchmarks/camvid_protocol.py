@@ -289,6 +289,7 @@ def main() -> None:
         for f in futures:
             f.result()
     results_file.write_text(json.dumps(results, indent=2) + "\n")
+    commands_file.write_text("\n".join(commands) + "\n")  # also when no run finished: failed runs' lines too
     write_markdown(args, results, old, new, commands, failed)
 
 
@@ -324,7 +325,7 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
                  f" {', '.join(f'`{n}`' for n in sorted(labelled))}: trained with every class learned so far "
                  "labelled on the step's images (`data.labels = \"seen\"`), not class-incremental: the labels "
                  "that perfect pseudo-labelling would give." if labelled else "") + (
-                 f" Step 0 (shared by every row) trained with `--method {args.base.replace(':', ' ', 1)}`."
+                 f" Step 0 of the class-incremental rows trained with `--method {args.base.replace(':', ' ', 1)}`."
                  if args.base != "ft" else ""), "",
              "| method | seeds | old | new | new* | all | vs best (all) | wall (s) |", "|---|---|---|---|---|---|---|---|"]
     for n in main_rows:
