@@ -325,7 +325,7 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
                  f" {', '.join(f'`{n}`' for n in sorted(labelled))}: trained with every class learned so far "
                  "labelled on the step's images (`data.labels = \"seen\"`), not class-incremental: the labels "
                  "that perfect pseudo-labelling would give." if labelled else "") + (
-                 f" Step 0 of the class-incremental rows trained with `--method {args.base.replace(':', ' ', 1)}`."
+                 f" Step 0 of the class-incremental rows: `--method {args.base.replace(':', ' ', 1)}`."
                  if args.base != "ft" else ""), "",
              "| method | seeds | old | new | new* | all | vs best (all) | wall (s) |", "|---|---|---|---|---|---|---|---|"]
     for n in main_rows:

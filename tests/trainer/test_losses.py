@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ciss.trainer.methods.losses import (
-    binary_cross_entropy, class_scores, cross_entropy, cross_entropy_not_new, local_pod, merge_extra_channels, plop_median_thresholds, plop_uncertainty, pod_embedding,
-    pod_layer, pseudo_label, quantile_thresholds, sigmoid_kd, unbiased_cross_entropy, unbiased_kd, uncertainty_histogram)
+    binary_cross_entropy, class_scores, cross_entropy, cross_entropy_not_new, local_pod, merge_extra_channels,
+    plop_median_thresholds, plop_uncertainty, pod_embedding, pod_layer, pseudo_label, quantile_thresholds, sigmoid_kd,
+    unbiased_cross_entropy, unbiased_kd, uncertainty_histogram)
 
 E = math.e
 
@@ -318,7 +319,7 @@ def bce_p(p: float, t: float) -> float:
 
 def test_sigmoid_kd_by_hand_and_zero_gradient_at_the_teacher():
     z = logits_1x3x1x2()  # student: bg, old class 1, new class 2
-    old = torch.tensor([[[[0.0, 0.0]], [[math.log(3), 0.0]]]])  # teacher sigmoids: pixel 0 (1/2, 3/4), pixel 1 (1/2, 1/2)
+    old = torch.tensor([[[[0.0, 0.0]], [[math.log(3), 0.0]]]])  # teacher sigmoids: (1/2, 3/4) and (1/2, 1/2)
     # background against "background or the new class" 1 - (1 - σ(z_bg))(1 - σ(z_new)); class 1 channel by channel
     px0 = bce_p(1 - (1 - sigmoid(1.0)) * (1 - sigmoid(3.0)), 0.5) + softplus(2.0) - 0.75 * 2.0
     px1 = bce_p(0.75, 0.5) + softplus(0.0)

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from ciss.classmap import IGNORE
 
 REDUCTIONS = ("valid", "all")
-UNKNOWN_PIXELS = ("ignore", "not_new")
-ACTIVATIONS = ("softmax", "sigmoid")  # what a method trains the logits as: one distribution, or one score per class  # what a CE makes of a background pixel pseudo-labelling leaves unlabelled
+UNKNOWN_PIXELS = ("ignore", "not_new")  # what a CE makes of a background pixel pseudo-labelling leaves unlabelled
+ACTIVATIONS = ("softmax", "sigmoid")  # what a method trains the logits as: one distribution, or a score per class
 
 
 # --- helpers -----------------------------------------------------------------------------------
