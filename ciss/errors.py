@@ -5,6 +5,7 @@ escapes is a bug and keeps its traceback, except the machine's own limits (`envi
 """
 
 import errno
+from collections.abc import Iterator
 
 _FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
          errno.EFBIG: "the file-size limit is reached"}
@@ -19,10 +20,24 @@ def environment_error(e: BaseException, command: str | None = None) -> CissError
     worker killed by the system), or None for anything else. Files written atomically stay whole, and
     `ciss learn` keeps a step's last checkpoint, so the message says how to go on."""
     again = "run it again with --resume" if command == "learn" else "run the command again"
-    if isinstance(e, OSError) and e.errno in _FULL:
-        where = f"writing {e.filename}" if e.filename else "writing a file"
-        return CissError(f"{_FULL[e.errno]} ({where}: {e.strerror}); free some space or raise the limit, then {again}")
-    if isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker ("):
-        return CissError(f"{str(e).splitlines()[0].rstrip('. ')}; if the system ran out of memory, set "
-                         f"train.workers lower (0: no worker processes), then {again}")
+    for cause in _chain(e):
+        if isinstance(cause, OSError) and cause.errno in _FULL:
+            where = f"writing {cause.filename}" if cause.filename else "writing a file"
+            return CissError(f"{_FULL[cause.errno]} ({where}: {cause.strerror}); free some space or raise the "
+                             f"limit, then {again}")
+        if isinstance(cause, RuntimeError) and str(cause).startswith("DataLoader worker ("):
+            return CissError(f"{str(cause).splitlines()[0].rstrip('. ')}; if the system ran out of memory, set "
+                             f"train.workers lower (0: no worker processes), then {again}")
     return None
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """`e` and the exceptions it was raised while handling. PyTorch reports a killed worker from a
+    SIGCHLD handler, in whatever the main process was doing: inside `Thread.start` the RuntimeError
+    then surfaces as a KeyError from threading's bookkeeping, with the RuntimeError as its context."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__

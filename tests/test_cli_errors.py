@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from ciss.apps.cli import main
+from ciss.errors import environment_error
 from conftest import CISS, REPO, make_folder_dataset, write_config
 
 
@@ -175,3 +177,26 @@ def test_resume_without_a_checkpoint_says_so(tmp_path: Path, base_run):
     assert_user_error(invoke("learn", "--run", str(run), "--new-classes", "c", "--config", str(cfg), "--resume"),
                       "no checkpoint of step 1")
     assert snapshot(run) == before
+
+
+def _raised_while_handling(first: BaseException, then: BaseException) -> BaseException:
+    try:
+        try:
+            raise first
+        except type(first):
+            raise then
+    except type(then) as e:
+        return e
+
+
+def test_machine_limits_are_found_behind_the_error_they_caused():
+    """A worker's death reported inside `Thread.start` reached the CLI as threading's KeyError, with the
+    RuntimeError as its context (CI, under load): still the one line that says what to do."""
+    died = RuntimeError("DataLoader worker (pid 2184) is killed by signal: Killed. ")
+    error = environment_error(_raised_while_handling(died, KeyError("<Thread(QueueFeederThread)>")), "learn")
+    assert error is not None and str(error).startswith("DataLoader worker (pid 2184) is killed by signal: Killed;")
+    assert "train.workers" in str(error) and "--resume" in str(error)
+    full = OSError(errno.ENOSPC, "No space left on device", "/tmp/x")
+    assert "the disk is full" in str(environment_error(_raised_while_handling(full, ValueError("cleanup")), "export"))
+    assert environment_error(_raised_while_handling(ValueError("a"), KeyError("b"))) is None
+    assert environment_error(KeyError("b")) is None
