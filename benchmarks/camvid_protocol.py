@@ -1,15 +1,16 @@
 """Run a CISS protocol on a folder-format dataset: several methods, the joint bound, ablations.
 
 Step 0 is trained once per seed and shared (every softmax method trains step 0 the same way: plain
-cross-entropy; `--base 'idec:--opt idec.activation=sigmoid'` trains it as a sigmoid head instead, for
-the methods run with that option), then each method, or each ablated variant of one (`--ablate gsc` adds one run per
-component of GSC with that component off), trains the remaining steps from a copy of it. Runs are
-independent processes, `--jobs` of them at a time, each with its share of the CPU threads. A run
-whose folder already holds the protocol's last step is read, not retrained, so an interrupted
-invocation picks up where it stopped and later invocations into the same --out add methods or
-seeds. A run that failed (it diverged) is listed in failed.json and stays a result: it is trained
-again only with `--retry-failed`. `--reuse DIR` copies step 0 and the joint run of each seed from
-another --out of the same dataset and base classes (6-5 and 6-1 share both).
+cross-entropy; `--base 'idec:--opt idec.activation=sigmoid'` trains it as a sigmoid head instead,
+for the methods run with that option), then each method, or each ablated variant of one (`--ablate
+gsc` adds one run per component of GSC with that component off), trains the remaining steps from a
+copy of it. Runs are independent processes, `--jobs` of them at a time, each with its share of the
+CPU threads. A run whose folder already holds the protocol's last step is read, not retrained, so an
+interrupted invocation picks up where it stopped and later invocations into the same --out add
+methods or seeds. A run that failed (it diverged) is listed in failed.json and stays a result: it is
+trained again only with `--retry-failed`. `--reuse DIR` copies the joint run of each seed, and with
+the default --base step 0 too, from another --out of the same dataset and base classes (6-5 and 6-1
+share both).
 
 Written to --out: results.md (old/new/all mIoU after the last step, mean ± sample std over seeds;
 new mIoU also over only the classes the joint bound learns; each method against the best and GSC/IDEC
