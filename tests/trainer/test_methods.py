@@ -206,7 +206,7 @@ def test_registry_and_presets():
 def test_build_method_errors():
     with pytest.raises(CissError, match="unknown method 'nosuch'.*ft, gsc, idec, joint, mib, plop"):
         build_method("nosuch", {})
-    with pytest.raises(CissError, match="'kd_wieght'.*valid options: alpha, kd_weight, reduction"):
+    with pytest.raises(CissError, match="'kd_wieght'.*valid options: alpha, kd_on_new, kd_weight, reduction"):
         build_method("mib", {"kd_wieght": 10})
     with pytest.raises(CissError, match="'reduction'.*'valid', 'all'"):
         build_method("ft", {"reduction": "sum"})

@@ -16,7 +16,7 @@ Step 0: plain cross-entropy (BCE under "sigmoid"). Steps t > 0, each part switch
   the ASPP output (no trainable adapter in between, which could absorb the drift), per-layer weights,
   the stage weights times feature_decay ** progress.
 - logit_kd: MiB's unbiased KD on the old channels, teacher logits times kd_alpha (`sigmoid_kd` under
-  "sigmoid").
+  "sigmoid"); kd_on_new = false leaves out the pixels labelled with this step's classes.
 - contrast: ARCL, an InfoNCE between region embeddings (mean of projected ASPP features over each
   pseudo-label region of each image, unknown regions included): anchors from the frozen old model
   (old-class regions), positives and negatives from the current model over the whole batch.
@@ -36,7 +36,8 @@ from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, saved
 from ciss.trainer.methods.losses import (ACTIVATIONS, REDUCTIONS, UNKNOWN_PIXELS, binary_cross_entropy, class_scores,
-                                         cross_entropy, cross_entropy_not_new, sigmoid_kd, unbiased_kd)
+                                         cross_entropy, cross_entropy_not_new, outside_new_classes, sigmoid_kd,
+                                         unbiased_kd)
 from ciss.trainer.methods.options import resolve_options
 from ciss.trainer.models.features import DECODER, STAGES
 
@@ -181,6 +182,7 @@ class IDEC(Method):
         "feature_decay": 1.0,
         "kd_alpha": 2.0,
         "logit_kd_weight": 1.0,
+        "kd_on_new": True,
         "contrast_weight": 1.0,
         "contrast_temperature": 0.1,
         "contrast_dim": 128,
@@ -253,7 +255,9 @@ class IDEC(Method):
         if o["feature_kd"]:
             terms["feature_kd"] = self._feature_kd(batch)
         if o["logit_kd"]:
-            kd = sigmoid_kd(logits, old) if self.sigmoid else unbiased_kd(logits, old, alpha=o["kd_alpha"])
+            mask = None if o["kd_on_new"] else outside_new_classes(labels, n_old)
+            kd = sigmoid_kd(logits, old, mask) if self.sigmoid \
+                else unbiased_kd(logits, old, alpha=o["kd_alpha"], mask=mask)
             terms["logit_kd"] = o["logit_kd_weight"] * kd
         if o["contrast"]:
             assert regions is not None

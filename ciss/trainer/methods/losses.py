@@ -176,12 +176,21 @@ def unbiased_kd(logits: torch.Tensor, old_logits: torch.Tensor, alpha: float = 1
     return per_pixel.mean()
 
 
-def sigmoid_kd(logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+def outside_new_classes(labels: torch.Tensor, n_old: int) -> torch.Tensor:
+    """Pixels not labelled with one of this step's classes: where the old model's view of a pixel
+    does not contradict its label. A distillation masked with it leaves labelled new-class pixels to
+    the CE; on data without a background class the old model calls them an old foreground class,
+    which an unmasked KD defends against the label (docs/methods.md, `kd_on_new`)."""
+    return (labels < n_old) | (labels == IGNORE)
+
+
+def sigmoid_kd(logits: torch.Tensor, old_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Distillation for a sigmoid head, unbiased as MiB's: per pixel, Σ over the old classes c ≥ 1 of
     BCE(z_c, σ(z_c^old)), plus BCE(P, σ(z_0^old)) for the background, where P = 1 − (1 − σ(z_0))
     Π_new (1 − σ(z_k)) is the student's "background or a new class": the old model saw the new
     classes as background, so its background score must not be held against them (MiB merges the
-    same channels under softmax). Mean over pixels; summed over channels as the BCE beside it is."""
+    same channels under softmax). Summed over channels as the BCE beside it is, times `mask` if given,
+    then the mean over all pixels."""
     n_old = old_logits.shape[1]
     if logits.shape[1] < n_old or logits.shape[0] != old_logits.shape[0] \
             or logits.shape[-2:] != old_logits.shape[-2:]:
@@ -191,7 +200,10 @@ def sigmoid_kd(logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
     old_classes = F.binary_cross_entropy_with_logits(z[:, 1:n_old], teacher[:, 1:], reduction="none").sum(dim=1)
     log_neither = -F.softplus(torch.cat([z[:, :1], z[:, n_old:]], dim=1)).sum(dim=1)  # log(1 - P)
     background = -teacher[:, 0] * _log1mexp(log_neither) - (1 - teacher[:, 0]) * log_neither
-    return (background + old_classes).mean()
+    per_pixel = background + old_classes
+    if mask is not None:
+        per_pixel = per_pixel * mask.to(per_pixel.dtype)
+    return per_pixel.mean()
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
