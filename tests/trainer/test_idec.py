@@ -205,6 +205,26 @@ def test_every_term_by_hand():
     assert terms["contrast"].item() == pytest.approx(arcl / 2, rel=1e-5)
 
 
+def test_logit_kd_can_leave_out_the_new_class_pixels():
+    """kd_on_new = false: the pixel labelled with the new class (image 0, pixel 1) drops out of the
+    logit KD, which is still averaged over all four pixels; the other terms do not change."""
+    full, masked = hand_method().losses(hand_batch()), hand_method(kd_on_new=False).losses(hand_batch())
+    kd = 0.0
+    for i, p in ((0, 0), (1, 0), (1, 1)):
+        t = softmax([2 * v for v in OLD_LOGITS[i][p]])
+        q = softmax(NEW_LOGITS[i][p])
+        kd += -(t[0] * math.log(q[0] + q[2]) + t[1] * math.log(q[1])) / 2
+    assert masked["logit_kd"].item() == pytest.approx(kd / 4, rel=1e-5)
+    assert masked["logit_kd"].item() < full["logit_kd"].item()
+    for name in ("ce", "feature_kd", "contrast"):
+        assert masked[name].item() == pytest.approx(full[name].item(), rel=1e-6)
+    sigmoid = hand_method(activation="sigmoid", kd_on_new=False)
+    batch = hand_batch()
+    sigmoid.losses(batch)["logit_kd"].backward()
+    assert batch.out.logits.grad[0, :, 0, 1].abs().max().item() == 0.0
+    assert batch.out.logits.grad[1].abs().max().item() > 0
+
+
 def test_unknown_pixels_as_not_new_by_hand():
     """The same batch with unknown = "not_new": the one unknown pixel (image 1, pixel 1) adds MiB's
     -log(q_bg + q_old) instead of nothing; the labelled pixels' terms are unchanged."""

@@ -9,7 +9,7 @@ import torch
 
 from ciss.trainer.methods.losses import (
     binary_cross_entropy, class_scores, cross_entropy, cross_entropy_not_new, local_pod, merge_extra_channels,
-    plop_median_thresholds, plop_uncertainty, pod_embedding, pod_layer, pseudo_label, quantile_thresholds, sigmoid_kd,
+    outside_new_classes, plop_median_thresholds, plop_uncertainty, pod_embedding, pod_layer, pseudo_label, quantile_thresholds, sigmoid_kd,
     unbiased_cross_entropy, unbiased_kd, uncertainty_histogram)
 
 E = math.e
@@ -315,6 +315,17 @@ def sigmoid(x: float) -> float:
 
 def bce_p(p: float, t: float) -> float:
     return -t * math.log(p) - (1 - t) * math.log(1 - p)
+
+
+def test_outside_new_classes_keeps_background_old_and_ignored_pixels():
+    y = torch.tensor([[[0, 2, 3, 4, 255]]])
+    assert outside_new_classes(y, n_old=3).tolist() == [[[True, True, False, False, True]]]
+
+
+def test_sigmoid_kd_mask_drops_pixels_from_the_sum_not_from_the_mean():
+    z, old = logits_1x3x1x2(), torch.tensor([[[[0.0, 0.0]], [[math.log(3), 0.0]]]])
+    px1 = bce_p(0.75, 0.5) + softplus(0.0)  # pixel 1 of the test below
+    assert sigmoid_kd(z, old, mask=torch.tensor([[[False, True]]])).item() == pytest.approx(px1 / 2, rel=1e-6)
 
 
 def test_sigmoid_kd_by_hand_and_zero_gradient_at_the_teacher():

@@ -67,6 +67,21 @@ def test_mib_step0_and_step1():
     check_terms(terms, {"ce", "kd"}, out)
 
 
+def test_mib_kd_can_leave_out_the_new_class_pixels():
+    """kd_on_new = false: no distillation gradient where this step's classes are labelled, the same
+    gradient as MiB's everywhere else (the mean still runs over all pixels)."""
+    old = outputs(N_OLD, False, 2)
+    grads = {}
+    for kd_on_new in (True, False):
+        out = outputs(N_TOTAL, True, 1)
+        build_method("mib", {"kd_on_new": kd_on_new}).losses(TrainBatch(images(0), labels(), out, old))["kd"].backward()
+        grads[kd_on_new] = out.logits.grad.permute(0, 2, 3, 1)
+    new = (labels() >= N_OLD) & (labels() != 255)
+    assert new.any() and grads[False][new].abs().max().item() == 0.0
+    assert grads[True][new].abs().max().item() > 0
+    assert torch.allclose(grads[False][~new], grads[True][~new])
+
+
 def test_mib_needs_the_old_model_at_step1():
     with pytest.raises(CissError, match="needs the model of step 0"):
         build_method("mib", {}).prepare(context(step=1, old=None))
