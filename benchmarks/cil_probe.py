@@ -5,11 +5,17 @@ A new head initialised from it (MiB) scores every such pixel at the background's
 the two wins is decided by a tiny bias. `mib_init_reference` measures what that alone gives (no
 training, the new heads' bias +eps so they win those ties); `new_class_margins` says how far a
 trained model moved past it: the median of z_new - z_background over the pixels of each new class.
-Used by camvid_protocol.py; importable on its own for one run.
+`teacher_view` says what each step's old model calls the pixels of the class the step adds: MiB's
+unbiased distillation assumes "background", and where it says an old class instead the distillation
+holds that class against the label. Used by camvid_protocol.py; importable on its own for one run, or
+
+    python benchmarks/cil_probe.py RUN_DIR    # the teacher's view of each step's new pixels
 """
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,24 +59,35 @@ def mib_init_reference(base_dir: Path, steps: list[list[str]], eps: float = EPS)
     return evaluate(model, loader, cmap, "cpu")
 
 
+def _last_step(store: RunStore) -> int:
+    last = store.last_step()
+    assert last is not None, store
+    return last
+
+
+def _test_batches(store: RunStore, cmap: ClassMap) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The test images holding any class of `cmap`, served as the run's evaluation serves them,
+    labelled with `cmap`'s ids, 8 at a time."""
+    manifest = store.manifest(_last_step(store))
+    _, eval_ds = open_splits(manifest.config)
+    seen = [i for i, n in enumerate(eval_ds.info.class_names) if n in cmap.names]
+    idx = test_indices(presence(eval_ds), seen, "all")
+    data = StepData(eval_ds, idx, test_lut(eval_ds.info, cmap), EvalTransform(manifest.normalisation), seed=0)
+    for i in range(0, len(data), 8):
+        yield pad_collate([data[(p, 0)] for p in range(i, min(i + 8, len(data)))])
+
+
 @torch.no_grad()
 def new_class_margins(run_dir: Path, new_names: list[str]) -> dict[str, float | None]:
     """Median over each new class's test pixels of (its logit - the background logit) of the last step."""
     store = RunStore(run_dir)
-    last = store.last_step()
-    assert last is not None, run_dir
-    model, manifest = store.load(last)
+    last = _last_step(store)
+    model, _ = store.load(last)
     model.eval()
     cmap = store.classmap(last)
-    cfg = manifest.config
-    _, eval_ds = open_splits(cfg)
     ids = {n: cmap.names.index(n) for n in new_names if n in cmap.names}
-    seen = [i for i, n in enumerate(eval_ds.info.class_names) if n in cmap.names]
-    idx = test_indices(presence(eval_ds), seen, "all")
-    data = StepData(eval_ds, idx, test_lut(eval_ds.info, cmap), EvalTransform(manifest.normalisation), seed=0)
     margins: dict[str, list[torch.Tensor]] = {n: [] for n in ids}
-    for i in range(0, len(data), 8):
-        images, labels = pad_collate([data[(p, 0)] for p in range(i, min(i + 8, len(data)))])
+    for images, labels in _test_batches(store, cmap):
         logits = model(images)
         for name, c in ids.items():
             where = labels == c
@@ -78,3 +95,49 @@ def new_class_margins(run_dir: Path, new_names: list[str]) -> dict[str, float | 
                 margins[name].append((logits[:, c] - logits[:, 0])[where])
     return {n: (float(torch.cat(v).median()) if v else None) for n, v in margins.items()}
 
+
+@torch.no_grad()
+def teacher_view(run_dir: Path) -> list[dict[str, Any]]:
+    """For each step t > 0: the old model's (step t-1's) mean background probability on the test
+    pixels of the classes step t adds, and the share of those pixels whose argmax is each old class."""
+    store = RunStore(run_dir)
+    last = _last_step(store)
+    cmap = store.classmap(last)
+    batches = list(_test_batches(store, cmap))
+    rows = []
+    for step in range(1, last + 1):
+        teacher, _ = store.load(step - 1)
+        teacher.eval()
+        old_names = store.classmap(step - 1).names
+        added = [cmap.names.index(n) for n in store.classmap(step).names[len(old_names):]]
+        p_bg, calls = 0.0, torch.zeros(len(old_names))
+        for images, labels in batches:
+            where = torch.isin(labels, torch.tensor(added))
+            if where.any():
+                probs = torch.softmax(teacher(images).float(), dim=1).permute(0, 2, 3, 1)[where]
+                p_bg += probs[:, 0].sum().item()
+                calls += torch.bincount(probs.argmax(dim=1), minlength=len(old_names)).float()
+        n = calls.sum().item()
+        rows.append({"step": step, "classes": [cmap.names[c] for c in added], "pixels": int(n),
+                     "p_background": p_bg / n if n else None,
+                     "argmax": {old_names[i]: calls[i].item() / n for i in calls.argsort(descending=True).tolist()
+                                if n and calls[i] > 0}})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="What each step's old model calls the pixels of the class the "
+                                                 "step adds (test split).")
+    parser.add_argument("run", type=Path, help="a run folder (step-0, step-1, ...)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print("| step | adds | pixels | old model's p(background) | its argmax there (top 3) |")
+    print("|---|---|---|---|---|")
+    for row in teacher_view(args.run):
+        top = ", ".join(f"{name} {100 * share:.0f} %" for name, share in list(row["argmax"].items())[:3])
+        p_bg = "-" if row["p_background"] is None else f"{row['p_background']:.2f}"
+        print(f"| {row['step']} | {', '.join(row['classes'])} | {row['pixels']} | {p_bg} | {top} |")
+
+
+if __name__ == "__main__":
+    main()
