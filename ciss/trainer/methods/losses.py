@@ -179,7 +179,7 @@ def unbiased_kd(logits: torch.Tensor, old_logits: torch.Tensor, alpha: float = 1
 def outside_new_classes(labels: torch.Tensor, n_old: int) -> torch.Tensor:
     """Pixels not labelled with one of this step's classes: where the old model's view of a pixel
     does not contradict its label. A distillation masked with it leaves labelled new-class pixels to
-    the CE; on data without a background class the old model calls them an old foreground class,
+    the CE: on data without a background class the old model can call them an old foreground class,
     which an unmasked KD defends against the label (docs/methods.md, `kd_on_new`)."""
     return (labels < n_old) | (labels == IGNORE)
 
