@@ -7,10 +7,10 @@ gsc` adds one run per component of GSC with that component off), trains the rema
 copy of it. Runs are independent processes, `--jobs` of them at a time, each with its share of the
 CPU threads. A run whose folder already holds the protocol's last step is read, not retrained, so an
 interrupted invocation picks up where it stopped and later invocations into the same --out add
-methods or seeds. A run that failed (it diverged) is listed in failed.json and stays a result: it is
-trained again only with `--retry-failed`. `--reuse DIR` copies the joint run of each seed, and with
-the default --base step 0 too, from another --out of the same dataset and base classes (6-5 and 6-1
-share both).
+methods or seeds; `--tables-only` writes the tables of what has finished so far. A run that failed
+(it diverged) is listed in failed.json and stays a result: it is trained again only with
+`--retry-failed`. `--reuse DIR` copies the joint run of each seed, and with the default --base step
+0 too, from another --out of the same dataset and base classes (6-5 and 6-1 share both).
 
 Written to --out: results.md (old/new/all mIoU after the last step, mean ± sample std over seeds;
 new mIoU also over only the classes the joint bound learns; each method against the best and GSC/IDEC
@@ -190,6 +190,9 @@ def main() -> None:
                                                "runs to copy")
     ap.add_argument("--retry-failed", action="store_true",
                     help="train again the runs failed.json lists (by default a run that failed stays a result)")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="write the tables from the runs that have finished and train nothing: a snapshot while "
+                         "another invocation into the same --out is still training")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -236,7 +239,7 @@ def main() -> None:
     def train_base(seed: int) -> Path:
         base = args.out / "runs" / f"seed{seed}" / "base"
         source = args.reuse / "runs" / f"seed{seed}" / "base" if args.reuse and args.base == "ft" else None
-        if not (base / "step-0").exists():
+        if not (base / "step-0").exists() and not args.tables_only:
             if source is not None and (source / "step-0").exists():
                 shutil.copytree(source, base, dirs_exist_ok=True)
             else:
@@ -260,7 +263,9 @@ def main() -> None:
                 shutil.copytree(source, target, dirs_exist_ok=True)
                 record(v, seed, target, None)
                 return
-        elif not target.exists():
+        if args.tables_only:
+            return
+        if v.method != "joint" and not target.exists():
             shutil.copytree(base.result(), target)
         try:
             wall = run(["learn", "--run", str(target), "--task", args.task, "--method", v.method, *v.args,
@@ -276,6 +281,8 @@ def main() -> None:
         record(v, seed, target, wall)
 
     def reference(seed: int, base: Future) -> None:
+        if not (base.result() / "step-0").exists():  # --tables-only before step 0 has finished
+            return
         metrics = mib_init_reference(base.result(), steps)
         row = {"seed": seed, **summarise(metrics["per_class"], old, new), "per_class": metrics["per_class"],
                "wall_s": 0.0}
