@@ -9,6 +9,8 @@ the classes added at steps >= 1 (None at step 0).
 
 from __future__ import annotations
 
+import csv
+import io
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -67,6 +69,24 @@ class ConfusionMatrix:
     @property
     def matrix(self) -> torch.Tensor:
         return self._counts().cpu()
+
+
+CONFUSION_CORNER = "ground_truth\\predicted"
+
+
+def confusion_csv(matrix: torch.Tensor | np.ndarray, classmap: ClassMap) -> bytes:
+    """The confusion counts as CSV, one row per ground-truth class and one column per prediction,
+    both named: the raw numbers behind confusion.png, for questions the plot cannot answer (which
+    class takes which class's pixels, across runs)."""
+    m = np.asarray(matrix)
+    if m.shape != (len(classmap), len(classmap)):
+        raise ValueError(f"confusion matrix {m.shape} does not match the {len(classmap)} classes of the class map")
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([CONFUSION_CORNER, *classmap.names])
+    for name, row in zip(classmap.names, m.tolist()):
+        writer.writerow([name, *(int(v) for v in row)])
+    return out.getvalue().encode()
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -33,7 +33,7 @@ from ciss.trainer.data.base import SegDataset
 from ciss.trainer.data.tasks import StepData, pad_collate, presence, test_indices, test_lut, train_indices, train_lut
 from ciss.trainer.data.transforms import EvalTransform, TrainTransform
 from ciss.trainer.distributed import Dist, ShardedBatches, shard
-from ciss.trainer.evaluate import ConfusionMatrix, compute_metrics, confusion
+from ciss.trainer.evaluate import compute_metrics, confusion, confusion_csv
 from ciss.trainer.log import Progress, TrainLog, bar, format_seconds
 from ciss.trainer.methods import build_method
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch
@@ -382,7 +382,7 @@ def eval_loader(ds: SegDataset, classmap: ClassMap, protocol: str, batch: int, d
 
 
 def evaluate_step(model: DeepLabV3, eval_ds: SegDataset, plan: StepPlan, cfg: dict[str, Any], dist: Dist,
-                  normalisation: Normalisation) -> tuple[dict[str, Any], ConfusionMatrix, int]:
+                  normalisation: Normalisation) -> tuple[dict[str, Any], torch.Tensor, int]:
     """The step's metrics on the eval split (summed over processes), its confusion matrix and image count."""
     model.eval()
     loader = eval_loader(eval_ds, plan.classmap, cfg["data"]["eval_protocol"], int(cfg["eval"]["batch_size"]),
@@ -420,7 +420,7 @@ def step_manifest(store: RunStore, plan: StepPlan, cfg: dict[str, Any], dist: Di
     }
 
 
-def commit_step(store: RunStore, plan: StepPlan, manifest: dict[str, Any], matrix: ConfusionMatrix,
+def commit_step(store: RunStore, plan: StepPlan, manifest: dict[str, Any], matrix: torch.Tensor,
                 model: DeepLabV3, wall: float, log: Callable[[str], None]) -> None:
     """Write the step folder whole (weights, manifest, metrics, plots, train log) and clear its partial one."""
     from ciss.trainer.plots import confusion_png, iou_png  # matplotlib, only where a step is written
@@ -428,7 +428,8 @@ def commit_step(store: RunStore, plan: StepPlan, manifest: dict[str, Any], matri
     step, classmap, metrics = plan.step, plan.classmap, manifest["metrics"]
     partial = store.partial_dir(step)
     extra = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(),
-             "iou.png": iou_png(metrics, classmap, step), "confusion.png": confusion_png(matrix, classmap, step)}
+             "iou.png": iou_png(metrics, classmap, step), "confusion.png": confusion_png(matrix, classmap, step),
+             "confusion.csv": confusion_csv(matrix, classmap)}
     for name in ("train_log.jsonl", "train_log.csv"):
         if (partial / name).exists():
             extra[name] = (partial / name).read_bytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +54,15 @@ def test_two_steps_manifest_and_reports(tmp_path: Path, fast_config: Path):
             image = cv2.imread(str(run / f"step-{k}" / name))
             assert image is not None and image.shape == shape, (k, name)
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    # confusion.csv holds the counts behind the step's metrics: its IoU per class is metrics.json's
+    with open(run / "step-1" / "confusion.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    assert header == ["ground_truth\\predicted", *cmap.names] and [r[0] for r in rows] == cmap.names
+    counts = np.array([[int(v) for v in r[1:]] for r in rows])
+    tp, gt, pred = counts.diagonal(), counts.sum(axis=1), counts.sum(axis=0)
+    iou = {name: tp[i] / (gt[i] + pred[i] - tp[i]) for i, name in enumerate(cmap.names) if gt[i] > 0}
+    assert iou.keys() == m1.metrics["per_class"].keys()
+    assert iou == pytest.approx(m1.metrics["per_class"], abs=1e-12)
 
 
 def test_tensorboard_events_stay_with_the_step(tmp_path: Path, fast_config: Path):
