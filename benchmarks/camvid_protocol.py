@@ -17,7 +17,8 @@ new mIoU also over only the classes the joint bound learns; each method against 
 against every baseline, a difference under two standard deviations called a tie; the reference row
 "mib-init" (the step-0 model grown by MiB's initialisation alone, no training, new biases +1e-3);
 the median logit margin new - background on each new class's pixels; each new class's IoU right
-after its step and after the last; per-class IoU; wall time; the ablation table), results.json, the
+after its step and after the last; the share of each old class's pixels predicted as a new class,
+from the last step's confusion.csv; per-class IoU; wall time; the ablation table), results.json, the
 exact commands, the config, and for the first seed each run's per-step table (steps-<run>.csv) and
 forgetting plot (forgetting-<run>.png).
 
@@ -46,6 +47,8 @@ from cil_probe import mib_init_reference, new_class_margins
 from ciss.manifest import run_steps
 from ciss.trainer.data import open_dataset
 from ciss.trainer.data.tasks import load_protocol
+from ciss.trainer.evaluate import read_confusion_csv
+from ciss.trainer.store import RunStore
 
 # The switchable components of each method (`ciss learn --no METHOD.COMPONENT`), in table order.
 COMPONENTS = {
@@ -98,6 +101,24 @@ def at_own_step(run_dir: Path, steps: list[list[str]]) -> dict[str, float]:
     if len(by_step) == 1:  # the joint bound
         added = {c: 0 for c in added}
     return {c: by_step[s][c] for c, s in added.items() if c in by_step.get(s, {})}
+
+
+def old_pixels_taken(run_dir: Path, old: list[str], new: list[str]) -> dict[str, dict[str, float]] | None:
+    """For each old class, the share of its test pixels that the last step predicts as each new class
+    (its confusion.csv): how far the new classes spread over the old ones. None for a run written
+    before step folders kept confusion.csv."""
+    store = RunStore(run_dir)
+    last = store.last_step()
+    path = store.step_dir(last) / "confusion.csv" if last is not None else None
+    if path is None or not path.exists():
+        return None
+    names, counts = read_confusion_csv(path)
+    out = {}
+    for c in old:
+        row = counts[names.index(c)]
+        if row.sum() > 0:
+            out[c] = {n: float(row[names.index(n)] / row.sum()) for n in new if n in names}
+    return out
 
 
 def summarise(per_class: dict[str, float], old: list[str], new: list[str]) -> dict[str, float | None]:
@@ -225,7 +246,7 @@ def main() -> None:
         margins = earlier.get("margins") if wall is None else None
         row = {"seed": seed, **summarise(metrics["per_class"], old, new), "per_class": metrics["per_class"],
                "margins": margins or new_class_margins(target, new), "at_step": at_own_step(target, steps),
-               "labels": training_labels(target),
+               "labels": training_labels(target), "taken": old_pixels_taken(target, old, new),
                "wall_s": earlier.get("wall_s") if wall is None else round(wall, 1)}
         with lock:
             rows = [r for r in results.get(v.name, []) if r["seed"] != seed]
@@ -362,6 +383,7 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
                 cells.append(f"{statistics.mean(vals):+.2f}" if vals else "-")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += plasticity_table(results, main_rows + ablated, learnable or new)
+    lines += spillover_table(results, main_rows + ablated, old)
     first = seeds[0]
     lines += ["", f"Per-class IoU (%) after the last step, seed {first}:", "",
               "| method | " + " | ".join(old + new) + " |", "|---|" + "---|" * len(old + new)]
@@ -413,6 +435,28 @@ def plasticity_table(results: dict[str, list[dict]], rows: list[str], classes: l
              "| method | mean | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
     for n in rows:
         lines.append(f"| {n} | {both(n, classes)} | " + " | ".join(both(n, [c]) for c in classes) + " |")
+    return lines
+
+
+def spillover_table(results: dict[str, list[dict]], rows: list[str], old: list[str]) -> list[str]:
+    """Old classes' test pixels predicted as a new class after the last step, mean over seeds: the
+    share taken by all new classes together, and the new class that takes the most."""
+    rows = [n for n in rows if any(r.get("taken") for r in results[n])]
+    if not rows:
+        return []
+
+    def cell(n: str, c: str) -> str:
+        shares = [r["taken"][c] for r in results[n] if r.get("taken") and c in r["taken"]]
+        if not shares:
+            return "-"
+        by_new = {k: statistics.mean(s[k] for s in shares) for k in shares[0]}
+        top = max(by_new, key=by_new.__getitem__)
+        return f"{pct(sum(by_new.values()))} ({top} {pct(by_new[top])})"
+
+    lines = ["", "Old classes lost to new ones: % of each old class's test pixels predicted as any new class "
+             "after the last step (in brackets the new class taking the most), mean over seeds.", "",
+             "| method | " + " | ".join(old) + " |", "|---|" + "---|" * len(old)]
+    lines += [f"| {n} | " + " | ".join(cell(n, c) for c in old) + " |" for n in rows]
     return lines
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,10 @@ def test_tables_only_reports_finished_runs_and_trains_nothing(tmp_path: Path):
 
     protocol("--methods", "ft")
     commands = (out / "commands.txt").read_text()
+    # the old classes' pixels taken by the new class, read from the last step's confusion.csv
+    taken = json.loads((out / "results.json").read_text())["ft"][0]["taken"]
+    assert sorted(taken) == ["a", "b"] and all(set(t) == {"c"} and 0 <= t["c"] <= 1 for t in taken.values())
+    assert "Old classes lost to new ones" in (out / "results.md").read_text()
     protocol("--methods", "ft,mib", "--joint", "--tables-only")
 
     assert sorted(p.name for p in (out / "runs" / "seed0").iterdir()) == ["base", "ft"]

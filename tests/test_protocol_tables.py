@@ -7,7 +7,7 @@ import sys
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from camvid_protocol import plasticity_table, verdict_pairs  # noqa: E402
+from camvid_protocol import plasticity_table, spillover_table, verdict_pairs  # noqa: E402
 
 
 def row(seed: int, learned: dict[str, float], kept: dict[str, float]) -> dict:
@@ -39,3 +39,16 @@ def test_verdict_pairs_leave_out_references_and_labelled_runs():
     # the one-seed ablation, FT given the old labels, the MiB-init reference and joint take no part
     assert pairs == [("gsc", "mib"), ("gsc", "mib-clip3"),
                      ("idec-no-contrast", "mib"), ("idec-no-contrast", "mib-clip3")]
+
+
+def test_spillover_table_sums_the_new_classes_and_names_the_largest_over_seeds():
+    results = {
+        "idec": [{"seed": 0, "taken": {"building": {"fence": 0.10, "car": 0.02}, "road": {"fence": 0.0, "car": 0.01}}},
+                 {"seed": 1, "taken": {"building": {"fence": 0.06, "car": 0.04}, "road": {"fence": 0.0, "car": 0.03}}}],
+        "mib-init": [{"seed": 0, "per_class": {}}],  # no confusion counts: no row
+    }
+    lines = spillover_table(results, ["mib-init", "idec"], ["building", "road"])
+    assert lines[3] == "| method | building | road |"
+    # building: fence 0.08 + car 0.03 = 11 %, fence the largest; road: car 0.02
+    assert lines[5:] == ["| idec | 11.0 (fence 8.0) | 2.0 (car 2.0) |"]
+    assert spillover_table({"ft": [{"seed": 0, "taken": None}]}, ["ft"], ["building"]) == []

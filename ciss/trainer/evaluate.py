@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -87,6 +88,16 @@ def confusion_csv(matrix: torch.Tensor | np.ndarray, classmap: ClassMap) -> byte
     for name, row in zip(classmap.names, m.tolist()):
         writer.writerow([name, *(int(v) for v in row)])
     return out.getvalue().encode()
+
+
+def read_confusion_csv(path: Path) -> tuple[list[str], np.ndarray]:
+    """The class names and counts of a confusion.csv that `confusion_csv` wrote."""
+    with open(path, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    names = header[1:]
+    if header[0] != CONFUSION_CORNER or [r[0] for r in rows] != names:
+        raise CissError(f"{path} is not a confusion matrix written by ciss (rows and columns must name the same classes)")
+    return names, np.array([[int(v) for v in r[1:]] for r in rows], dtype=np.int64)
 
 
 def _mean(values: Sequence[float]) -> float | None:

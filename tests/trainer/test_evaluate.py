@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ciss.classmap import ClassMap
 from ciss.errors import CissError
 from ciss.trainer.log import bar
-from ciss.trainer.evaluate import ConfusionMatrix, compute_metrics, evaluate
+from ciss.trainer.evaluate import ConfusionMatrix, compute_metrics, confusion_csv, evaluate, read_confusion_csv
 from ciss.trainer.report import write_reports
 
 # background, a, b at step 0; c at step 1; d at step 2
@@ -185,3 +185,16 @@ def test_write_reports_without_class_maps(tmp_path):
     # a single step still draws
     write_reports(tmp_path, history()[:1])
     assert cv2.imread(str(paths["png"])).shape == (500, 900, 3)
+
+
+def test_confusion_csv_round_trips_and_refuses_a_foreign_table(tmp_path):
+    path = tmp_path / "confusion.csv"
+    path.write_bytes(confusion_csv(hand_matrix(), CMAP))
+    assert path.read_text().splitlines()[:2] == ["ground_truth\\predicted,background,a,b,c,d", "background,2,1,0,0,0"]
+    names, counts = read_confusion_csv(path)
+    assert names == CMAP.names and (counts == hand_matrix().numpy()).all()
+    with pytest.raises(ValueError, match="does not match the 5 classes"):
+        confusion_csv(torch.zeros(4, 4), CMAP)
+    path.write_text("step,a,b\na,1,0\nb,0,1\n")
+    with pytest.raises(CissError, match="not a confusion matrix written by ciss"):
+        read_confusion_csv(path)
