@@ -5,7 +5,10 @@ escapes is a bug and keeps its traceback, except the machine's own limits (`envi
 """
 
 import errno
+import sys
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 _FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
          errno.EFBIG: "the file-size limit is reached"}
@@ -41,3 +44,19 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
+
+
+def hide_abandoned_thread_starts() -> None:
+    """When `_chain`'s case happens, the thread that `Thread.start` was starting is abandoned half
+    registered and fails in threading's own bookkeeping too: a KeyError naming that Thread, which
+    Python prints as "Exception ignored in thread started by" after the one-line error. Drop exactly
+    that report; every other unraisable exception goes to the hook installed before."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, KeyError) and value.args and isinstance(value.args[0], threading.Thread):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook

@@ -200,3 +200,59 @@ def test_machine_limits_are_found_behind_the_error_they_caused():
     assert "the disk is full" in str(environment_error(_raised_while_handling(full, ValueError("cleanup")), "export"))
     assert environment_error(_raised_while_handling(ValueError("a"), KeyError("b"))) is None
     assert environment_error(KeyError("b")) is None
+
+
+# A thread start interrupted the way PyTorch's SIGCHLD handler interrupts it when a worker dies:
+# the signal lands inside `Thread.start`, which forgets the thread it was starting; that thread then
+# fails in threading's bookkeeping (KeyError) and Python reports it as "Exception ignored in thread".
+ABANDONED_START = '''
+import os, signal, sys, threading, time
+
+def died(*_):
+    raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed. ")
+
+def start_abandoned_thread():
+    signal.signal(signal.SIGUSR1, died)
+    real = threading._start_new_thread
+    def start_then_signal(*args):
+        ident = real(*args)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return ident
+    threading._start_new_thread = start_then_signal
+
+    class LateStart(threading.Event):
+        def set(self):
+            time.sleep(0.3)  # start() has given the thread up by then
+            super().set()
+
+    thread = threading.Thread(target=lambda: None)
+    thread._started = LateStart()
+    try:
+        thread.start()
+    finally:
+        time.sleep(1)  # the abandoned thread reports before the process ends
+
+if sys.argv[1] == "cli":
+    from ciss.apps.cli import main
+    main.command("start-a-thread")(start_abandoned_thread)
+    main(["start-a-thread"])
+else:
+    try:
+        start_abandoned_thread()
+    except RuntimeError:
+        sys.exit(2)
+'''
+
+
+@pytest.mark.parametrize("through", ["cli", "plain"])
+def test_a_thread_abandoned_by_a_worker_death_prints_nothing_after_the_error(tmp_path: Path, through: str):
+    script = tmp_path / "abandoned.py"
+    script.write_text(ABANDONED_START)
+    done = subprocess.run([CISS[0], str(script), through], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 2, done.stderr
+    if through == "plain":  # the scenario is real: without the CLI, Python prints the thread's traceback
+        assert "Exception ignored in thread started by" in done.stderr and "KeyError" in done.stderr
+        return
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: DataLoader worker (pid 1) is killed by signal: Killed;"), lines

@@ -13,7 +13,7 @@ from click.core import ParameterSource
 from ciss.apps.choices import (ListedHelp, Name, check_dataset_kind, check_method, check_setting, dataset_help,
                                dataset_kinds, listing, method_help, methods, model_help, model_presets, setting_choices)
 from ciss.config import Settings, parse_assignments
-from ciss.errors import CissError, environment_error
+from ciss.errors import CissError, environment_error, hide_abandoned_thread_starts
 from ciss.export.settings import EXPORT, OUTPUT_CHOICES, PRECISIONS
 from ciss.runtime.settings import KINDS, LIVE, check_kind
 from ciss.sizes import RESIZE_MODES
@@ -32,6 +32,7 @@ class CissGroup(click.Group):
     what the machine refused (`environment_error`), into one line on stderr and exit code 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        hide_abandoned_thread_starts()
         try:
             return super().invoke(ctx)
         except click.UsageError as e:
