@@ -52,6 +52,8 @@ def hide_abandoned_thread_starts() -> None:
     Python prints as "Exception ignored in thread started by" after the one-line error. Drop exactly
     that report; every other unraisable exception goes to the hook installed before."""
     previous = sys.unraisablehook
+    if getattr(previous, "hides_abandoned_thread_starts", False):  # installed already (in-process CLI calls)
+        return
 
     def hook(unraisable: Any) -> None:
         value = unraisable.exc_value
@@ -59,4 +61,5 @@ def hide_abandoned_thread_starts() -> None:
             return
         previous(unraisable)
 
+    hook.hides_abandoned_thread_starts = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook

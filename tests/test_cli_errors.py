@@ -6,7 +6,10 @@ import errno
 import hashlib
 import os
 import subprocess
+import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -14,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from ciss.apps.cli import main
-from ciss.errors import environment_error
+from ciss.errors import environment_error, hide_abandoned_thread_starts
 from conftest import CISS, REPO, make_folder_dataset, write_config
 
 
@@ -256,3 +259,16 @@ def test_a_thread_abandoned_by_a_worker_death_prints_nothing_after_the_error(tmp
         return
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: DataLoader worker (pid 1) is killed by signal: Killed;"), lines
+
+
+def test_the_thread_report_filter_is_installed_once_and_passes_other_reports_on(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    for _ in range(3):  # every in-process CLI call installs it: one layer, not one per call
+        hide_abandoned_thread_starts()
+    hook = sys.unraisablehook
+    assert not getattr(hook.__closure__[0].cell_contents, "hides_abandoned_thread_starts", False)
+    hook(SimpleNamespace(exc_value=KeyError(threading.Thread())))
+    other = SimpleNamespace(exc_value=KeyError("a key"))
+    hook(other)
+    assert seen == [other]
