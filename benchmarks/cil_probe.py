@@ -7,9 +7,14 @@ training, the new heads' bias +eps so they win those ties); `new_class_margins` 
 trained model moved past it: the median of z_new - z_background over the pixels of each new class.
 `teacher_view` says what each step's old model calls the pixels of the class the step adds: MiB's
 unbiased distillation assumes "background", and where it says an old class instead the distillation
-holds that class against the label. Used by camvid_protocol.py; importable on its own for one run, or
+holds that class against the label. `old_class_recall` bounds what pseudo-labelling (PLOP, GSC, IDEC)
+can keep of each old class: a pixel of the step's images labelled background gets an old class's
+pseudo-label only where the old model's argmax is that class, and IDEC's only where it is also at
+least as sure as its threshold floor, so no threshold can label more of a class than these shares.
+Used by camvid_protocol.py; importable on its own for one run, or
 
-    python benchmarks/cil_probe.py RUN_DIR    # the teacher's view of each step's new pixels
+    python benchmarks/cil_probe.py RUN_DIR                  # the teacher's view of each step's new pixels
+    python benchmarks/cil_probe.py RUN_DIR --old-classes    # what its pseudo-labels can keep of each old class
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from typing import Any
 import torch
 
 from ciss.classmap import ClassMap
-from ciss.trainer.data import open_dataset, open_splits
-from ciss.trainer.data.tasks import StepData, pad_collate, presence, test_indices, test_lut
+from ciss.trainer.data import native_ids, open_dataset, open_splits
+from ciss.trainer.data.tasks import StepData, pad_collate, presence, test_indices, test_lut, train_indices
 from ciss.trainer.data.transforms import EvalTransform
 from ciss.trainer.distributed import Dist
 from ciss.trainer.evaluate import evaluate
@@ -31,6 +36,7 @@ from ciss.trainer.step import eval_loader
 from ciss.trainer.store import RunStore
 
 EPS = 1e-3
+FLOOR = 0.5  # IDEC's default threshold_floor: its pseudo-labels need at least this confidence
 
 
 def task_classmap(base: RunStore, steps: list[list[str]]) -> ClassMap:
@@ -125,18 +131,86 @@ def teacher_view(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="What each step's old model calls the pixels of the class the "
-                                                 "step adds (test split).")
-    parser.add_argument("run", type=Path, help="a run folder (step-0, step-1, ...)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+@torch.no_grad()
+def old_class_recall(run_dir: Path, floor: float = FLOOR) -> list[dict[str, Any]]:
+    """For each step t > 0 and each old class: on step t's training images (unaugmented), of the
+    class's true pixels that the step labels background, the share the old model (step t-1) calls
+    that class (`argmax`) and calls it with probability >= floor (`confident`); and of the pixels it
+    calls that class there, the share that truly are (`precision`)."""
+    store = RunStore(run_dir)
+    last = _last_step(store)
+    cmap = store.classmap(last)
+    manifest = store.manifest(last)
+    train_ds, _ = open_splits(manifest.config)
+    pres = presence(train_ds)
+    rows = []
+    for step in range(1, last + 1):
+        teacher, _ = store.load(step - 1)
+        teacher.eval()
+        n_old = len(store.classmap(step - 1).names)
+        new = native_ids(train_ds, store.classmap(step).names[n_old:])
+        future = native_ids(train_ds, cmap.names[len(store.classmap(step).names):])
+        idx = train_indices(pres, new, future, manifest.config["data"]["setting"])
+        data = StepData(train_ds, idx, test_lut(train_ds.info, cmap), EvalTransform(manifest.normalisation), seed=0)
+        true = torch.zeros(n_old)
+        called = torch.zeros(n_old)
+        hit = torch.zeros(n_old)
+        sure = torch.zeros(n_old)
+        for i in range(0, len(data), 8):
+            images, labels = pad_collate([data[(p, 0)] for p in range(i, min(i + 8, len(data)))])
+            probs = torch.softmax(teacher(images).float(), dim=1)
+            conf, pred = probs.max(dim=1)
+            where = labels < n_old  # labelled background at this step: old classes, classes not yet added
+            truth, pred, conf = labels[where], pred[where], conf[where]
+            true += torch.bincount(truth, minlength=n_old)[:n_old].float()
+            called += torch.bincount(pred, minlength=n_old).float()
+            right = truth == pred
+            hit += torch.bincount(truth[right], minlength=n_old)[:n_old].float()
+            sure += torch.bincount(truth[right & (conf >= floor)], minlength=n_old)[:n_old].float()
+        names = store.classmap(step - 1).names
+        rows.append({"step": step, "classes": cmap.names[n_old:len(store.classmap(step).names)],
+                     "old": {names[c]: {"pixels": int(true[c]),
+                                        "argmax": float(hit[c] / true[c]) if true[c] else None,
+                                        "confident": float(sure[c] / true[c]) if true[c] else None,
+                                        "precision": float(hit[c] / called[c]) if called[c] else None}
+                             for c in range(1, n_old)}})
+    return rows
+
+
+def _print_teacher_view(run: Path) -> None:
     print("| step | adds | pixels | old model's p(background) | its argmax there (top 3) |")
     print("|---|---|---|---|---|")
-    for row in teacher_view(args.run):
+    for row in teacher_view(run):
         top = ", ".join(f"{name} {100 * share:.0f} %" for name, share in list(row["argmax"].items())[:3])
         p_bg = "-" if row["p_background"] is None else f"{row['p_background']:.2f}"
         print(f"| {row['step']} | {', '.join(row['classes'])} | {row['pixels']} | {p_bg} | {top} |")
+
+
+def _print_old_class_recall(run: Path) -> None:
+    rows = old_class_recall(run)
+    names = list(rows[-1]["old"])
+    print(f"% of each old class's pixels in the step's images that the old model calls it (argmax), "
+          f"and calls it with p >= {FLOOR} (IDEC's floor); '-': not old yet or not in the images")
+    print("| class | " + " | ".join(f"step {r['step']} ({', '.join(r['classes'])})" for r in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for name in names:
+        cells = []
+        for r in rows:
+            share = r["old"].get(name)
+            cells.append("-" if share is None or share["argmax"] is None
+                         else f"{100 * share['argmax']:.0f} / {100 * share['confident']:.0f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="What each step's old model calls the pixels of the class the "
+                                                 "step adds (test split), or of the old classes (training images).")
+    parser.add_argument("run", type=Path, help="a run folder (step-0, step-1, ...)")
+    parser.add_argument("--old-classes", action="store_true",
+                        help="instead: how much of each old class the old model's pseudo-labels can keep at each step")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    (_print_old_class_recall if args.old_classes else _print_teacher_view)(args.run)
 
 
 if __name__ == "__main__":
