@@ -245,7 +245,10 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
     built = build_method(name, options)  # unknown methods and options fail before anything runs
     if last is not None:
         _check_activation(built, store.manifest(last))
-    if cfg["data"]["labels"] == "seen" and built.uses_old_model:
+    if built.needs_seen_labels and cfg["data"]["labels"] != "seen":
+        raise CissError(f"method '{name}' with these options gates the old classes' true labels, which "
+                        "data.labels = \"step\" does not load; add --set data.labels=seen")
+    if cfg["data"]["labels"] == "seen" and built.uses_old_model and not built.needs_seen_labels:
         raise CissError(f"data.labels = \"seen\" labels the old classes, but method '{name}' reads every old-class "
                         "label as background (it is built for data without them), so they would be lost; "
                         "use it with --method ft")

@@ -282,3 +282,38 @@ def test_plop_auto_thresholds_fall_back_to_the_median_where_the_released_routine
     t = torch.tensor([float("inf"), 0.001, top, top / 2])
     assert degenerate_classes(t, torch.tensor([5, 5, 5, 5]), 4, 6, 0.001) == [0, 1, 2]
     assert degenerate_classes(t, torch.tensor([0, 5, 0, 5]), 4, 6, 0.001) == [1]
+
+
+def test_agreed_labels_keep_an_old_label_only_where_the_old_model_calls_it():
+    from ciss.trainer.methods.ft import agreed_labels
+
+    # One image of 1x6 pixels: background, old 1 (agreed), old 1 (old says 2), old 2 (agreed),
+    # new 3 (old says 1), ignored. The old model has background + 2 old classes.
+    y = torch.tensor([[[0, 1, 1, 2, 3, 255]]])
+    calls = torch.tensor([1, 1, 2, 2, 1, 0])
+    old = torch.nn.functional.one_hot(calls, N_OLD).T.float().reshape(1, N_OLD, 1, 6)
+    assert agreed_labels(y, old).tolist() == [[[0, 1, 255, 2, 3, 255]]]
+
+
+def test_ft_with_agreed_old_labels_runs_the_old_model_and_trains_on_the_gated_labels():
+    from ciss.trainer.methods.ft import agreed_labels
+    from ciss.trainer.methods.losses import cross_entropy
+
+    assert not build_method("ft", {}).needs_seen_labels
+    m = build_method("ft", {"old_labels": "agreed"})
+    assert m.needs_seen_labels
+    m.prepare(context(step=0))
+    assert not m.needs_old_model  # step 0 has no old model to ask
+    m = build_method("ft", {"old_labels": "agreed"})
+    m.prepare(context(step=1, old=FakeOld()))
+    assert m.needs_old_model
+    y = labels()
+    y[0, 5:, :3] = 1  # old classes as data.labels = "seen" gives them
+    y[1, 6:, :2] = 2
+    out, old = outputs(N_TOTAL, True, 3), outputs(N_OLD, False, 4)
+    gated = agreed_labels(y, old.logits)
+    assert (gated == 255).sum() > (y == 255).sum()  # the random old model disagrees somewhere
+    terms = m.losses(TrainBatch(images(0), y, out, old))
+    check_terms(terms, {"ce"}, out)
+    assert torch.allclose(terms["ce"], cross_entropy(out.logits, gated, "all"))
+    assert not torch.allclose(terms["ce"], cross_entropy(out.logits, y, "all"))

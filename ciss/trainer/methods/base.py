@@ -74,6 +74,7 @@ class Method:
     name: str = ""
     uses_old_model: bool = False  # at steps > 0 the step loop runs the frozen old model on every batch
     init_new_heads: bool = False  # MiB initialisation of the new head from the background head
+    needs_seen_labels: bool = False  # reads the old classes' true labels (data.labels = "seen"), a reference only
 
     def __init__(self, **options: Any):
         self.options = options

@@ -3,24 +3,47 @@
 FT trains each step on its own labels with nothing against forgetting; new heads keep PyTorch's
 default initialisation. "joint" is the same loss, trained on every class in one step; it has its
 own name so that reports say which bound a number is.
+
+`old_labels = "agreed"` turns FT on `data.labels = "seen"` into a reference for pseudo-labelling:
+an old class's true label is kept only where the previous model's argmax agrees with it and is
+ignored elsewhere, which is the most any confidence gate on that model's calls can hand a step.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ciss.trainer.methods.base import Method
-from ciss.trainer.methods.losses import REDUCTIONS
+import torch
+
+from ciss.classmap import IGNORE
+from ciss.trainer.methods.base import Method, TrainBatch
+from ciss.trainer.methods.losses import REDUCTIONS, cross_entropy
 from ciss.trainer.methods.options import resolve_options
+
+OLD_LABELS = ("true", "agreed")
 
 
 class FineTuning(Method):
-    name = "ft"  # the base class's cross-entropy at every step: no old model, so never incremental losses
-    defaults: dict[str, Any] = {"reduction": "all"}
-    choices: dict[str, tuple[str, ...]] = {"reduction": REDUCTIONS}
+    name = "ft"
+    defaults: dict[str, Any] = {"reduction": "all", "old_labels": "true"}
+    choices: dict[str, tuple[str, ...]] = {"reduction": REDUCTIONS, "old_labels": OLD_LABELS}
 
     def __init__(self, **options: Any):
         super().__init__(**resolve_options(self.name, self.defaults, options, self.choices))
+        # Only the gate reads the old model, and it gates the old classes' true labels.
+        self.uses_old_model = self.needs_seen_labels = self.options["old_labels"] == "agreed"
+
+    def incremental_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """Cross-entropy on the labels the old model agrees with (reached only when `uses_old_model`)."""
+        return {"ce": cross_entropy(batch.out.logits, agreed_labels(batch.labels, batch.old_logits),
+                                    self.options["reduction"])}
+
+
+def agreed_labels(labels: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+    """`labels` with each old-class pixel (1 <= id < the old model's channels) set to 255 where the old
+    model's argmax is another class; background, new classes and ignored pixels are left as they are."""
+    old = (labels >= 1) & (labels < old_logits.shape[1])
+    return labels.masked_fill(old & (old_logits.argmax(1) != labels), IGNORE)
 
 
 class Joint(FineTuning):
