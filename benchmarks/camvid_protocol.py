@@ -89,8 +89,12 @@ def last_metrics(run_dir: Path, n_steps: int) -> dict | None:
 
 
 def training_labels(run_dir: Path) -> str:
-    """`data.labels` of the run's last step: "seen" marks a reference trained with the old classes labelled."""
-    return run_steps(run_dir)[-1].config.get("data", {}).get("labels", "step")
+    """What the run's last step trained on: "step" (class-incremental), or a reference's labels: "seen"
+    (the old classes labelled too) or "agreed" (those old labels kept where the old model calls them)."""
+    config = run_steps(run_dir)[-1].config
+    labels = config.get("data", {}).get("labels", "step")
+    gated = config.get("method", {}).get("options", {}).get("old_labels") == "agreed"
+    return "agreed" if labels == "seen" and gated else labels
 
 
 def at_own_step(run_dir: Path, steps: list[list[str]]) -> dict[str, float]:
@@ -341,7 +345,11 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
         for r in rows:
             r["new_learnable"] = summarise(r["per_class"], [], learnable)["new"] if learnable else None
     # Runs given the old classes' labels (data.labels = "seen") are references, like the joint bound.
-    labelled = {n for n, rows in results.items() if any(r.get("labels") == "seen" for r in rows)}
+    def given(kind: str) -> list[str]:
+        return sorted(n for n, rows in results.items() if any(r.get("labels") == kind for r in rows))
+
+    seen, agreed = given("seen"), given("agreed")
+    labelled = set(seen + agreed)
     trained = [n for n in main_rows if n != REFERENCE]
     best = max(trained, key=lambda n: stats(results, n, "all")[0]) if trained else None
     lines = [f"# {args.task} on {args.data.name}", "",
@@ -351,9 +359,13 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
              f"`{REFERENCE}`: the step-0 model grown by MiB's initialisation alone (no training, new biases "
              "+1e-3). vs best: the all-mIoU difference to the best method, a tie when under two standard "
              "deviations (the larger of the two)." + (
-                 f" {', '.join(f'`{n}`' for n in sorted(labelled))}: trained with every class learned so far "
+                 f" {', '.join(f'`{n}`' for n in seen)}: trained with every class learned so far "
                  "labelled on the step's images (`data.labels = \"seen\"`), not class-incremental: the labels "
-                 "that perfect pseudo-labelling would give." if labelled else "") + (
+                 "that perfect pseudo-labelling would give." if seen else "") + (
+                 f" {', '.join(f'`{n}`' for n in agreed)}: trained with each old class's label kept only where "
+                 "the old model's argmax gives that class (`--opt ft.old_labels=agreed`, `data.labels = "
+                 "\"seen\"`), not class-incremental: the labels that a pseudo-label gate which never kept a "
+                 "wrong call would give." if agreed else "") + (
                  f" Step 0 of the class-incremental rows: `--method {args.base.replace(':', ' ', 1)}`."
                  if args.base != "ft" else ""), "",
              "| method | seeds | old | new | new* | all | vs best (all) | wall (s) |", "|---|---|---|---|---|---|---|---|"]

@@ -36,3 +36,10 @@ def test_tables_only_reports_finished_runs_and_trains_nothing(tmp_path: Path):
     rows = [line.split(" | ")[0] for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
     assert "| ft" in rows and "| mib-init" in rows
     assert "| mib" not in rows and "| joint" not in rows
+
+    # A reference given gated old labels is trained on the same base and named as such in the tables.
+    protocol("--methods", "", "--variant", "ft-agreed=ft:--opt ft.old_labels=agreed --set data.labels=seen")
+    assert json.loads((out / "results.json").read_text())["ft-agreed"][0]["labels"] == "agreed"
+    header = (out / "results.md").read_text()
+    assert "`ft-agreed`: trained with each old class's label kept only where" in header
+    assert "`ft-agreed`: trained with every class" not in header
