@@ -452,6 +452,37 @@ def test_adaptive_factor_is_plops_and_ignores_the_prototype_test():
     assert ce.item() == pytest.approx(reduce_pixels(per_pixel, target != 255, "all").item(), rel=1e-6)
 
 
+def test_unknown_kd_distils_the_pixels_both_tests_leave_unlabelled():
+    """unknown_kd_weight: MiB's unbiased KD (α = 1) on the GT-background pixels left at 255 after the
+    entropy and the prototype tests, averaged over all pixels and times the weight; its gradient
+    touches no labelled pixel, and the other terms do not change."""
+    opts = {"proto_threshold": 0.9}
+    m, plain = build_method("gsc", {**opts, "unknown_kd_weight": 10.0}), build_method("gsc", opts)
+    m.prepare(context())
+    plain.prepare(context())
+    out, old = outputs(N_TOTAL, True, 1), outputs(N_OLD, False, 2)
+    y = labels()
+    terms = m.losses(TrainBatch(images(0), y, out, old))
+    plop_target, _ = pseudo_label(y, old.logits, m.thresholds, N_TOTAL, "median", empty_factor=1.0)
+    target = prototype_relabel(y, plop_target, old.logits, old.features["stage4"], m.prototypes, 0.9)
+    unknown = (y < N_OLD) & (y != 255) & (target == 255)
+    assert unknown.any() and (unknown & (plop_target != 255)).any()  # the prototype test's rejections count
+    z, t = out.logits.detach().double(), torch.softmax(old.logits.double(), 1)
+    q = torch.softmax(z, 1)
+    merged = torch.cat([q[:, :1] + q[:, N_OLD:].sum(1, keepdim=True), q[:, 1:N_OLD]], 1)
+    per_pixel = -(t * merged.log()).sum(1) / N_OLD
+    assert terms["unknown_kd"].item() == pytest.approx(10 * per_pixel[unknown].sum().item() / y.numel(), rel=1e-5)
+    kept = plain.losses(TrainBatch(images(0), y, outputs(N_TOTAL, True, 1), old))
+    assert set(terms) == set(kept) | {"unknown_kd"}
+    for name, value in kept.items():
+        assert terms[name].item() == pytest.approx(value.item(), rel=1e-6)
+    terms["unknown_kd"].backward()
+    touched = out.logits.grad.abs().sum(1) > 0
+    assert torch.equal(touched, unknown)
+    with pytest.raises(CissError, match="unknown_kd_weight.*must not be negative"):
+        build_method("plop", {"unknown_kd_weight": -1.0})
+
+
 def test_soft_and_sharp_keep_fbls_one_over_c():
     """FBL's soft-label and entropy terms are averaged over the C channels; its weights assume it."""
     m = build_method("gsc", {"proto_threshold": -1.0})

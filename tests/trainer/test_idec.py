@@ -225,6 +225,30 @@ def test_logit_kd_can_leave_out_the_new_class_pixels():
     assert batch.out.logits.grad[1].abs().max().item() > 0
 
 
+def test_unknown_kd_holds_the_unknown_pixels_by_hand():
+    """unknown_kd_weight = 10: the logit KD of the one unknown pixel (image 1, pixel 1) is added again
+    times 10 (averaged over all four pixels), so that pixel is distilled at weight 11 and the others
+    at 1; nothing else changes. The sigmoid head's KD is masked the same way; without pseudo-labels
+    there are no unknown pixels, and the option is refused."""
+    full, held = hand_method().losses(hand_batch()), hand_method(unknown_kd_weight=10.0).losses(hand_batch())
+    t = softmax([2 * v for v in OLD_LOGITS[1][1]])
+    q = softmax(NEW_LOGITS[1][1])
+    kd = -(t[0] * math.log(q[0] + q[2]) + t[1] * math.log(q[1])) / 2
+    assert held["unknown_kd"].item() == pytest.approx(10 * kd / 4, rel=1e-5)
+    assert set(held) == set(full) | {"unknown_kd"}
+    for name in full:
+        assert held[name].item() == pytest.approx(full[name].item(), rel=1e-6)
+    batch = hand_batch()
+    hand_method(activation="sigmoid", unknown_kd_weight=10.0).losses(batch)["unknown_kd"].backward()
+    grad = batch.out.logits.grad
+    assert grad[1, :, 0, 1].abs().max().item() > 0
+    assert grad[0].abs().max().item() == 0.0 and grad[1, :, 0, 0].abs().max().item() == 0.0
+    with pytest.raises(CissError, match="unknown_kd_weight.*needs idec.pseudo.*--no idec.pseudo"):
+        IDEC(unknown_kd_weight=10.0, pseudo=False)
+    with pytest.raises(CissError, match="unknown_kd_weight.*must not be negative"):
+        IDEC(unknown_kd_weight=-1.0)
+
+
 def test_unknown_pixels_as_not_new_by_hand():
     """The same batch with unknown = "not_new": the one unknown pixel (image 1, pixel 1) adds MiB's
     -log(q_bg + q_old) instead of nothing; the labelled pixels' terms are unchanged."""

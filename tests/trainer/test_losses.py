@@ -10,7 +10,7 @@ import torch
 from ciss.trainer.methods.losses import (
     binary_cross_entropy, class_scores, cross_entropy, cross_entropy_not_new, local_pod, merge_extra_channels,
     outside_new_classes, plop_median_thresholds, plop_uncertainty, pod_embedding, pod_layer, pseudo_label, quantile_thresholds, sigmoid_kd,
-    unbiased_cross_entropy, unbiased_kd, uncertainty_histogram)
+    unbiased_cross_entropy, unbiased_kd, uncertainty_histogram, unlabelled_background)
 
 E = math.e
 
@@ -320,6 +320,12 @@ def bce_p(p: float, t: float) -> float:
 def test_outside_new_classes_keeps_background_old_and_ignored_pixels():
     y = torch.tensor([[[0, 2, 3, 4, 255]]])
     assert outside_new_classes(y, n_old=3).tolist() == [[[True, True, False, False, True]]]
+
+
+def test_unlabelled_background_is_gt_background_the_pseudo_labels_left_at_255():
+    y = torch.tensor([[[0, 0, 0, 3, 255]]])
+    target = torch.tensor([[[255, 1, 0, 3, 255]]])
+    assert unlabelled_background(y, target, n_old=3).tolist() == [[[True, False, False, False, False]]]
 
 
 def test_sigmoid_kd_mask_drops_pixels_from_the_sum_not_from_the_mean():

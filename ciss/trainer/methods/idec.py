@@ -16,7 +16,9 @@ Step 0: plain cross-entropy (BCE under "sigmoid"). Steps t > 0, each part switch
   the ASPP output (no trainable adapter in between, which could absorb the drift), per-layer weights,
   the stage weights times feature_decay ** progress.
 - logit_kd: MiB's unbiased KD on the old channels, teacher logits times kd_alpha (`sigmoid_kd` under
-  "sigmoid"); kd_on_new = false leaves out the pixels labelled with this step's classes.
+  "sigmoid"); kd_on_new = false leaves out the pixels labelled with this step's classes. With
+  unknown_kd_weight > 0 the same KD on the unknown pixels alone is added with that weight: there the
+  CE says nothing of the old classes.
 - contrast: ARCL, an InfoNCE between region embeddings (mean of projected ASPP features over each
   pseudo-label region of each image, unknown regions included): anchors from the frozen old model
   (old-class regions), positives and negatives from the current model over the whole batch.
@@ -37,7 +39,7 @@ from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, saved
 from ciss.trainer.methods.losses import (ACTIVATIONS, REDUCTIONS, UNKNOWN_PIXELS, binary_cross_entropy, class_scores,
                                          cross_entropy, cross_entropy_not_new, outside_new_classes, sigmoid_kd,
-                                         unbiased_kd)
+                                         unbiased_kd, unlabelled_background)
 from ciss.trainer.methods.options import resolve_options
 from ciss.trainer.models.features import DECODER, STAGES
 
@@ -183,6 +185,7 @@ class IDEC(Method):
         "kd_alpha": 2.0,
         "logit_kd_weight": 1.0,
         "kd_on_new": True,
+        "unknown_kd_weight": 0.0,
         "contrast_weight": 1.0,
         "contrast_temperature": 0.1,
         "contrast_dim": 128,
@@ -194,10 +197,13 @@ class IDEC(Method):
         super().__init__(**resolve_options(self.name, self.defaults, options, self.choices))
         o = self.options
         for key in ("stage1_weight", "stage2_weight", "stage3_weight", "aspp_weight", "logit_kd_weight",
-                    "contrast_weight"):
+                    "unknown_kd_weight", "contrast_weight"):
             _require(o[key] >= 0, key, "must not be negative", o[key])
         for key in ("threshold_init", "threshold_floor"):
             _require(0 <= o[key] <= 1, key, "must be in [0, 1]", o[key])
+        _require(o["unknown_kd_weight"] == 0 or o["pseudo"], "unknown_kd_weight",
+                 "needs idec.pseudo (the unknown pixels are those pseudo-labelling leaves out): drop --no idec.pseudo, "
+                 "or leave it at 0", o["unknown_kd_weight"])
         _require(0 <= o["threshold_momentum"] < 1, "threshold_momentum", "must be in [0, 1)", o["threshold_momentum"])
         for key in ("feature_decay", "kd_alpha", "contrast_temperature", "contrast_dim"):
             _require(o[key] > 0, key, "must be positive", o[key])
@@ -237,7 +243,7 @@ class IDEC(Method):
         o = self.options
         logits, labels = batch.out.logits, batch.labels
         old, n_old, n_total = batch.old_logits, batch.n_old, logits.shape[1]
-        regions = None
+        regions, target = None, None
         if self.thresholds is not None:
             self._update_thresholds(old, labels)
             regions = region_labels(labels, old, self.thresholds.clamp(min=o["threshold_floor"]), unknown=n_total,
@@ -256,13 +262,21 @@ class IDEC(Method):
             terms["feature_kd"] = self._feature_kd(batch)
         if o["logit_kd"]:
             mask = None if o["kd_on_new"] else outside_new_classes(labels, n_old)
-            kd = sigmoid_kd(logits, old, mask) if self.sigmoid \
-                else unbiased_kd(logits, old, alpha=o["kd_alpha"], mask=mask)
-            terms["logit_kd"] = o["logit_kd_weight"] * kd
+            terms["logit_kd"] = o["logit_kd_weight"] * self._logit_kd(logits, old, mask)
+        if o["unknown_kd_weight"] > 0:
+            assert target is not None
+            mask = unlabelled_background(labels, target, n_old)
+            terms["unknown_kd"] = o["unknown_kd_weight"] * self._logit_kd(logits, old, mask)
         if o["contrast"]:
             assert regions is not None
             terms["contrast"] = o["contrast_weight"] * self._contrast(batch, regions, n_old, n_total)
         return terms
+
+    def _logit_kd(self, logits: torch.Tensor, old: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """MiB's unbiased KD as the activation trains the logits, times `mask` per pixel if given."""
+        if self.sigmoid:
+            return sigmoid_kd(logits, old, mask)
+        return unbiased_kd(logits, old, alpha=self.options["kd_alpha"], mask=mask)
 
     def base_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         return {"ce": self._supervised(batch.out.logits, batch.labels)}

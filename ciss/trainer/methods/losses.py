@@ -176,6 +176,13 @@ def unbiased_kd(logits: torch.Tensor, old_logits: torch.Tensor, alpha: float = 1
     return per_pixel.mean()
 
 
+def unlabelled_background(labels: torch.Tensor, target: torch.Tensor, n_old: int) -> torch.Tensor:
+    """The unknown pixels: ground-truth background (label < n_old, not 255) that pseudo-labelling left
+    without a class (255 in `target`). Neither the labels nor a confident old-model call name them, so
+    a method's CE says nothing there of the old classes."""
+    return (labels < n_old) & (labels != IGNORE) & (target == IGNORE)
+
+
 def outside_new_classes(labels: torch.Tensor, n_old: int) -> torch.Tensor:
     """Pixels not labelled with one of this step's classes: where the old model's view of a pixel
     does not contradict its label. A distillation masked with it leaves labelled new-class pixels to

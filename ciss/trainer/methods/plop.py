@@ -37,7 +37,8 @@ from ciss.trainer.methods.base import Method, StepContext, TrainBatch, restored,
 from ciss.trainer.methods.losses import (REDUCTIONS, UNCERTAINTY_MODES, UNKNOWN_PIXELS, local_pod,
                                          merge_extra_channels, pixel_cross_entropy_not_new,
                                          plop_median_thresholds, plop_uncertainty, pseudo_label,
-                                         quantile_thresholds, reduce_pixels, uncertainty_histogram)
+                                         quantile_thresholds, reduce_pixels, unbiased_kd, uncertainty_histogram,
+                                         unlabelled_background)
 from ciss.trainer.methods.options import resolve_options
 from ciss.trainer.models.features import DECODER, LOGITS_LOWRES, STAGES
 from ciss.trainer.models.outputs import logits_of
@@ -71,6 +72,7 @@ class PLOP(Method):
         "threshold_quantile": 0.5,
         "adaptive_factor": True,
         "unknown": "ignore",
+        "unknown_kd_weight": 0.0,
         "reduction": "all",
         "pod_weight": 0.1,
         "pod_logits_weight": 0.005,
@@ -97,6 +99,9 @@ class PLOP(Method):
         if not 0.0 < o["threshold_quantile"] <= 1.0:
             raise CissError(f"option 'threshold_quantile' of method '{self.name}' must be in (0, 1]; "
                             f"got {o['threshold_quantile']}")
+        if o["unknown_kd_weight"] < 0:
+            raise CissError(f"option 'unknown_kd_weight' of method '{self.name}' must not be negative; "
+                            f"got {o['unknown_kd_weight']}")
         if o["pod_weight"] < 0 or o["pod_logits_weight"] < 0:
             raise CissError(f"POD weights of method '{self.name}' must not be negative")
         self.thresholds: torch.Tensor | None = None  # (n_old,) float32 on the CPU
@@ -198,17 +203,27 @@ class PLOP(Method):
                                                          n_old)
         if o["adaptive_factor"]:
             per_pixel = per_pixel * nu[:, None, None]
-        terms = {"ce": reduce_pixels(per_pixel, counted, o["reduction"])}
+        terms = {"ce": reduce_pixels(per_pixel, counted, o["reduction"]), **self.unknown_kd(logits, old, labels, pseudo)}
         if self.feature_names:
             terms["pod"] = self._pod(batch, n_old, n_total)
         return terms
 
     def not_new_pixels(self, labels: torch.Tensor, target: torch.Tensor, n_old: int) -> torch.Tensor | None:
-        """The GT-background pixels pseudo-labelling left without a class, where option unknown =
-        "not_new" asks for MiB's "none of this step's classes" term; None with "ignore" (PLOP)."""
+        """The unknown pixels, where option unknown = "not_new" asks for MiB's "none of this step's
+        classes" term; None with "ignore" (PLOP)."""
         if self.options["unknown"] == "ignore":
             return None
-        return (labels < n_old) & (labels != IGNORE) & (target == IGNORE)
+        return unlabelled_background(labels, target, n_old)
+
+    def unknown_kd(self, logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor,
+                   target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Option unknown_kd_weight > 0: MiB's unbiased KD (α = 1) on the unknown pixels alone, averaged
+        over all pixels as MiB's, so weight 10 holds them as MiB holds every pixel; {} at 0 (PLOP, FBL)."""
+        weight = self.options["unknown_kd_weight"]
+        if weight == 0:
+            return {}
+        mask = unlabelled_background(labels, target, old_logits.shape[1])
+        return {"unknown_kd": weight * unbiased_kd(logits, old_logits, mask=mask)}
 
     def _tau(self, n_old: int, device: torch.device) -> torch.Tensor:
         if self.thresholds is None:
