@@ -292,7 +292,8 @@ class GSC(PLOP):
         per_pixel = per_pixel * weights
         if o["adaptive_factor"]:
             per_pixel = per_pixel * nu[:, None, None]
-        terms = {"ce": reduce_pixels(per_pixel, counted, o["reduction"]), **self.unknown_kd(logits, old, labels, target)}
+        terms = {"ce": reduce_pixels(per_pixel, counted, o["reduction"]),
+                 **self.unknown_kd(logits, old, labels, target)}
         # FBL divides both by the number of channels C (methods.md 2.4); its weights 0.3 and 0.1 were
         # tuned with that factor, so it stays with them.
         if o["soft"]:

@@ -39,7 +39,7 @@ from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, saved
 from ciss.trainer.methods.losses import (ACTIVATIONS, REDUCTIONS, UNKNOWN_PIXELS, binary_cross_entropy, class_scores,
                                          cross_entropy, cross_entropy_not_new, outside_new_classes, sigmoid_kd,
-                                         unbiased_kd, unlabelled_background)
+                                         unbiased_kd)
 from ciss.trainer.methods.options import resolve_options
 from ciss.trainer.models.features import DECODER, STAGES
 
@@ -243,7 +243,7 @@ class IDEC(Method):
         o = self.options
         logits, labels = batch.out.logits, batch.labels
         old, n_old, n_total = batch.old_logits, batch.n_old, logits.shape[1]
-        regions, target = None, None
+        regions, unknown = None, None
         if self.thresholds is not None:
             self._update_thresholds(old, labels)
             regions = region_labels(labels, old, self.thresholds.clamp(min=o["threshold_floor"]), unknown=n_total,
@@ -264,9 +264,8 @@ class IDEC(Method):
             mask = None if o["kd_on_new"] else outside_new_classes(labels, n_old)
             terms["logit_kd"] = o["logit_kd_weight"] * self._logit_kd(logits, old, mask)
         if o["unknown_kd_weight"] > 0:
-            assert target is not None
-            mask = unlabelled_background(labels, target, n_old)
-            terms["unknown_kd"] = o["unknown_kd_weight"] * self._logit_kd(logits, old, mask)
+            assert unknown is not None  # the option needs pseudo (checked in __init__)
+            terms["unknown_kd"] = o["unknown_kd_weight"] * self._logit_kd(logits, old, unknown)
         if o["contrast"]:
             assert regions is not None
             terms["contrast"] = o["contrast_weight"] * self._contrast(batch, regions, n_old, n_total)

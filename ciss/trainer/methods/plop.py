@@ -203,7 +203,8 @@ class PLOP(Method):
                                                          n_old)
         if o["adaptive_factor"]:
             per_pixel = per_pixel * nu[:, None, None]
-        terms = {"ce": reduce_pixels(per_pixel, counted, o["reduction"]), **self.unknown_kd(logits, old, labels, pseudo)}
+        terms = {"ce": reduce_pixels(per_pixel, counted, o["reduction"]),
+                 **self.unknown_kd(logits, old, labels, pseudo)}
         if self.feature_names:
             terms["pod"] = self._pod(batch, n_old, n_total)
         return terms
