@@ -249,6 +249,29 @@ def test_unknown_kd_holds_the_unknown_pixels_by_hand():
         IDEC(unknown_kd_weight=-1.0)
 
 
+def test_soft_pseudo_targets_by_hand():
+    """pseudo_targets = "soft": the two pseudo-labelled pixels (image 0 pixel 0, image 1 pixel 0) are
+    trained towards the old softmax over (bg, a), 0 for the new class; the new-class pixel keeps its
+    hard CE, the unknown pixel stays out; every other term is unchanged. Refused without pseudo."""
+    full, soft = hand_method().losses(hand_batch()), hand_method(pseudo_targets="soft").losses(hand_batch())
+    ce = lse(*NEW_LOGITS[0][1]) - NEW_LOGITS[0][1][2]
+    for i in (0, 1):
+        p, logq = softmax(OLD_LOGITS[i][0]), [v - lse(*NEW_LOGITS[i][0]) for v in NEW_LOGITS[i][0]]
+        ce -= p[0] * logq[0] + p[1] * logq[1]
+    assert soft["ce"].item() == pytest.approx(ce / 4, rel=1e-5)
+    assert soft["ce"].item() == pytest.approx(full["ce"].item(), abs=1e-3)  # the old model is sure (10 against 0)
+    for name in set(full) - {"ce"}:
+        assert soft[name].item() == pytest.approx(full[name].item(), rel=1e-6)
+    batch = hand_batch()
+    hand_method(activation="sigmoid", pseudo_targets="soft").losses(batch)["ce"].backward()
+    grad = batch.out.logits.grad
+    assert grad[1, :, 0, 1].abs().max().item() == 0.0 and grad[1, :, 0, 0].abs().max().item() > 0
+    with pytest.raises(CissError, match="pseudo_targets.*needs idec.pseudo.*--no idec.pseudo"):
+        IDEC(pseudo_targets="soft", pseudo=False)
+    with pytest.raises(CissError, match="pseudo_targets.*must be one of"):
+        IDEC(pseudo_targets="argmax")
+
+
 def test_unknown_pixels_as_not_new_by_hand():
     """The same batch with unknown = "not_new": the one unknown pixel (image 1, pixel 1) adds MiB's
     -log(q_bg + q_old) instead of nothing; the labelled pixels' terms are unchanged."""

@@ -6,11 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ciss.trainer.methods.losses import (
-    binary_cross_entropy, class_scores, cross_entropy, cross_entropy_not_new, local_pod, merge_extra_channels,
-    outside_new_classes, plop_median_thresholds, plop_uncertainty, pod_embedding, pod_layer, pseudo_label, quantile_thresholds, sigmoid_kd,
-    unbiased_cross_entropy, unbiased_kd, uncertainty_histogram, unlabelled_background)
+    binary_cross_entropy, class_scores, cross_entropy, local_pod, merge_extra_channels, outside_new_classes,
+    pixel_cross_entropy_not_new, pixel_soft_cross_entropy, plop_median_thresholds, plop_uncertainty, pod_embedding,
+    pod_layer, pseudo_label, quantile_thresholds, reduce_pixels, sigmoid_kd, unbiased_cross_entropy, unbiased_kd,
+    uncertainty_histogram, unlabelled_background)
 
 E = math.e
 
@@ -272,16 +274,43 @@ def test_cross_entropy_not_new_by_hand_and_its_gradient_sides():
     z = torch.tensor([[1.0, 0.5, 2.0], [0.2, -1.0, 1.5], [0.3, 0.1, 0.9]]).T.reshape(1, 3, 1, 3).requires_grad_()
     labels = lab(2, 255, 255)
     not_new = torch.tensor([[[False, True, False]]])
-    loss = cross_entropy_not_new(z, labels, not_new, n_old=2, reduction="all")
+    loss = reduce_pixels(*pixel_cross_entropy_not_new(z, labels, not_new, n_old=2), "all")
     q0, q1 = torch.softmax(z.detach()[0, :, 0, 0], 0), torch.softmax(z.detach()[0, :, 0, 1], 0)
     # pixel 0: CE on its label; pixel 1: -log(q_bg + q_old); pixel 2 ignored but counted by "all"
     assert loss.item() == pytest.approx((-math.log(q0[2]) - math.log(q1[0] + q1[1])) / 3, rel=1e-5)
-    valid = cross_entropy_not_new(z, labels, not_new, n_old=2, reduction="valid")
+    valid = reduce_pixels(*pixel_cross_entropy_not_new(z, labels, not_new, n_old=2), "valid")
     assert valid.item() == pytest.approx(loss.item() * 3 / 2, rel=1e-5)
     loss.backward()
     g = z.grad[0, :, 0, 1]
     assert g[2] > 0 and g[0] < 0 and g[1] < 0  # the new class loses there; background and the old class share
     assert z.grad[0, :, 0, 2].abs().sum() == 0
+
+
+def test_soft_cross_entropy_by_hand_and_where_it_equals_the_hard_label():
+    """n_old = 2 (bg, a), one new class. The target is the old softmax over bg and a, 0 for the new
+    class; under a sure old model it is the hard label's CE; its gradient keeps a's share and still
+    tells the new class "no" (as the hard label does)."""
+    z = torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1).requires_grad_()
+    old = torch.tensor([0.3, -0.4]).view(1, 2, 1, 1)
+    p, q = softmax_list([0.3, -0.4]), softmax_list([1.0, 2.0, 0.5])
+    loss = pixel_soft_cross_entropy(z, old)
+    assert loss.item() == pytest.approx(-(p[0] * math.log(q[0]) + p[1] * math.log(q[1])), rel=1e-6)
+    loss.sum().backward()
+    assert z.grad.flatten().tolist() == pytest.approx([q[0] - p[0], q[1] - p[1], q[2]], rel=1e-5)
+    sure = torch.tensor([0.0, 60.0]).view(1, 2, 1, 1)
+    hard = F.cross_entropy(z.detach(), torch.tensor([[[1]]]), reduction="none")
+    assert pixel_soft_cross_entropy(z.detach(), sure).item() == pytest.approx(hard.item(), rel=1e-6)
+    # sigmoid: BCE against the old sigmoids on the old channels, BCE against 0 on the new one
+    s = [1 / (1 + math.exp(-v)) for v in (0.3, -0.4)]
+    want = sum(softplus(x) - t * x for x, t in zip((1.0, 2.0), s)) + softplus(0.5)
+    assert pixel_soft_cross_entropy(z.detach(), old, "sigmoid").item() == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="do not match"):
+        pixel_soft_cross_entropy(z[:, :1], old)
+
+
+def softmax_list(v: list[float]) -> list[float]:
+    s = sum(math.exp(x) for x in v)
+    return [math.exp(x) / s for x in v]
 
 
 # --- sigmoid head ------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ Step 0: plain cross-entropy (BCE under "sigmoid"). Steps t > 0, each part switch
   τ_c = max(floor, EMA over batches of the mean s of the background pixels the old model assigns to c)
   (summed over processes); the other background pixels are unknown: ignored in the CE, or with
   unknown = "not_new" given MiB's "none of this step's classes" term. New-class ground truth is never
-  overwritten.
+  overwritten. With pseudo_targets = "soft" a pseudo-labelled pixel's target is the old model's scores
+  over the old classes (0 for the new ones) instead of its argmax.
 - feature_kd: DADA, a distance between the old and the new model's raw features of stage1..3 and of
   the ASPP output (no trainable adapter in between, which could absorb the drift), per-layer weights,
   the stage weights times feature_decay ** progress.
@@ -37,9 +38,10 @@ from torch import nn
 from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, saved
-from ciss.trainer.methods.losses import (ACTIVATIONS, REDUCTIONS, UNKNOWN_PIXELS, binary_cross_entropy, class_scores,
-                                         cross_entropy, cross_entropy_not_new, outside_new_classes, sigmoid_kd,
-                                         unbiased_kd)
+from ciss.trainer.methods.losses import (ACTIVATIONS, PSEUDO_TARGETS, REDUCTIONS, UNKNOWN_PIXELS, binary_cross_entropy,
+                                         class_scores, cross_entropy, outside_new_classes, pixel_binary_cross_entropy,
+                                         pixel_cross_entropy_not_new, pixel_soft_cross_entropy, reduce_pixels,
+                                         sigmoid_kd, unbiased_kd)
 from ciss.trainer.methods.options import resolve_options
 from ciss.trainer.models.features import DECODER, STAGES
 
@@ -170,6 +172,7 @@ class IDEC(Method):
         "activation": "softmax",
         "pseudo": True,
         "unknown": "ignore",
+        "pseudo_targets": "hard",
         "feature_kd": True,
         "logit_kd": True,
         "contrast": True,
@@ -191,7 +194,8 @@ class IDEC(Method):
         "contrast_dim": 128,
     }
     choices: dict[str, tuple[str, ...]] = {"reduction": REDUCTIONS, "feature_distance": FEATURE_DISTANCES,
-                                           "unknown": UNKNOWN_PIXELS, "activation": ACTIVATIONS}
+                                           "unknown": UNKNOWN_PIXELS, "activation": ACTIVATIONS,
+                                           "pseudo_targets": PSEUDO_TARGETS}
 
     def __init__(self, **options: Any):
         super().__init__(**resolve_options(self.name, self.defaults, options, self.choices))
@@ -204,6 +208,9 @@ class IDEC(Method):
         _require(o["unknown_kd_weight"] == 0 or o["pseudo"], "unknown_kd_weight",
                  "needs idec.pseudo (the unknown pixels are those pseudo-labelling leaves out): drop --no idec.pseudo, "
                  "or leave it at 0", o["unknown_kd_weight"])
+        _require(o["pseudo_targets"] == "hard" or o["pseudo"], "pseudo_targets",
+                 "needs idec.pseudo (it says what the pseudo-labels ask for): drop --no idec.pseudo, "
+                 "or leave it at \"hard\"", o["pseudo_targets"])
         _require(0 <= o["threshold_momentum"] < 1, "threshold_momentum", "must be in [0, 1)", o["threshold_momentum"])
         for key in ("feature_decay", "kd_alpha", "contrast_temperature", "contrast_dim"):
             _require(o[key] > 0, key, "must be positive", o[key])
@@ -253,8 +260,12 @@ class IDEC(Method):
             unknown = regions == n_total
             target = torch.where(unknown, torch.full_like(regions, IGNORE), regions)
             not_new = unknown if o["unknown"] == "not_new" else None
-            ce = binary_cross_entropy(logits, target, o["reduction"], not_new, n_old) if self.sigmoid \
-                else cross_entropy_not_new(logits, target, not_new, n_old, o["reduction"])
+            per_pixel, counted = pixel_binary_cross_entropy(logits, target, not_new, n_old) if self.sigmoid \
+                else pixel_cross_entropy_not_new(logits, target, not_new, n_old)
+            if o["pseudo_targets"] == "soft":
+                relabelled = (labels < n_old) & ~unknown
+                per_pixel = torch.where(relabelled, pixel_soft_cross_entropy(logits, old, self.activation), per_pixel)
+            ce = reduce_pixels(per_pixel, counted, o["reduction"])
         else:
             ce = self._supervised(logits, labels)
         terms = {"ce": ce}

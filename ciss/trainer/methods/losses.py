@@ -29,6 +29,7 @@ from ciss.classmap import IGNORE
 
 REDUCTIONS = ("valid", "all")
 UNKNOWN_PIXELS = ("ignore", "not_new")  # what a CE makes of a background pixel pseudo-labelling leaves unlabelled
+PSEUDO_TARGETS = ("hard", "soft")  # what a CE asks of a pseudo-labelled pixel: the old argmax, or the old scores
 ACTIVATIONS = ("softmax", "sigmoid")  # what a method trains the logits as: one distribution, or a score per class
 
 
@@ -79,24 +80,16 @@ def log_old_mass(logits: torch.Tensor, n_old: int) -> torch.Tensor:
     return torch.logsumexp(z[:, :n_old], dim=1) - torch.logsumexp(z, dim=1)
 
 
-def cross_entropy_not_new(logits: torch.Tensor, labels: torch.Tensor, not_new: torch.Tensor | None, n_old: int,
-                          reduction: str = "all") -> torch.Tensor:
-    """Cross-entropy on labelled pixels, and −log Σ_{k<n_old} q_k on the `not_new` pixels (N,H,W bool;
-    None: no such pixel, the plain `cross_entropy`).
+def pixel_cross_entropy_not_new(logits: torch.Tensor, labels: torch.Tensor, not_new: torch.Tensor | None,
+                                n_old: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel (N,H,W): −log q_y where labelled, −log Σ_{k<n_old} q_k where `not_new`, else 0; and
+    the pixels that count (labelled or `not_new`). With `not_new` None the second term is not computed.
 
     Pseudo-labelling leaves GT-background pixels the old model is unsure of without a class. Ignoring
     them throws away what their label does say, that they are none of this step's classes; training
     them as background would bring back background shift. MiB's term keeps exactly that much: the new
     classes lose there, and the old classes and background share the rest as the model sees fit.
     """
-    per_pixel, counted = pixel_cross_entropy_not_new(logits, labels, not_new, n_old)
-    return reduce_pixels(per_pixel, counted, reduction)
-
-
-def pixel_cross_entropy_not_new(logits: torch.Tensor, labels: torch.Tensor, not_new: torch.Tensor | None,
-                                n_old: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pixel (N,H,W): −log q_y where labelled, −log Σ_{k<n_old} q_k where `not_new`, else 0; and
-    the pixels that count (labelled or `not_new`). With `not_new` None the second term is not computed."""
     per_pixel, counted = pixel_cross_entropy(logits, labels), labels != IGNORE
     if not_new is None:
         return per_pixel, counted
@@ -123,6 +116,29 @@ def binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: 
     """The sigmoid head's loss, `pixel_binary_cross_entropy` reduced over pixels; 255 ignored."""
     per_pixel, counted = pixel_binary_cross_entropy(logits, labels, not_new, n_old)
     return reduce_pixels(per_pixel, counted, reduction)
+
+
+def pixel_soft_cross_entropy(logits: torch.Tensor, old_logits: torch.Tensor,
+                             activation: str = "softmax") -> torch.Tensor:
+    """Per pixel (N,H,W): the cross-entropy against the old model's scores rather than its argmax.
+
+    softmax: −Σ_{k<n_old} p'_k log q_k, p' = softmax(z_old), q the student's softmax over every
+    channel; sigmoid: Σ_{k<n_old} BCE(z_k, σ(z_old_k)) + Σ_{k≥n_old} BCE(z_k, 0). Either way the new
+    classes' target is 0, as under a hard pseudo-label, but an old class the old model gives a share
+    of the pixel keeps that share instead of being pushed to 0. Where the old model is sure this is
+    the hard label's loss; it differs on classes the old model seldom calls with confidence.
+    """
+    n_old = old_logits.shape[1]
+    if logits.shape[1] < n_old or logits.shape[0] != old_logits.shape[0] \
+            or logits.shape[-2:] != old_logits.shape[-2:]:
+        raise ValueError(f"student {tuple(logits.shape)} and teacher {tuple(old_logits.shape)} do not match")
+    z, teacher = logits.float(), old_logits.float().detach()
+    if activation == "softmax":
+        return -(torch.softmax(teacher, dim=1) * torch.log_softmax(z, dim=1)[:, :n_old]).sum(dim=1)
+    if activation == "sigmoid":
+        old = F.binary_cross_entropy_with_logits(z[:, :n_old], torch.sigmoid(teacher), reduction="none")
+        return old.sum(dim=1) + F.softplus(z[:, n_old:]).sum(dim=1)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def unbiased_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_old: int,
