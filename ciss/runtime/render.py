@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import cv2
 import numpy as np
 
-from ciss.classmap import ClassInfo, ClassMap
+from ciss.classmap import ClassMap
 
 NEW_TAG = "NEW"
 NEW_COLOR = (0, 230, 255)  # BGR amber: the "just learned" tag
