@@ -55,6 +55,16 @@ def _check_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
                          f"and {tuple(labels.shape)}")
 
 
+def _check_teacher(logits: torch.Tensor, old_logits: torch.Tensor) -> int:
+    """The old model's channel count n_old, once its logits are known to match the student's
+    (same batch and size, at least as many channels)."""
+    n_old = old_logits.shape[1]
+    if logits.shape[1] < n_old or logits.shape[0] != old_logits.shape[0] \
+            or logits.shape[-2:] != old_logits.shape[-2:]:
+        raise ValueError(f"student {tuple(logits.shape)} and teacher {tuple(old_logits.shape)} do not match")
+    return n_old
+
+
 # --- cross-entropies ---------------------------------------------------------------------------
 
 def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -128,10 +138,7 @@ def pixel_soft_cross_entropy(logits: torch.Tensor, old_logits: torch.Tensor,
     of the pixel keeps that share instead of being pushed to 0. Where the old model is sure this is
     the hard label's loss; it differs on classes the old model seldom calls with confidence.
     """
-    n_old = old_logits.shape[1]
-    if logits.shape[1] < n_old or logits.shape[0] != old_logits.shape[0] \
-            or logits.shape[-2:] != old_logits.shape[-2:]:
-        raise ValueError(f"student {tuple(logits.shape)} and teacher {tuple(old_logits.shape)} do not match")
+    n_old = _check_teacher(logits, old_logits)
     z, teacher = logits.float(), old_logits.float().detach()
     if activation == "softmax":
         return -(torch.softmax(teacher, dim=1) * torch.log_softmax(z, dim=1)[:, :n_old]).sum(dim=1)
@@ -176,10 +183,7 @@ def unbiased_kd(logits: torch.Tensor, old_logits: torch.Tensor, alpha: float = 1
     then the mean over all pixels of the batch. At MiB initialisation q̂ = p', so the value is the
     teacher's entropy / n_old and the gradient is zero.
     """
-    n_old = old_logits.shape[1]
-    if logits.shape[1] < n_old or logits.shape[0] != old_logits.shape[0] \
-            or logits.shape[-2:] != old_logits.shape[-2:]:
-        raise ValueError(f"student {tuple(logits.shape)} and teacher {tuple(old_logits.shape)} do not match")
+    n_old = _check_teacher(logits, old_logits)
     z = logits.float()
     den = torch.logsumexp(z, dim=1)
     bg_and_new = torch.cat([z[:, :1], z[:, n_old:]], dim=1)
@@ -214,10 +218,7 @@ def sigmoid_kd(logits: torch.Tensor, old_logits: torch.Tensor, mask: torch.Tenso
     classes as background, so its background score must not be held against them (MiB merges the
     same channels under softmax). Summed over channels as the BCE beside it is, times `mask` if given,
     then the mean over all pixels."""
-    n_old = old_logits.shape[1]
-    if logits.shape[1] < n_old or logits.shape[0] != old_logits.shape[0] \
-            or logits.shape[-2:] != old_logits.shape[-2:]:
-        raise ValueError(f"student {tuple(logits.shape)} and teacher {tuple(old_logits.shape)} do not match")
+    n_old = _check_teacher(logits, old_logits)
     z = logits.float()
     teacher = torch.sigmoid(old_logits.float().detach())
     old_classes = F.binary_cross_entropy_with_logits(z[:, 1:n_old], teacher[:, 1:], reduction="none").sum(dim=1)
