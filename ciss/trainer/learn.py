@@ -251,7 +251,7 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
     if cfg["data"]["labels"] == "seen" and built.uses_old_model and not built.needs_seen_labels:
         raise CissError(f"data.labels = \"seen\" labels the old classes, but method '{name}' reads every old-class "
                         "label as background (it is built for data without them), so they would be lost; "
-                        "use it with --method ft")
+                        "use it with --method ft, or --method idec --opt idec.old_labels=agreed")
 
     d = cfg["data"]
     info = open_dataset(d["kind"] or None, Path(d["root"]) if d["root"] else None, d["train_split"], **d["options"]).info

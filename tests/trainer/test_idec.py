@@ -272,6 +272,32 @@ def test_soft_pseudo_targets_by_hand():
         IDEC(pseudo_targets="argmax")
 
 
+def test_agreed_old_labels_by_hand():
+    """old_labels = "agreed" (a reference on data.labels = "seen"): image 0 is a (the old model says a)
+    and the new class; image 1 is a (the old model says bg: unknown) and bg (the old model's tie goes
+    to bg: kept). The CE covers a, n and bg, the unknown KD the one wrong call; no thresholds run,
+    and the KD terms that read no labels are unchanged. Refused without pseudo."""
+    seen = hand_batch()
+    seen.labels = torch.tensor([[[1, 2]], [[1, 0]]])
+    m = hand_method(old_labels="agreed", unknown_kd_weight=10.0)
+    assert m.needs_seen_labels and not hand_method().needs_seen_labels
+    terms = m.losses(seen)
+    assert m.thresholds is None
+    targets = [(0, 0, 1), (0, 1, 2), (1, 1, 0)]
+    ce = sum(lse(*NEW_LOGITS[i][p]) - NEW_LOGITS[i][p][c] for i, p, c in targets)
+    assert terms["ce"].item() == pytest.approx(ce / 4, rel=1e-5)
+    t, q = softmax([2 * v for v in OLD_LOGITS[1][0]]), softmax(NEW_LOGITS[1][0])
+    kd = -(t[0] * math.log(q[0] + q[2]) + t[1] * math.log(q[1])) / 2
+    assert terms["unknown_kd"].item() == pytest.approx(10 * kd / 4, rel=1e-5)
+    full = hand_method().losses(hand_batch())
+    for name in ("feature_kd", "logit_kd"):
+        assert terms[name].item() == pytest.approx(full[name].item(), rel=1e-6)
+    with pytest.raises(CissError, match="old_labels.*needs idec.pseudo.*--no idec.pseudo"):
+        IDEC(old_labels="agreed", pseudo=False)
+    with pytest.raises(CissError, match="old_labels.*must be one of"):
+        IDEC(old_labels="true")
+
+
 def test_unknown_pixels_as_not_new_by_hand():
     """The same batch with unknown = "not_new": the one unknown pixel (image 1, pixel 1) adds MiB's
     -log(q_bg + q_old) instead of nothing; the labelled pixels' terms are unchanged."""

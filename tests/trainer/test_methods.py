@@ -285,19 +285,20 @@ def test_plop_auto_thresholds_fall_back_to_the_median_where_the_released_routine
 
 
 def test_agreed_labels_keep_an_old_label_only_where_the_old_model_calls_it():
-    from ciss.trainer.methods.ft import agreed_labels
+    from ciss.trainer.methods.losses import agreed_labels
 
-    # One image of 1x6 pixels: background, old 1 (agreed), old 1 (old says 2), old 2 (agreed),
-    # new 3 (old says 1), ignored. The old model has background + 2 old classes.
+    # One image of 1x6 pixels: background (old says 1), old 1 (agreed), old 1 (old says 2), old 2
+    # (agreed), new 3 (old says 1), ignored. The old model has background + 2 old classes.
     y = torch.tensor([[[0, 1, 1, 2, 3, 255]]])
     calls = torch.tensor([1, 1, 2, 2, 1, 0])
     old = torch.nn.functional.one_hot(calls, N_OLD).T.float().reshape(1, N_OLD, 1, 6)
     assert agreed_labels(y, old).tolist() == [[[0, 1, 255, 2, 3, 255]]]
+    # IDEC's reference gates background too, and marks the wrong calls with its unknown id
+    assert agreed_labels(y, old, fill=9, background=True).tolist() == [[[9, 1, 9, 2, 3, 255]]]
 
 
 def test_ft_with_agreed_old_labels_runs_the_old_model_and_trains_on_the_gated_labels():
-    from ciss.trainer.methods.ft import agreed_labels
-    from ciss.trainer.methods.losses import cross_entropy
+    from ciss.trainer.methods.losses import agreed_labels, cross_entropy
 
     assert not build_method("ft", {}).needs_seen_labels
     m = build_method("ft", {"old_labels": "agreed"})

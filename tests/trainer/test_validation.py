@@ -130,9 +130,10 @@ def test_seen_labels_refuse_methods_that_merge_old_labels_into_background(workdi
     assert f"method '{method}'" in line and "--method ft" in line, line
 
 
-def test_agreed_old_labels_refuse_step_labels(workdir: Path):
-    line = refused(workdir, "--method", "ft", "--opt", "ft.old_labels=agreed")
-    assert "method 'ft'" in line and "--set data.labels=seen" in line, line
+@pytest.mark.parametrize("method", ["ft", "idec"])
+def test_agreed_old_labels_refuse_step_labels(workdir: Path, method: str):
+    line = refused(workdir, "--method", method, "--opt", f"{method}.old_labels=agreed")
+    assert f"method '{method}'" in line and "--set data.labels=seen" in line, line
 
 
 def test_config_file_method_option_refuses(workdir: Path):

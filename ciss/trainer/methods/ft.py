@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-from ciss.classmap import IGNORE
 from ciss.trainer.methods.base import Method, TrainBatch
-from ciss.trainer.methods.losses import REDUCTIONS, cross_entropy
+from ciss.trainer.methods.losses import REDUCTIONS, agreed_labels, cross_entropy
 from ciss.trainer.methods.options import resolve_options
 
 OLD_LABELS = ("true", "agreed")
@@ -37,13 +36,6 @@ class FineTuning(Method):
         """Cross-entropy on the labels the old model agrees with (reached only when `uses_old_model`)."""
         return {"ce": cross_entropy(batch.out.logits, agreed_labels(batch.labels, batch.old_logits),
                                     self.options["reduction"])}
-
-
-def agreed_labels(labels: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
-    """`labels` with each old-class pixel (1 <= id < the old model's channels) set to 255 where the old
-    model's argmax is another class; background, new classes and ignored pixels are left as they are."""
-    old = (labels >= 1) & (labels < old_logits.shape[1])
-    return labels.masked_fill(old & (old_logits.argmax(1) != labels), IGNORE)
 
 
 class Joint(FineTuning):

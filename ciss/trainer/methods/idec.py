@@ -12,7 +12,9 @@ Step 0: plain cross-entropy (BCE under "sigmoid"). Steps t > 0, each part switch
   (summed over processes); the other background pixels are unknown: ignored in the CE, or with
   unknown = "not_new" given MiB's "none of this step's classes" term. New-class ground truth is never
   overwritten. With pseudo_targets = "soft" a pseudo-labelled pixel's target is the old model's scores
-  over the old classes (0 for the new ones) instead of its argmax.
+  over the old classes (0 for the new ones) instead of its argmax. old_labels = "agreed" is a
+  reference, not the method: on data.labels = "seen" the gate is replaced by the best any gate could
+  be, the old model's call kept wherever it is right and the pixel unknown wherever it is wrong.
 - feature_kd: DADA, a distance between the old and the new model's raw features of stage1..3 and of
   the ASPP output (no trainable adapter in between, which could absorb the drift), per-layer weights,
   the stage weights times feature_decay ** progress.
@@ -38,8 +40,9 @@ from torch import nn
 from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, saved
-from ciss.trainer.methods.losses import (ACTIVATIONS, PSEUDO_TARGETS, REDUCTIONS, UNKNOWN_PIXELS, binary_cross_entropy,
-                                         class_scores, cross_entropy, outside_new_classes, pixel_binary_cross_entropy,
+from ciss.trainer.methods.losses import (ACTIVATIONS, PSEUDO_TARGETS, REDUCTIONS, UNKNOWN_PIXELS, agreed_labels,
+                                         binary_cross_entropy, class_scores, cross_entropy, outside_new_classes,
+                                         pixel_binary_cross_entropy,
                                          pixel_cross_entropy_not_new, pixel_soft_cross_entropy, reduce_pixels,
                                          sigmoid_kd, unbiased_kd)
 from ciss.trainer.methods.options import resolve_options
@@ -48,6 +51,7 @@ from ciss.trainer.models.features import DECODER, STAGES
 DECAYED = STAGES[:3]  # the backbone stages whose distillation decays with progress
 FEATURE_LAYERS = DECAYED + (DECODER,)  # option "<layer>_weight" weighs each
 FEATURE_DISTANCES = ("cosine", "channel_kd")
+OLD_LABELS = ("pseudo", "agreed")  # who labels the old classes: the gated old model, or the oracle gate (a reference)
 
 
 class LateConv1x1(nn.Module):
@@ -173,6 +177,7 @@ class IDEC(Method):
         "pseudo": True,
         "unknown": "ignore",
         "pseudo_targets": "hard",
+        "old_labels": "pseudo",
         "feature_kd": True,
         "logit_kd": True,
         "contrast": True,
@@ -195,7 +200,7 @@ class IDEC(Method):
     }
     choices: dict[str, tuple[str, ...]] = {"reduction": REDUCTIONS, "feature_distance": FEATURE_DISTANCES,
                                            "unknown": UNKNOWN_PIXELS, "activation": ACTIVATIONS,
-                                           "pseudo_targets": PSEUDO_TARGETS}
+                                           "pseudo_targets": PSEUDO_TARGETS, "old_labels": OLD_LABELS}
 
     def __init__(self, **options: Any):
         super().__init__(**resolve_options(self.name, self.defaults, options, self.choices))
@@ -211,6 +216,11 @@ class IDEC(Method):
         _require(o["pseudo_targets"] == "hard" or o["pseudo"], "pseudo_targets",
                  "needs idec.pseudo (it says what the pseudo-labels ask for): drop --no idec.pseudo, "
                  "or leave it at \"hard\"", o["pseudo_targets"])
+        _require(o["old_labels"] == "pseudo" or o["pseudo"], "old_labels",
+                 "needs idec.pseudo (it says where the pseudo-labels come from): drop --no idec.pseudo, "
+                 "or leave it at \"pseudo\"", o["old_labels"])
+        # The oracle gate reads the old classes' true labels, which only data.labels = "seen" loads.
+        self.needs_seen_labels = o["old_labels"] == "agreed"
         _require(0 <= o["threshold_momentum"] < 1, "threshold_momentum", "must be in [0, 1)", o["threshold_momentum"])
         for key in ("feature_decay", "kd_alpha", "contrast_temperature", "contrast_dim"):
             _require(o[key] > 0, key, "must be positive", o[key])
@@ -243,7 +253,7 @@ class IDEC(Method):
         for conv in self.projections.modules():
             if isinstance(conv, LateConv1x1):  # the contrast head reads the ASPP output; its hidden layer is as wide
                 conv.build(ctx.model.head.in_channels if incremental else 0, ctx.device)
-        use_thresholds = incremental and (o["pseudo"] or o["contrast"])
+        use_thresholds = incremental and (o["pseudo"] or o["contrast"]) and o["old_labels"] == "pseudo"
         self.thresholds = torch.full((ctx.n_old,), o["threshold_init"], device=ctx.device) if use_thresholds else None
 
     def incremental_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
@@ -251,7 +261,9 @@ class IDEC(Method):
         logits, labels = batch.out.logits, batch.labels
         old, n_old, n_total = batch.old_logits, batch.n_old, logits.shape[1]
         regions, unknown = None, None
-        if self.thresholds is not None:
+        if o["old_labels"] == "agreed":
+            regions = agreed_labels(labels, old, fill=n_total, background=True)
+        elif self.thresholds is not None:
             self._update_thresholds(old, labels)
             regions = region_labels(labels, old, self.thresholds.clamp(min=o["threshold_floor"]), unknown=n_total,
                                     activation=self.activation)

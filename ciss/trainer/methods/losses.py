@@ -203,6 +203,17 @@ def unlabelled_background(labels: torch.Tensor, target: torch.Tensor, n_old: int
     return (labels < n_old) & (labels != IGNORE) & (target == IGNORE)
 
 
+def agreed_labels(labels: torch.Tensor, old_logits: torch.Tensor, fill: int = IGNORE,
+                  background: bool = False) -> torch.Tensor:
+    """`labels` (data.labels = "seen": old classes carry their true ids) with each old-class pixel
+    (1 <= id < the old model's channels; 0 too with `background`) set to `fill` where the old model's
+    argmax is another class. What is left is the most any confidence gate on that model's calls can
+    hand a step: its right calls, none of its wrong ones. New classes and 255 are kept."""
+    first = 0 if background else 1
+    old = (labels >= first) & (labels < old_logits.shape[1])
+    return labels.masked_fill(old & (old_logits.argmax(1) != labels), fill)
+
+
 def outside_new_classes(labels: torch.Tensor, n_old: int) -> torch.Tensor:
     """Pixels not labelled with one of this step's classes: where the old model's view of a pixel
     does not contradict its label. A distillation masked with it leaves labelled new-class pixels to
