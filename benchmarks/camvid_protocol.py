@@ -151,10 +151,11 @@ def compare(results: dict[str, list[dict]], a: str, b: str) -> str:
 def verdict_pairs(results: dict[str, list[dict]], main_rows: list[str], ablated: list[str],
                   labelled: set[str]) -> list[tuple[str, str]]:
     """(proposed, baseline) rows to compare. A baseline's variant (mib-clip3: MiB with its gradients
-    clipped) is a baseline too, but not FT given the old classes' labels (`labelled`, a reference);
-    an ablated variant run over several seeds is a candidate (is GSC better without a part?)."""
+    clipped) is a baseline too, but not a run given the old classes' labels (`labelled`, a reference,
+    whichever method trained it); an ablated variant run over several seeds is a candidate (is GSC
+    better without a part?)."""
     baselines = [b for b in main_rows if b.split("-")[0] in BASELINES and b != REFERENCE and b not in labelled]
-    candidates = main_rows + [n for n in ablated if len(results[n]) > 1]
+    candidates = [n for n in main_rows if n not in labelled] + [n for n in ablated if len(results[n]) > 1]
     return [(p, b) for p in candidates if p.split("-")[0] in PROPOSED for b in baselines]
 
 
@@ -363,7 +364,7 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
                  "labelled on the step's images (`data.labels = \"seen\"`), not class-incremental: the labels "
                  "that perfect pseudo-labelling would give." if seen else "") + (
                  f" {', '.join(f'`{n}`' for n in agreed)}: trained with each old class's label kept only where "
-                 "the old model's argmax gives that class (`--opt ft.old_labels=agreed`, `data.labels = "
+                 "the old model's argmax gives that class (method option `old_labels = \"agreed\"`, `data.labels = "
                  "\"seen\"`), not class-incremental: the labels that a pseudo-label gate which never kept a "
                  "wrong call would give." if agreed else "") + (
                  f" Step 0 of the class-incremental rows: `--method {args.base.replace(':', ' ', 1)}`."
