@@ -249,9 +249,10 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
         raise CissError(f"method '{name}' with these options gates the old classes' true labels, which "
                         "data.labels = \"step\" does not load; add --set data.labels=seen")
     if cfg["data"]["labels"] == "seen" and built.uses_old_model and not built.needs_seen_labels:
+        gate = f" (or --opt {name}.old_labels=agreed, a reference)" if "old_labels" in built.options else ""
         raise CissError(f"data.labels = \"seen\" labels the old classes, but method '{name}' reads every old-class "
                         "label as background (it is built for data without them), so they would be lost; "
-                        "use it with --method ft, or --method idec --opt idec.old_labels=agreed")
+                        f"use it with --method ft{gate}")
 
     d = cfg["data"]
     info = open_dataset(d["kind"] or None, Path(d["root"]) if d["root"] else None, d["train_split"], **d["options"]).info

@@ -20,7 +20,8 @@ from ciss.trainer.methods import build_method
 from ciss.trainer.methods.base import StepContext, TrainBatch
 from ciss.trainer.methods.gsc import (_class_feature_sums, compensation_weights, entropy_sharpening,
                                       prototype_relabel, relation_distillation, soft_sharp_distillation)
-from ciss.trainer.methods.losses import cross_entropy, pixel_cross_entropy, pseudo_label, reduce_pixels
+from ciss.trainer.methods.losses import (accepted_share, agreed_labels, cross_entropy, pixel_cross_entropy,
+                                         pseudo_label, reduce_pixels)
 from ciss.trainer.models.outputs import Outputs
 from conftest import write_config
 from method_fixtures import N_OLD, N_TOTAL, classmap, images, labels, step0_labels
@@ -481,6 +482,33 @@ def test_unknown_kd_distils_the_pixels_both_tests_leave_unlabelled():
     assert torch.equal(touched, unknown)
     with pytest.raises(CissError, match="unknown_kd_weight.*must not be negative"):
         build_method("plop", {"unknown_kd_weight": -1.0})
+
+
+def test_agreed_old_labels_replace_both_tests():
+    """old_labels = "agreed" (a reference on data.labels = "seen"): no thresholds or prototypes are
+    estimated; the CE reads the old model's call where it is the true class and ignores the rest, ν is
+    the share kept, and the unknown KD covers exactly the wrong calls. Refused without pseudo."""
+    opts = {"compensation": False, "soft": False, "sharp": False, "relation": False, "pod": False,
+            "old_labels": "agreed", "unknown_kd_weight": 10.0}
+    m = build_method("gsc", opts)
+    assert m.needs_seen_labels and not build_method("gsc", {}).needs_seen_labels
+    m.prepare(context())
+    assert m.thresholds is None and m.prototypes is None and m.feature_names == ()
+    out, old = outputs(N_TOTAL, True, 1), outputs(N_OLD, False, 2)
+    y = labels()
+    y[0, 5:, :3] = 1  # old classes as data.labels = "seen" gives them
+    y[1, 6:, :2] = 2
+    terms = m.losses(TrainBatch(images(0), y, out, old))
+    target = agreed_labels(y, old.logits, background=True)
+    wrong = (y < N_OLD) & (target == 255)
+    assert wrong.any() and ((target >= 1) & (target < N_OLD)).any()  # both kinds of old-class pixel occur
+    nu = accepted_share(y, target, N_OLD, 1.0)
+    per_pixel = pixel_cross_entropy(out.logits, target) * nu[:, None, None]
+    assert terms["ce"].item() == pytest.approx(reduce_pixels(per_pixel, target != 255, "all").item(), rel=1e-6)
+    terms["unknown_kd"].backward()
+    assert torch.equal(out.logits.grad.abs().sum(1) > 0, wrong)
+    with pytest.raises(CissError, match="old_labels.*needs gsc.pseudo.*--no gsc.pseudo"):
+        build_method("gsc", {"old_labels": "agreed", "pseudo": False})
 
 
 def test_soft_and_sharp_keep_fbls_one_over_c():

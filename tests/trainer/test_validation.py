@@ -128,9 +128,10 @@ def test_method_option_refuses(workdir: Path, method: str, option: str, value: s
 def test_seen_labels_refuse_methods_that_merge_old_labels_into_background(workdir: Path, method: str):
     line = refused(workdir, "--method", method, "--set", "data.labels=\"seen\"")
     assert f"method '{method}'" in line and "--method ft" in line, line
+    assert (f"--opt {method}.old_labels=agreed" in line) == (method in ("gsc", "idec")), line
 
 
-@pytest.mark.parametrize("method", ["ft", "idec"])
+@pytest.mark.parametrize("method", ["ft", "gsc", "idec"])
 def test_agreed_old_labels_refuse_step_labels(workdir: Path, method: str):
     line = refused(workdir, "--method", method, "--opt", f"{method}.old_labels=agreed")
     assert f"method '{method}'" in line and "--set data.labels=seen" in line, line

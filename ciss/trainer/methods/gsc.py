@@ -19,6 +19,9 @@ Step 0: plain cross-entropy. Steps t > 0, every part switchable by an option:
   sharp: entropy sharpening; both divided by the number of classes as FBL's are; relation:
   class-mean old-class distributions match the old model's.
 - pod: PLOP's Local POD.
+old_labels = "agreed" is a reference, not the method: on data.labels = "seen" both tests are replaced
+by the best gate the old model allows, its call kept wherever it is right and ignored wherever it is
+wrong; ν is then the share kept.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import torch.nn.functional as F
 from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import StepContext, TrainBatch, restored, saved
-from ciss.trainer.methods.losses import (pixel_cross_entropy_not_new, plop_uncertainty, pseudo_label,
-                                         reduce_pixels)
+from ciss.trainer.methods.losses import (OLD_LABEL_SOURCES, accepted_share, agreed_labels,
+                                         pixel_cross_entropy_not_new, plop_uncertainty, pseudo_label, reduce_pixels)
 from ciss.trainer.methods.plop import PLOP, POD_FEATURES, POD_LOGITS
 from ciss.trainer.models.features import DECODER, STAGE4
 
@@ -183,8 +186,10 @@ class GSC(PLOP):
         "relation_weight": 0.5,
         "proto_feature": STAGE4,
         "proto_threshold": 0.5,
+        "old_labels": "pseudo",
     }
-    choices: dict[str, tuple[str, ...]] = {**PLOP.choices, "proto_feature": PROTO_FEATURES}
+    choices: dict[str, tuple[str, ...]] = {**PLOP.choices, "proto_feature": PROTO_FEATURES,
+                                           "old_labels": OLD_LABEL_SOURCES}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -199,6 +204,11 @@ class GSC(PLOP):
         if not -1.0 <= o["proto_threshold"] <= 1.0:
             raise CissError(f"option 'proto_threshold' of method 'gsc' is a cosine, in [-1, 1]; "
                             f"got {o['proto_threshold']}")
+        if o["old_labels"] == "agreed" and not o["pseudo"]:
+            raise CissError("option 'old_labels' of method 'gsc' needs gsc.pseudo (it replaces the pseudo-labels' "
+                            "gate): drop --no gsc.pseudo, or leave it at \"pseudo\"")
+        # The oracle gate reads the old classes' true labels, which only data.labels = "seen" loads.
+        self.needs_seen_labels = self.agreed = o["old_labels"] == "agreed"
         self.prototypes: torch.Tensor | None = None  # (n_old, D) float32 on the CPU, unit or zero rows
         self._class_steps: torch.Tensor | None = None
         self._proto_cache: torch.Tensor | None = None
@@ -212,7 +222,7 @@ class GSC(PLOP):
         # PLOP._pod reads its layers from feature_names; the prototype feature is one of them.
         if self._uses_pod():
             return POD_FEATURES + (POD_LOGITS,)
-        return (self.options["proto_feature"],) if self.options["pseudo"] else ()
+        return (self.options["proto_feature"],) if self.options["pseudo"] and not self.agreed else ()
 
     def setup(self, ctx: StepContext) -> None:
         super().setup(ctx)
@@ -224,7 +234,9 @@ class GSC(PLOP):
         self.prototypes = None
 
     def estimate(self, ctx: StepContext) -> None:
-        """PLOP's thresholds, then the prototypes they select pixels for."""
+        """PLOP's thresholds, then the prototypes they select pixels for (neither under the oracle gate)."""
+        if self.agreed:
+            return
         super().estimate(ctx)
         if self.options["pseudo"] and self.prototypes is None:
             self.prototypes = self.estimate_prototypes(ctx)
@@ -273,11 +285,15 @@ class GSC(PLOP):
         if self._class_steps is None or self._class_steps.numel() != n_total:
             raise RuntimeError("GSC was not prepared for this step's classes: call prepare() before losses()")
         mode = self.mode
-        # ν is PLOP's: the share of background pixels the entropy test accepts, before the prototype
-        # test; pixels that test rejects are ignored by the CE, and need not shrink the image's loss.
-        target, nu = pseudo_label(labels, old, self._tau(n_old, logits.device), n_total, mode,
-                                  empty_factor=1.0 if mode == "median" else 0.0)
-        if o["pseudo"]:
+        if self.agreed:
+            target = agreed_labels(labels, old, background=True)
+            nu = accepted_share(labels, target, n_old, empty_factor=1.0)
+        else:
+            # ν is PLOP's: the share of background pixels the entropy test accepts, before the prototype
+            # test; pixels that test rejects are ignored by the CE, and need not shrink the image's loss.
+            target, nu = pseudo_label(labels, old, self._tau(n_old, logits.device), n_total, mode,
+                                      empty_factor=1.0 if mode == "median" else 0.0)
+        if o["pseudo"] and not self.agreed:
             target = prototype_relabel(labels, target, old, self._old_feature(batch), self._protos(logits.device),
                                        o["proto_threshold"])
         if o["compensation"]:

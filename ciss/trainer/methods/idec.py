@@ -40,7 +40,8 @@ from torch import nn
 from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, saved
-from ciss.trainer.methods.losses import (ACTIVATIONS, PSEUDO_TARGETS, REDUCTIONS, UNKNOWN_PIXELS, agreed_labels,
+from ciss.trainer.methods.losses import (ACTIVATIONS, OLD_LABEL_SOURCES, PSEUDO_TARGETS, REDUCTIONS, UNKNOWN_PIXELS,
+                                         agreed_labels,
                                          binary_cross_entropy, class_scores, cross_entropy, outside_new_classes,
                                          pixel_binary_cross_entropy,
                                          pixel_cross_entropy_not_new, pixel_soft_cross_entropy, reduce_pixels,
@@ -51,7 +52,6 @@ from ciss.trainer.models.features import DECODER, STAGES
 DECAYED = STAGES[:3]  # the backbone stages whose distillation decays with progress
 FEATURE_LAYERS = DECAYED + (DECODER,)  # option "<layer>_weight" weighs each
 FEATURE_DISTANCES = ("cosine", "channel_kd")
-OLD_LABELS = ("pseudo", "agreed")  # who labels the old classes: the gated old model, or the oracle gate (a reference)
 
 
 class LateConv1x1(nn.Module):
@@ -200,7 +200,7 @@ class IDEC(Method):
     }
     choices: dict[str, tuple[str, ...]] = {"reduction": REDUCTIONS, "feature_distance": FEATURE_DISTANCES,
                                            "unknown": UNKNOWN_PIXELS, "activation": ACTIVATIONS,
-                                           "pseudo_targets": PSEUDO_TARGETS, "old_labels": OLD_LABELS}
+                                           "pseudo_targets": PSEUDO_TARGETS, "old_labels": OLD_LABEL_SOURCES}
 
     def __init__(self, **options: Any):
         super().__init__(**resolve_options(self.name, self.defaults, options, self.choices))

@@ -31,6 +31,9 @@ REDUCTIONS = ("valid", "all")
 UNKNOWN_PIXELS = ("ignore", "not_new")  # what a CE makes of a background pixel pseudo-labelling leaves unlabelled
 PSEUDO_TARGETS = ("hard", "soft")  # what a CE asks of a pseudo-labelled pixel: the old argmax, or the old scores
 ACTIVATIONS = ("softmax", "sigmoid")  # what a method trains the logits as: one distribution, or a score per class
+# Who labels the old classes on new data: the method's gated old model, or the best possible gate on
+# it (`agreed_labels`; a reference on data.labels = "seen", not class-incremental).
+OLD_LABEL_SOURCES = ("pseudo", "agreed")
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -384,10 +387,17 @@ def pseudo_label(labels: torch.Tensor, old_logits: torch.Tensor, thresholds: tor
         accept = background & (u < tau)
         out = torch.where(accept, pred, labels)
         out = torch.where(background & ~accept, torch.full_like(labels, IGNORE), out)
-        n_bg = background.flatten(1).sum(dim=1).float()
-        nu = accept.flatten(1).sum(dim=1).float() / (n_bg + 1e-6)
-        nu = torch.where(n_bg > 0, nu, torch.full_like(nu, float(empty_factor)))
-    return out, nu
+    return out, accepted_share(labels, out, n_old, empty_factor)
+
+
+@torch.no_grad()
+def accepted_share(labels: torch.Tensor, target: torch.Tensor, n_old: int, empty_factor: float = 0.0) -> torch.Tensor:
+    """PLOP's adaptive factor ν (N,): the share of each image's background pixels (label < n_old, not
+    255) that relabelling left labelled in `target`, `empty_factor` for an image without any."""
+    background = (labels < n_old) & (labels != IGNORE)
+    n_bg = background.flatten(1).sum(dim=1).float()
+    nu = (background & (target != IGNORE)).flatten(1).sum(dim=1).float() / (n_bg + 1e-6)
+    return torch.where(n_bg > 0, nu, torch.full_like(nu, float(empty_factor)))
 
 
 # --- Local POD ---------------------------------------------------------------------------------
