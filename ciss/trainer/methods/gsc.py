@@ -284,18 +284,18 @@ class GSC(PLOP):
         old, n_old, n_total = batch.old_logits, batch.n_old, logits.shape[1]
         if self._class_steps is None or self._class_steps.numel() != n_total:
             raise RuntimeError("GSC was not prepared for this step's classes: call prepare() before losses()")
-        mode = self.mode
         if self.agreed:
             target = agreed_labels(labels, old, background=True)
             nu = accepted_share(labels, target, n_old, empty_factor=1.0)
         else:
             # ν is PLOP's: the share of background pixels the entropy test accepts, before the prototype
             # test; pixels that test rejects are ignored by the CE, and need not shrink the image's loss.
+            mode = self.mode
             target, nu = pseudo_label(labels, old, self._tau(n_old, logits.device), n_total, mode,
                                       empty_factor=1.0 if mode == "median" else 0.0)
-        if o["pseudo"] and not self.agreed:
-            target = prototype_relabel(labels, target, old, self._old_feature(batch), self._protos(logits.device),
-                                       o["proto_threshold"])
+            if o["pseudo"]:
+                target = prototype_relabel(labels, target, old, self._old_feature(batch),
+                                           self._protos(logits.device), o["proto_threshold"])
         if o["compensation"]:
             weights = compensation_weights(logits, target, self._class_steps, self.ctx.step,
                                            o["compensate_background"], (o["compensation_min"], o["compensation_max"]))

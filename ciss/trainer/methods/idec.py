@@ -41,11 +41,9 @@ from ciss.classmap import IGNORE
 from ciss.errors import CissError
 from ciss.trainer.methods.base import Method, StepContext, TrainBatch, saved
 from ciss.trainer.methods.losses import (ACTIVATIONS, OLD_LABEL_SOURCES, PSEUDO_TARGETS, REDUCTIONS, UNKNOWN_PIXELS,
-                                         agreed_labels,
-                                         binary_cross_entropy, class_scores, cross_entropy, outside_new_classes,
-                                         pixel_binary_cross_entropy,
-                                         pixel_cross_entropy_not_new, pixel_soft_cross_entropy, reduce_pixels,
-                                         sigmoid_kd, unbiased_kd)
+                                         agreed_labels, binary_cross_entropy, class_scores, cross_entropy,
+                                         outside_new_classes, pixel_binary_cross_entropy, pixel_cross_entropy_not_new,
+                                         pixel_soft_cross_entropy, reduce_pixels, sigmoid_kd, unbiased_kd)
 from ciss.trainer.methods.options import resolve_options
 from ciss.trainer.models.features import DECODER, STAGES
 
@@ -220,7 +218,7 @@ class IDEC(Method):
                  "needs idec.pseudo (it says where the pseudo-labels come from): drop --no idec.pseudo, "
                  "or leave it at \"pseudo\"", o["old_labels"])
         # The oracle gate reads the old classes' true labels, which only data.labels = "seen" loads.
-        self.needs_seen_labels = o["old_labels"] == "agreed"
+        self.needs_seen_labels = self.agreed = o["old_labels"] == "agreed"
         _require(0 <= o["threshold_momentum"] < 1, "threshold_momentum", "must be in [0, 1)", o["threshold_momentum"])
         for key in ("feature_decay", "kd_alpha", "contrast_temperature", "contrast_dim"):
             _require(o[key] > 0, key, "must be positive", o[key])
@@ -253,7 +251,7 @@ class IDEC(Method):
         for conv in self.projections.modules():
             if isinstance(conv, LateConv1x1):  # the contrast head reads the ASPP output; its hidden layer is as wide
                 conv.build(ctx.model.head.in_channels if incremental else 0, ctx.device)
-        use_thresholds = incremental and (o["pseudo"] or o["contrast"]) and o["old_labels"] == "pseudo"
+        use_thresholds = incremental and (o["pseudo"] or o["contrast"]) and not self.agreed
         self.thresholds = torch.full((ctx.n_old,), o["threshold_init"], device=ctx.device) if use_thresholds else None
 
     def incremental_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
@@ -261,7 +259,7 @@ class IDEC(Method):
         logits, labels = batch.out.logits, batch.labels
         old, n_old, n_total = batch.old_logits, batch.n_old, logits.shape[1]
         regions, unknown = None, None
-        if o["old_labels"] == "agreed":
+        if self.agreed:
             regions = agreed_labels(labels, old, fill=n_total, background=True)
         elif self.thresholds is not None:
             self._update_thresholds(old, labels)
