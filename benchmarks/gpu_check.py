@@ -2,12 +2,13 @@
 
 Device time is scarce and the CPU machine cannot run any of it, so every check is here, small and
 bounded: a training step with AMP against fp32 (s/iter, peak memory, loss finite); a `torchrun` NCCL
-step with one process; the runtime's model under torch on CUDA on the dash-cam clip (FPS, masks
-against ONNX Runtime on the CPU); ONNX Runtime's CUDA provider when its libraries load (else the
-reason); the float16 export against fp32. A failing check is a row with its reason, not an abort.
+step with one process; `ciss learn` itself on CUDA (torchrun, NCCL, AMP; an FT, a GSC and an IDEC step);
+the runtime's model under torch on CUDA on the dash-cam clip (FPS, masks against ONNX Runtime on the
+CPU); ONNX Runtime's CUDA provider when its libraries load (else the reason); the float16 export
+against fp32. A failing check is a row with its reason, not an abort.
 Without a CUDA GPU it prints "no CUDA GPU: skipped" and exits 0.
 
-    python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py [--clip VIDEO]
 """
 
 from __future__ import annotations
@@ -96,7 +97,47 @@ def torchrun_step() -> Row:
     return "torchrun NCCL, 1 process", "ok" if ok else "FAIL", detail[:160]
 
 
-def clip_inputs(n: int) -> list[np.ndarray]:
+LEARN_CONFIG = """seed = 0
+[model]
+preset = "tiny"
+[data.options]
+size = 48
+[train]
+batch_size = 8
+crop = 48
+epochs = 2
+epochs_next = 2
+amp = true
+workers = 1
+"""
+LEARN_STEPS = (["--classes", "sky,grass,water,disk", "--method", "ft"], ["--new-classes", "box", "--method", "gsc"],
+               ["--new-classes", "ring", "--method", "idec"])
+
+
+def learn_on_cuda(work: Path) -> Row:
+    """The trainer's own CUDA path (DDP over NCCL, AMP's scaler, the methods' old-model passes), which
+    a bare training step does not reach: three steps on the synthetic scenes through torchrun."""
+    import json
+
+    config = work / "learn.toml"
+    config.write_text(LEARN_CONFIG)
+    walls, scores = [], []
+    for args in LEARN_STEPS:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+               "ciss.apps.cli", "--", "learn", "--run", str(work / "run"), "--config", str(config), "--device", "cuda",
+               *args]
+        t = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        if out.returncode != 0:
+            return "ciss learn on CUDA", "FAIL", f"{args[-1]}: " + (out.stderr.strip().splitlines() or ["?"])[-1][:140]
+        walls.append(time.perf_counter() - t)
+        manifest = json.loads((work / "run" / f"step-{len(walls) - 1}" / "manifest.json").read_text())
+        scores.append(100 * manifest["metrics"]["miou_all"])
+    steps = ", ".join(f"{a[-1]} {s:.1f} mIoU in {w:.0f} s" for a, s, w in zip(LEARN_STEPS, scores, walls))
+    return "ciss learn on CUDA (torchrun NCCL, AMP)", "ok", steps
+
+
+def clip_inputs(clip: Path, n: int) -> list[np.ndarray]:
     """The clip's first `n` frames as network inputs (the exporter's pre-processing, which the
     runtime's matches: resize, RGB, ImageNet normalisation)."""
     import cv2
@@ -106,10 +147,12 @@ def clip_inputs(n: int) -> list[np.ndarray]:
     from ciss.trainer.data.transforms import Normalise
 
     normalise = Normalise(IMAGENET.mean, IMAGENET.std)
-    capture = cv2.VideoCapture(str(CLIP))
+    capture = cv2.VideoCapture(str(clip))
     inputs = []
     while len(inputs) < n and (frame := capture.read()[1]) is not None:
         inputs.append(to_input(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), SIZE, normalise))
+    if not inputs:
+        raise FileNotFoundError(f"no frames read from {clip} (give the clip with --clip)")
     return inputs
 
 
@@ -124,7 +167,7 @@ def fps_of(run: Callable[[np.ndarray], np.ndarray], inputs: list[np.ndarray]) ->
     return len(inputs) / (time.perf_counter() - t), masks
 
 
-def runtime_checks(work: Path, frames: int) -> list[Row]:
+def runtime_checks(work: Path, clip: Path, frames: int) -> list[Row]:
     """torch on CUDA, ONNX Runtime's CUDA provider and the float16 graph, each against ORT on the CPU."""
     import onnxruntime as ort
     import torch
@@ -140,10 +183,10 @@ def runtime_checks(work: Path, frames: int) -> list[Row]:
     fp32_path, fp16_path = work / "model.onnx", work / "model.fp16.onnx"
     onnx_export.save_checked(onnx_export.add_tail(graph, "mask"), fp32_path)
     to_float16(fp32_path, fp16_path)
-    inputs = clip_inputs(frames)
+    inputs = clip_inputs(clip, frames)
     cpu = cpu_session(str(fp32_path))
     cpu_fps, cpu_masks = fps_of(lambda x: cpu.run(None, {"images": x})[0], inputs)
-    rows: list[Row] = [("ORT CPU fp32 (reference)", "ok", f"{cpu_fps:.1f} FPS on {len(inputs)} frames of {CLIP.name}")]
+    rows: list[Row] = [("ORT CPU fp32 (reference)", "ok", f"{cpu_fps:.1f} FPS on {len(inputs)} frames of {clip.name}")]
 
     cuda_model = model.cuda()
     with torch.no_grad():
@@ -189,6 +232,8 @@ def safely(name: str, check: Callable[[], Any]) -> list[Row]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=100, help="clip frames for the runtime checks")
+    ap.add_argument("--clip", type=Path, default=CLIP, help="the video the runtime checks read (default: the "
+                                                            "dash-cam clip in ../shared/data/videos)")
     ap.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ddp_worker:
@@ -204,7 +249,8 @@ def main() -> int:
             *safely("train step AMP fp16", lambda: train_step(amp=True)),
             *safely("torchrun NCCL, 1 process", torchrun_step)]
     with tempfile.TemporaryDirectory(prefix="ciss-gpu-check-") as tmp:
-        rows += safely("runtime on CUDA", lambda: runtime_checks(Path(tmp), args.frames))
+        rows += safely("ciss learn on CUDA", lambda: learn_on_cuda(Path(tmp)))
+        rows += safely("runtime on CUDA", lambda: runtime_checks(Path(tmp), args.clip, args.frames))
     print(f"# GPU check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"{time.perf_counter() - started:.0f} s\n")
     print("| check | result | detail |\n|---|---|---|")
