@@ -329,15 +329,6 @@ def main() -> None:
 
 def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old: list[str], new: list[str],
                    commands: list[str], failed: dict[str, str]) -> None:
-    def agg(name: str, key: str) -> str:
-        vals = [r[key] for r in results[name] if r[key] is not None]
-        if len(vals) < 2:
-            return pct(vals[0]) if vals else "-"
-        return f"{pct(statistics.mean(vals))} ± {100 * statistics.stdev(vals):.1f}"
-
-    def mean_all(name: str) -> float:
-        return statistics.mean(r["all"] for r in results[name])
-
     ablated = [n for n in results if "-no-" in n]
     main_rows = sorted((n for n in results if n not in ablated), key=lambda n: ORDER.index(n) if n in ORDER else 99)
     seeds = sorted({r["seed"] for rows in results.values() for r in rows})
@@ -374,8 +365,8 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
         walls = [r["wall_s"] for r in results[n] if r.get("wall_s")]
         wall = f"{statistics.mean(walls):.0f}" if walls else "-"
         verdict = "best" if n == best else compare(results, n, best) if best and n != REFERENCE else ""
-        lines.append(f"| {n} | {len(results[n])} | {agg(n, 'old')} | {agg(n, 'new')} | {agg(n, 'new_learnable')} | "
-                     f"{agg(n, 'all')} | {verdict} | {wall} |")
+        cells = [mean_std(results, n, k) for k in ("old", "new", "new_learnable", "all")]
+        lines.append(f"| {n} | {len(results[n])} | {' | '.join(cells)} | {verdict} | {wall} |")
     if failed:
         lines += ["", "Runs that did not finish (no row above):", ""]
         lines += [f"- {name}: {why}" for name, why in sorted(failed.items())]
@@ -404,24 +395,43 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
         pc = next((r["per_class"] for r in results[n] if r["seed"] == first), None)
         if pc is not None:
             lines.append(f"| {n} | " + " | ".join(pct(pc.get(c)) for c in old + new) + " |")
-    if ablated:
-        lines += ["", "Ablation: each component switched off alone (`--no METHOD.COMPONENT`); Δ all = change "
-                  "of all-mIoU against the full method over the same seeds.", "",
-                  "| run | seeds | old | new | all | Δ all |", "|---|---|---|---|---|---|"]
-        for m in COMPONENTS:
-            rows = [n for n in ablated if n.startswith(f"{m}-no-")]
-            if not rows or m not in results:
-                continue
-            lines.append(f"| {m} (full) | {len(results[m])} | {agg(m, 'old')} | {agg(m, 'new')} | {agg(m, 'all')} | |")
-            for n in sorted(rows, key=lambda n: COMPONENTS[m].index(n.split("-no-")[1])):
-                seeds_n = {r["seed"] for r in results[n]}
-                full = statistics.mean(r["all"] for r in results[m] if r["seed"] in seeds_n)
-                lines.append(f"| {n} | {len(results[n])} | {agg(n, 'old')} | {agg(n, 'new')} | {agg(n, 'all')} | "
-                             f"{100 * (mean_all(n) - full):+.1f} |")
+    lines += ablation_table(results, ablated)
     lines += ["", "Config: `config.toml` beside this file. Commands, in the order they were started:", "",
               "```"] + commands + ["```", ""]
     (args.out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def mean_std(results: dict[str, list[dict]], name: str, key: str) -> str:
+    """A cell: the mean (%) over seeds, ± the sample std once there are two."""
+    vals = [r[key] for r in results[name] if r[key] is not None]
+    if len(vals) < 2:
+        return pct(vals[0]) if vals else "-"
+    return f"{pct(statistics.mean(vals))} ± {100 * statistics.stdev(vals):.1f}"
+
+
+def ablation_table(results: dict[str, list[dict]], ablated: list[str]) -> list[str]:
+    """Each `FULL-no-COMPONENT` run against the run named FULL, over the seeds both have: a method's
+    ablation (`--ablate`) and that of any variant, such as a method under the best gate. Components in
+    COMPONENTS' order where FULL names a method there, else by name; Δ all per seed, then averaged."""
+    fulls = sorted({n.rsplit("-no-", 1)[0] for n in ablated} & set(results))
+    if not fulls:
+        return []
+    lines = ["", "Ablation: each component switched off alone (`--no METHOD.COMPONENT`); Δ all = change of "
+             "all-mIoU against the full run over the same seeds.", "",
+             "| run | seeds | old | new | all | Δ all |", "|---|---|---|---|---|---|"]
+    for full in fulls:
+        order = COMPONENTS.get(full.split("-")[0], ())
+        parts = {n: n.rsplit("-no-", 1)[1] for n in ablated if n.rsplit("-no-", 1)[0] == full}
+        cells = [mean_std(results, full, k) for k in ("old", "new", "all")]
+        lines.append(f"| {full} (full) | {len(results[full])} | {' | '.join(cells)} | |")
+        base = {r["seed"]: r["all"] for r in results[full]}
+        for n in sorted(parts, key=lambda n: (order.index(parts[n]) if parts[n] in order else len(order), parts[n])):
+            deltas = [r["all"] - base[r["seed"]] for r in results[n] if r["seed"] in base]
+            delta = f"{100 * statistics.mean(deltas):+.1f}" if deltas else "-"
+            cells = [mean_std(results, n, k) for k in ("old", "new", "all")]
+            lines.append(f"| {n} | {len(results[n])} | {' | '.join(cells)} | {delta} |")
+    return lines
 
 
 def plasticity_table(results: dict[str, list[dict]], rows: list[str], classes: list[str]) -> list[str]:

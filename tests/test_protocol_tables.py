@@ -7,7 +7,7 @@ import sys
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from camvid_protocol import plasticity_table, spillover_table, verdict_pairs  # noqa: E402
+from camvid_protocol import ablation_table, plasticity_table, spillover_table, verdict_pairs  # noqa: E402
 
 
 def row(seed: int, learned: dict[str, float], kept: dict[str, float]) -> dict:
@@ -52,3 +52,22 @@ def test_spillover_table_sums_the_new_classes_and_names_the_largest_over_seeds()
     # building: fence 0.08 + car 0.03 = 11 %, fence the largest; road: car 0.02
     assert lines[5:] == ["| idec | 11.0 (fence 8.0) | 2.0 (car 2.0) |"]
     assert spillover_table({"ft": [{"seed": 0, "taken": None}]}, ["ft"], ["building"]) == []
+
+
+def test_ablation_table_compares_each_run_with_its_own_full_run_over_shared_seeds():
+    def r(seed: int, all_: float) -> dict:
+        return {"seed": seed, "old": 0.6, "new": 0.2, "all": all_}
+    results = {"idec": [r(0, 0.44)], "idec-no-contrast": [r(0, 0.43)], "idec-no-feature_kd": [r(0, 0.45)],
+               "idec-agreed": [r(0, 0.47), r(1, 0.46)],
+               "idec-agreed-no-feature_kd": [r(0, 0.48), r(1, 0.48), r(2, 0.50)],  # seed 2: no full run
+               "gsc-no-pod": [r(0, 0.41)]}  # its full run is missing: no row
+    lines = ablation_table(results, ["idec-no-contrast", "idec-no-feature_kd", "idec-agreed-no-feature_kd",
+                                     "gsc-no-pod"])
+    assert lines[5:] == [
+        "| idec (full) | 1 | 60.0 | 20.0 | 44.0 | |",
+        "| idec-no-feature_kd | 1 | 60.0 | 20.0 | 45.0 | +1.0 |",  # COMPONENTS' order, not the name's
+        "| idec-no-contrast | 1 | 60.0 | 20.0 | 43.0 | -1.0 |",
+        "| idec-agreed (full) | 2 | 60.0 ± 0.0 | 20.0 ± 0.0 | 46.5 ± 0.7 | |",
+        "| idec-agreed-no-feature_kd | 3 | 60.0 ± 0.0 | 20.0 ± 0.0 | 48.7 ± 1.2 | +1.5 |",  # seeds 0 and 1: +1, +2
+    ]
+    assert ablation_table(results, ["gsc-no-pod"]) == []
