@@ -2,7 +2,7 @@
 
 Device time is scarce and the CPU machine cannot run any of it, so every check is here, small and
 bounded: a training step with AMP against fp32 (s/iter, peak memory, loss finite); a `torchrun` NCCL
-step with one process; `ciss learn` itself on CUDA (torchrun, NCCL, AMP; an FT, a GSC and an IDEC step);
+step with one process; `ciss learn` itself on CUDA (under torchrun, AMP; an FT, a GSC and an IDEC step);
 the runtime's model under torch on CUDA on the dash-cam clip (FPS, masks against ONNX Runtime on the
 CPU); ONNX Runtime's CUDA provider when its libraries load (else the reason); the float16 export
 against fp32. A failing check is a row with its reason, not an abort.
@@ -115,8 +115,9 @@ LEARN_STEPS = (["--classes", "sky,grass,water,disk", "--method", "ft"], ["--new-
 
 
 def learn_on_cuda(work: Path) -> Row:
-    """The trainer's own CUDA path (DDP over NCCL, AMP's scaler, the methods' old-model passes), which
-    a bare training step does not reach: three steps on the synthetic scenes through torchrun."""
+    """The trainer's own CUDA path (AMP's scaler, the methods' old-model passes), which a bare training
+    step does not reach: three steps on the synthetic scenes through torchrun. One process joins no
+    process group, so the trainer's DDP over NCCL needs a machine with two GPUs."""
     import json
 
     config = work / "learn.toml"
@@ -134,7 +135,7 @@ def learn_on_cuda(work: Path) -> Row:
         manifest = json.loads((work / "run" / f"step-{len(walls) - 1}" / "manifest.json").read_text())
         scores.append(100 * manifest["metrics"]["miou_all"])
     steps = ", ".join(f"{a[-1]} {s:.1f} mIoU in {w:.0f} s" for a, s, w in zip(LEARN_STEPS, scores, walls))
-    return "ciss learn on CUDA (torchrun NCCL, AMP)", "ok", steps
+    return "ciss learn on CUDA (torchrun, AMP)", "ok", steps
 
 
 def clip_inputs(clip: Path, n: int) -> list[np.ndarray]:
