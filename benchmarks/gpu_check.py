@@ -14,6 +14,7 @@ Without a CUDA GPU it prints "no CUDA GPU: skipped" and exits 0.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -118,8 +119,6 @@ def learn_on_cuda(work: Path) -> Row:
     """The trainer's own CUDA path (AMP's scaler, the methods' old-model passes), which a bare training
     step does not reach: three steps on the synthetic scenes through torchrun. One process joins no
     process group, so the trainer's DDP over NCCL needs a machine with two GPUs."""
-    import json
-
     config = work / "learn.toml"
     config.write_text(LEARN_CONFIG)
     walls, scores = [], []
