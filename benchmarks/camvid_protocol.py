@@ -329,7 +329,7 @@ def main() -> None:
 
 def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old: list[str], new: list[str],
                    commands: list[str], failed: dict[str, str]) -> None:
-    ablated = [n for n in results if "-no-" in n]
+    ablated = ablation_runs(results)
     main_rows = sorted((n for n in results if n not in ablated), key=lambda n: ORDER.index(n) if n in ORDER else 99)
     seeds = sorted({r["seed"] for rows in results.values() for r in rows})
     learnable = learnable_classes(results, new)
@@ -410,11 +410,17 @@ def mean_std(results: dict[str, list[dict]], name: str, key: str) -> str:
     return f"{pct(statistics.mean(vals))} ± {100 * statistics.stdev(vals):.1f}"
 
 
+def ablation_runs(results: dict[str, list[dict]]) -> list[str]:
+    """The `FULL-no-COMPONENT` runs whose FULL run is in the same results: they go to the ablation
+    table; one without its full run is a variant of its own and takes a row of the main table."""
+    return [n for n in results if "-no-" in n and n.rsplit("-no-", 1)[0] in results]
+
+
 def ablation_table(results: dict[str, list[dict]], ablated: list[str]) -> list[str]:
     """Each `FULL-no-COMPONENT` run against the run named FULL, over the seeds both have: a method's
     ablation (`--ablate`) and that of any variant, such as a method under the best gate. Components in
     COMPONENTS' order where FULL names a method there, else by name; Δ all per seed, then averaged."""
-    fulls = sorted({n.rsplit("-no-", 1)[0] for n in ablated} & set(results))
+    fulls = sorted({n.rsplit("-no-", 1)[0] for n in ablated})
     if not fulls:
         return []
     lines = ["", "Ablation: each component switched off alone (`--no METHOD.COMPONENT`); Δ all = change of "
