@@ -121,8 +121,8 @@ def learn_on_cuda(work: Path) -> Row:
     process group, so the trainer's DDP over NCCL needs a machine with two GPUs."""
     config = work / "learn.toml"
     config.write_text(LEARN_CONFIG)
-    walls, scores = [], []
-    for args in LEARN_STEPS:
+    done = []
+    for step, args in enumerate(LEARN_STEPS):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
                "ciss.apps.cli", "--", "learn", "--run", str(work / "run"), "--config", str(config), "--device", "cuda",
                *args]
@@ -130,11 +130,10 @@ def learn_on_cuda(work: Path) -> Row:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         if out.returncode != 0:
             return "ciss learn on CUDA", "FAIL", f"{args[-1]}: " + (out.stderr.strip().splitlines() or ["?"])[-1][:140]
-        walls.append(time.perf_counter() - t)
-        manifest = json.loads((work / "run" / f"step-{len(walls) - 1}" / "manifest.json").read_text())
-        scores.append(100 * manifest["metrics"]["miou_all"])
-    steps = ", ".join(f"{a[-1]} {s:.1f} mIoU in {w:.0f} s" for a, s, w in zip(LEARN_STEPS, scores, walls))
-    return "ciss learn on CUDA (torchrun, AMP)", "ok", steps
+        wall = time.perf_counter() - t
+        manifest = json.loads((work / "run" / f"step-{step}" / "manifest.json").read_text())
+        done.append(f"{args[-1]} {100 * manifest['metrics']['miou_all']:.1f} mIoU in {wall:.0f} s")
+    return "ciss learn on CUDA (torchrun, AMP)", "ok", ", ".join(done)
 
 
 def clip_inputs(clip: Path, n: int) -> list[np.ndarray]:
