@@ -12,13 +12,14 @@ clipping) and of each parameter group's summed norm. This is the measurement beh
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 from pathlib import Path
 
 from ciss.manifest import read_step
 from ciss.trainer.learn import learn
+
+from term_gradnorms import gradnorm_series
 
 BASE = ["sky", "grass", "water", "sand", "disk", "box"]
 NEW = ["triangle", "ring"]
@@ -57,10 +58,9 @@ def main() -> None:
         shutil.rmtree(run, ignore_errors=True)
         shutil.copytree(base, run)
         learn(run, new_classes=NEW, method=method, method_options=options, overrides=over, log=quiet)
-        rows = [json.loads(line) for line in (run / "step-1" / "train_log.jsonl").read_text().splitlines()]
-        for key in (k for k in rows[0] if k.startswith("gradnorm_")):
-            v = [r[key] for r in rows]
-            print(f"{name:18} {key[9:]:9} {statistics.median(v):9.3f} {min(v):9.3f} {max(v):9.3f}")
+        terms, groups = gradnorm_series(run / "step-1")
+        for key, v in {**terms, **groups}.items():
+            print(f"{name:18} {key:9} {statistics.median(v):9.3f} {min(v):9.3f} {max(v):9.3f}")
         print(f"{name:18} mIoU all {read_step(run / 'step-1').metrics['miou_all']:.3f}")
 
 
