@@ -7,7 +7,7 @@ cross-entropy's: a distillation term that outweighs the CE several times is a fi
 plasticity (IDEC's feature KD and GSC's POD on CamVid, docs/results/camvid-pretrained/README.md).
 No training; any method's runs.
 
-    python benchmarks/term_gradnorms.py docs/results/camvid-pretrained/6-1-long-gsc-agreed/runs/seed0/*
+    python benchmarks/term_gradnorms.py docs/results/camvid-pretrained/6-1-long-gsc-agreed/runs/seed0/gsc-*
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+from ciss.manifest import finished_steps, step_dir
 
 PREFIX = "gradnorm_"
 
@@ -37,9 +39,7 @@ def gradnorm_series(step: Path) -> tuple[dict[str, list[float]], dict[str, list[
 
 def later_steps(run: Path) -> list[Path]:
     """A run's finished steps after step 0, in order: step 0 has no old model and nothing to weigh."""
-    steps = [p for p in run.glob("step-*") if p.name[5:].isdigit() and int(p.name[5:]) > 0
-             and (p / "train_log.jsonl").exists()]
-    return sorted(steps, key=lambda p: int(p.name[5:]))
+    return [step_dir(run, k) for k in finished_steps(run) if k > 0]
 
 
 def table(runs: list[Path]) -> list[str]:
