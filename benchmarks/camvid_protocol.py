@@ -153,9 +153,9 @@ def verdict_pairs(results: dict[str, list[dict]], main_rows: list[str], ablated:
     """(proposed, baseline) rows to compare. A baseline's variant (mib-clip3: MiB with its gradients
     clipped) is a baseline too, but not a run given the old classes' labels (`labelled`, a reference,
     whichever method trained it); an ablated variant run over several seeds is a candidate (is GSC
-    better without a part?)."""
+    better without a part?) unless it is itself given the old labels."""
     baselines = [b for b in main_rows if b.split("-")[0] in BASELINES and b != REFERENCE and b not in labelled]
-    candidates = [n for n in main_rows if n not in labelled] + [n for n in ablated if len(results[n]) > 1]
+    candidates = [n for n in main_rows + ablated if n not in labelled and (n in main_rows or len(results[n]) > 1)]
     return [(p, b) for p in candidates if p.split("-")[0] in PROPOSED for b in baselines]
 
 

@@ -34,10 +34,12 @@ def test_plasticity_table_is_empty_without_per_step_figures():
 def test_verdict_pairs_leave_out_references_and_labelled_runs():
     one, two = [{"seed": 0}], [{"seed": 0}, {"seed": 1}]
     results = {"mib-init": one, "mib": two, "mib-clip3": two, "ft-seen": two, "gsc": two, "joint": two,
-               "idec-agreed": two, "gsc-no-pod": one, "idec-no-contrast": two}
+               "idec-agreed": two, "gsc-no-pod": one, "idec-no-contrast": two,
+               "idec-agreed-no-contrast": two}
     main_rows = ["mib-init", "mib", "mib-clip3", "ft-seen", "gsc", "idec-agreed", "joint"]
-    pairs = verdict_pairs(results, main_rows, ["gsc-no-pod", "idec-no-contrast"], {"ft-seen", "idec-agreed"})
-    # the one-seed ablation, FT and IDEC given the old labels, the MiB-init reference and joint take no part
+    pairs = verdict_pairs(results, main_rows, ["gsc-no-pod", "idec-no-contrast", "idec-agreed-no-contrast"],
+                          {"ft-seen", "idec-agreed", "idec-agreed-no-contrast"})
+    # the one-seed ablation, FT and IDEC given the old labels (and that IDEC's ablation), the MiB-init reference and joint take no part
     assert pairs == [("gsc", "mib"), ("gsc", "mib-clip3"),
                      ("idec-no-contrast", "mib"), ("idec-no-contrast", "mib-clip3")]
 
