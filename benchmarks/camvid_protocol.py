@@ -155,8 +155,15 @@ def verdict_pairs(results: dict[str, list[dict]], main_rows: list[str], ablated:
     whichever method trained it); an ablated variant run over several seeds is a candidate (is GSC
     better without a part?) unless it is itself given the old labels."""
     baselines = [b for b in main_rows if b.split("-")[0] in BASELINES and b != REFERENCE and b not in labelled]
-    candidates = [n for n in main_rows + ablated if n not in labelled and (n in main_rows or len(results[n]) > 1)]
+    candidates = [n for n in main_rows if n not in labelled] + [
+        n for n in ablated if len(results[n]) > 1 and n not in labelled]
     return [(p, b) for p in candidates if p.split("-")[0] in PROPOSED for b in baselines]
+
+
+def given_labels(results: dict[str, list[dict]], kind: str) -> list[str]:
+    """Runs trained with the old classes' labels of `kind` (`training_labels`: "seen" or "agreed"):
+    references, like the joint bound, not class-incremental methods."""
+    return sorted(n for n, rows in results.items() if any(r.get("labels") == kind for r in rows))
 
 
 def learnable_classes(results: dict[str, list[dict]], new: list[str]) -> list[str]:
@@ -336,11 +343,7 @@ def write_markdown(args: argparse.Namespace, results: dict[str, list[dict]], old
     for rows in results.values():
         for r in rows:
             r["new_learnable"] = summarise(r["per_class"], [], learnable)["new"] if learnable else None
-    # Runs given the old classes' labels (data.labels = "seen") are references, like the joint bound.
-    def given(kind: str) -> list[str]:
-        return sorted(n for n, rows in results.items() if any(r.get("labels") == kind for r in rows))
-
-    seen, agreed = given("seen"), given("agreed")
+    seen, agreed = given_labels(results, "seen"), given_labels(results, "agreed")
     labelled = set(seen + agreed)
     trained = [n for n in main_rows if n != REFERENCE]
     best = max(trained, key=lambda n: stats(results, n, "all")[0]) if trained else None

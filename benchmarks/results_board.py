@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from camvid_protocol import (REFERENCE, ablation_runs, ablation_table, compare, mean_std, pct, stats,
-                             verdict_pairs)
+from camvid_protocol import (REFERENCE, ablation_runs, ablation_table, compare, given_labels, mean_std, pct,
+                             stats, verdict_pairs)
 
 
 class BoardError(ValueError):
@@ -100,7 +100,7 @@ def board(task: str, groups: list[Group]) -> list[str]:
     seeds = sorted({r["seed"] for g, n in entries for r in g.results[n]})
 
     def labelled(g: Group) -> set[str]:
-        return {n for n, rows in g.results.items() if any(r.get("labels") in ("seen", "agreed") for r in rows)}
+        return set(given_labels(g.results, "seen") + given_labels(g.results, "agreed"))
 
     def is_reference(g: Group, n: str) -> bool:
         return n in labelled(g) or n in ("joint", REFERENCE)

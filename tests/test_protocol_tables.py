@@ -39,7 +39,8 @@ def test_verdict_pairs_leave_out_references_and_labelled_runs():
     main_rows = ["mib-init", "mib", "mib-clip3", "ft-seen", "gsc", "idec-agreed", "joint"]
     pairs = verdict_pairs(results, main_rows, ["gsc-no-pod", "idec-no-contrast", "idec-agreed-no-contrast"],
                           {"ft-seen", "idec-agreed", "idec-agreed-no-contrast"})
-    # the one-seed ablation, FT and IDEC given the old labels (and that IDEC's ablation), the MiB-init reference and joint take no part
+    # the one-seed ablation, FT and IDEC given the old labels (and that IDEC's ablation), the MiB-init
+    # reference and joint take no part
     assert pairs == [("gsc", "mib"), ("gsc", "mib-clip3"),
                      ("idec-no-contrast", "mib"), ("idec-no-contrast", "mib-clip3")]
 

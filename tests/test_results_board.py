@@ -42,8 +42,8 @@ def study(tmp_path: Path) -> list[Path]:
     init = rows(0.36, 0.35, 0.37, old=0.65, new=0.01, labels=None)
     shifted = [dict(r, all=r["all"] + 1e-9) for r in init]
     return [
-        folder(tmp_path, "a", {"mib-init": init, "mib": rows(0.460, 0.470, 0.480),
-                               "idec": rows(0.470, 0.475, 0.480), "idec-agreed": rows(0.50, 0.50, 0.50, labels="agreed")}),
+        folder(tmp_path, "a", {"mib-init": init, "mib": rows(0.460, 0.470, 0.480), "idec": rows(0.470, 0.475, 0.480),
+                               "idec-agreed": rows(0.50, 0.50, 0.50, labels="agreed")}),
         folder(tmp_path, "b", {"mib-init": shifted, "idec-no-feature_kd": rows(0.495, 0.500, 0.505)}),
         folder(tmp_path, "c", {"mib-init": rows(0.30, 0.30, 0.30, labels=None), "mib": rows(0.40, 0.41, 0.42),
                                "gsc": rows(0.472, 0.472, 0.472)}),
