@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -121,6 +123,25 @@ def test_error_from_loader_worker_is_one_line(tmp_path: Path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "im1" in lines[0], r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_call_releases_its_loader_workers_before_exiting(tmp_path: Path):
+    """The error's traceback holds the DataLoader iterator and its worker processes; the CLI exits
+    outside its handler so they are shut down at once, not left to the interpreter's exit, whose
+    multiprocessing hook joins them without a time limit. No garbage collection may help."""
+    data = make_folder_dataset(tmp_path / "d")
+    _break(data, "corrupt")
+    cfg = write_config(tmp_path / "c.toml", synthetic=False)
+    cfg.write_text(cfg.read_text().replace("workers = 0", "workers = 2").replace("batch_size = 4", "batch_size = 6"))
+    gc.disable()
+    try:
+        result = invoke("learn", "--run", str(tmp_path / "r"), "--data", str(data), "--classes", "a,b,c",
+                        "--config", str(cfg))
+        alive = multiprocessing.active_children()
+    finally:
+        gc.enable()
+    assert_user_error(result, "im1")
+    assert alive == [], alive
 
 
 def test_eval_and_runs(base_run):

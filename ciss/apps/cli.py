@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,20 +38,25 @@ class CissGroup(click.Group):
             return super().invoke(ctx)
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx else ctx.command_path
-            click.echo(f"error: {one_line(e.format_message())} (see `{where} -h`)", err=True)
-            sys.exit(2)
+            message = f"{one_line(e.format_message())} (see `{where} -h`)"
         except ModuleNotFoundError as e:
             if (e.name or "").split(".")[0] not in TRAIN_EXTRA:
                 raise
-            click.echo(f"error: ciss {ctx.invoked_subcommand} needs the training extra ({e.name} is not "
-                       'installed): pip install "ciss[train]"', err=True)
-            sys.exit(2)
+            message = (f"ciss {ctx.invoked_subcommand} needs the training extra ({e.name} is not installed): "
+                       'pip install "ciss[train]"')
         except Exception as e:
             error = e if isinstance(e, CissError) else environment_error(e, ctx.invoked_subcommand)
             if error is None:
                 raise
-            click.echo(f"error: {one_line(str(error))}", err=True)
-            sys.exit(2)
+            message = one_line(str(error))
+            del error
+        # The error's traceback holds the failed call's frames, and with them a DataLoader iterator and its
+        # worker processes. Outside the handler, with the reference cycles collected (torch's re-raise of
+        # a worker's error makes one), they are freed now and torch shuts the workers down with time
+        # limits; left to the interpreter's exit, multiprocessing's exit hook joins them without one.
+        gc.collect()
+        click.echo(f"error: {message}", err=True)
+        sys.exit(2)
 
 
 def one_line(message: str) -> str:
