@@ -128,7 +128,8 @@ def test_error_from_loader_worker_is_one_line(tmp_path: Path):
 def test_a_failed_call_releases_its_loader_workers_before_exiting(tmp_path: Path):
     """The error's traceback holds the DataLoader iterator and its worker processes; the CLI exits
     outside its handler so they are shut down at once, not left to the interpreter's exit, whose
-    multiprocessing hook joins them without a time limit. No garbage collection may help."""
+    multiprocessing hook joins them without a time limit. The collector stays off during the call, so
+    that a collection the interpreter happens to run cannot hide workers the CLI left alive."""
     data = make_folder_dataset(tmp_path / "d")
     _break(data, "corrupt")
     cfg = write_config(tmp_path / "c.toml", synthetic=False)
