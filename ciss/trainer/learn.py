@@ -281,6 +281,9 @@ def learn(run: Path, *, data: Path | None = None, dataset: str | None = None, ro
                 raise
             if dist.main:
                 write_reports(store.root, history(store))
+        # Leave the group together: a process that destroys its gloo group while another still writes
+        # the reports can abort at exit ("terminate called without an active exception").
+        dist.barrier()
     finally:
         teardown()
     return done
